@@ -1,0 +1,5 @@
+import sys
+
+from moeframe.cli.main import main
+
+sys.exit(main())

@@ -1,0 +1,55 @@
+"""moeframe's builtin strategies, registered through the same hooks as any plugin.
+
+Implementations are named as ``"module:Class"`` strings, so that listing strategies
+imports nothing beyond this module.
+"""
+
+from __future__ import annotations
+
+from moeframe.plugins import Capabilities, OrderingRules, Strategy, hookimpl
+
+ALL_DTYPES = ("float32", "bfloat16", "float16")
+
+
+@hookimpl
+def register_routers() -> list[Strategy]:
+    return [
+        Strategy("softmax_topk", "moeframe.routers.softmax_topk:SoftmaxTopKRouter",
+                 "softmax over experts, top-k, optional renormalisation (Mixtral, Qwen2/3-MoE)"),
+        Strategy("sigmoid_grouped_topk", "moeframe.routers.sigmoid_grouped_topk:SigmoidGroupedTopKRouter",
+                 "sigmoid scores, correction bias, grouped top-k, scaling (DeepSeek-V3)"),
+        Strategy("topk_softmax", "moeframe.routers.topk_softmax:TopKSoftmaxRouter",
+                 "router bias, top-k on logits, softmax over the chosen (GPT-OSS)"),
+        Strategy("sigmoid_top1", "moeframe.routers.sigmoid_top1:SigmoidTop1Router",
+                 "sigmoid top-1, weight applied to the expert input (Llama-4)"),
+    ]
+
+
+@hookimpl
+def register_kernels() -> list[Strategy]:
+    return [
+        Strategy("torch", "moeframe.kernels.torch_reference:TorchReferenceKernel",
+                 "reference: per-expert loop, fp32 accumulation (the ground truth)",
+                 Capabilities(dtypes=ALL_DTYPES)),
+    ]
+
+
+@hookimpl
+def register_dispatchers() -> list[Strategy]:
+    return [
+        Strategy("local", "moeframe.dispatchers.local:LocalDispatcher",
+                 "no token movement; partial results all-reduced once by the layer"),
+    ]
+
+
+@hookimpl
+def register_runners() -> list[Strategy]:
+    return [
+        Strategy("default", "moeframe.runners.default:DefaultRunner",
+                 "route -> dispatch -> kernel -> combine"),
+    ]
+
+
+@hookimpl
+def register_wrappers() -> list[Strategy]:
+    return []

@@ -1,0 +1,1 @@
+"""The ``moeframe`` command line: one module per command, wired up in :mod:`.main`."""

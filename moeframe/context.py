@@ -1,0 +1,42 @@
+"""What every strategy is built with: the model, the device, the ranks, the weights."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import torch
+
+if TYPE_CHECKING:
+    from moeframe.config import Config, ModelConfig
+    from moeframe.parallel import ParallelContext
+    from moeframe.workspace import Workspace
+
+
+@attrs.define
+class BuildContext:
+    """Passed to every strategy's constructor as ``cls(context, params)``.
+
+    ``weights`` maps the layer's tensor names (``"router.weight"``, ``"experts.w13"``,
+    ``"shared.w13"``...) to its live parameters: look them up at forward time, they are
+    the tensors the layer loads into.  ``router``, ``kernel`` and ``dispatcher`` are set
+    by the composer as it builds them (in that order), so a runner finds them here.
+    """
+
+    config: Config
+    device: torch.device
+    parallel: ParallelContext
+    workspace: Workspace
+    weights: Mapping[str, torch.Tensor] = attrs.field(factory=dict)
+    router: Any = None
+    kernel: Any = None
+    dispatcher: Any = None
+
+    @property
+    def model(self) -> ModelConfig:
+        return self.config.model
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.config.model.torch_dtype

@@ -1,0 +1,68 @@
+"""Expert kernels: the experts computation for routed tokens.
+
+Every kernel has one call signature (the ``torch`` reference defines its meaning)::
+
+    kernel(hidden_states [N, H], topk_weights [N, K], topk_ids [N, K], experts) -> [N, H]
+
+``out[t] = sum_k w[t, k] * f_{ids[t, k]}(x[t])`` over the experts that are local
+(``experts.expert_map[id] >= 0``); other experts contribute zero.  The output is a new
+tensor in the activation dtype: it never aliases the input or a workspace buffer.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+
+import torch
+
+from moeframe.config import NoParams
+from moeframe.kernels.activations import Activation, apply_activation
+
+if TYPE_CHECKING:
+    from moeframe.config import ModelConfig
+    from moeframe.context import BuildContext
+
+__all__ = ["Activation", "apply_activation", "ExpertWeights", "Kernel"]
+
+
+class ExpertWeights(NamedTuple):
+    """This rank's expert tensors in the canonical layout, and how global ids map to them.
+
+    ``expert_map [E]`` int32: global id -> local index, -1 for experts that are not
+    local; ``None`` when every expert is local and local index == global id.
+    """
+
+    w13: torch.Tensor
+    w2: torch.Tensor
+    b13: torch.Tensor | None = None
+    b2: torch.Tensor | None = None
+    expert_map: torch.Tensor | None = None
+
+
+class Kernel(abc.ABC):
+    """Base class of kernel strategies; built as ``cls(context, params)``."""
+
+    Params: ClassVar[type] = NoParams
+
+    def __init__(self, context: BuildContext, params: Any) -> None:
+        self.model = context.model
+        self.params = params
+        self.activation = Activation.from_model(context.model)
+
+    @classmethod
+    def check_config(cls, model: ModelConfig, params: Any) -> None:
+        """Raise ``ValueError`` when ``params`` do not fit ``model``."""
+
+    @abc.abstractmethod
+    def __call__(
+        self,
+        hidden_states: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        experts: ExpertWeights,
+    ) -> torch.Tensor:
+        """Compute the routed experts' output for ``hidden_states``."""
+
+    def describe(self) -> dict[str, Any]:
+        return {}

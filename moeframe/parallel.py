@@ -1,0 +1,282 @@
+"""Ranks and collectives: how a layer's work is split over processes.
+
+Layout of the world (W = ep_size * tp_size ranks)::
+
+    rank r: ep_rank = r // tp_size, tp_rank = r % tp_size
+            dp_rank = r // (W // dp_size)   (ranks with one dp_rank share their tokens)
+
+Experts are spread over the EP ranks (``placement``: ``linear`` or ``round_robin``); each
+expert's intermediate dimension over the TP ranks.  Every collective goes through
+:class:`Collectives`, a thin layer over :mod:`torch.distributed`, so that tests can count
+them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from moeframe.config import ParallelConfig
+from moeframe.errors import ConfigError
+
+__all__ = ["Collectives", "CountingCollectives", "ParallelContext", "expert_placement"]
+
+
+def expert_placement(num_experts: int, ep_size: int, placement: str) -> list[list[int]]:
+    """Global expert ids held by each EP rank.
+
+    ``linear``: contiguous ranges, the remainder going to the lower ranks;
+    ``round_robin``: expert e on rank e % ep_size.
+    """
+    if placement == "round_robin":
+        return [list(range(r, num_experts, ep_size)) for r in range(ep_size)]
+    base, rem = divmod(num_experts, ep_size)
+    out, start = [], 0
+    for r in range(ep_size):
+        n = base + (1 if r < rem else 0)
+        out.append(list(range(start, start + n)))
+        start += n
+    return out
+
+
+class Collectives:
+    """The collectives moeframe uses, over :mod:`torch.distributed` process groups."""
+
+    def all_reduce(self, tensor: torch.Tensor, group: Any = None, op: str = "sum") -> torch.Tensor:
+        import torch.distributed as dist
+
+        ops = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX, "min": dist.ReduceOp.MIN}
+        dist.all_reduce(tensor, op=ops[op], group=group)
+        return tensor
+
+    def all_gather(self, tensor: torch.Tensor, group: Any = None) -> list[torch.Tensor]:
+        import torch.distributed as dist
+
+        out = [torch.empty_like(tensor) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(out, tensor.contiguous(), group=group)
+        return out
+
+    def all_to_all_single(
+        self,
+        output: torch.Tensor,
+        input: torch.Tensor,
+        output_split_sizes: Sequence[int],
+        input_split_sizes: Sequence[int],
+        group: Any = None,
+    ) -> torch.Tensor:
+        import torch.distributed as dist
+
+        dist.all_to_all_single(output, input.contiguous(), list(output_split_sizes), list(input_split_sizes), group=group)
+        return output
+
+    def reduce_scatter(self, output: torch.Tensor, inputs: list[torch.Tensor], group: Any = None) -> torch.Tensor:
+        import torch.distributed as dist
+
+        dist.reduce_scatter(output, [t.contiguous() for t in inputs], group=group)
+        return output
+
+    def broadcast_object(self, obj: Any, src: int = 0, group: Any = None) -> Any:
+        import torch.distributed as dist
+
+        box = [obj]
+        dist.broadcast_object_list(box, src=src, group=group)
+        return box[0]
+
+    def all_gather_object(self, obj: Any, group: Any = None) -> list[Any]:
+        import torch.distributed as dist
+
+        out: list[Any] = [None] * dist.get_world_size(group)
+        dist.all_gather_object(out, obj, group=group)
+        return out
+
+
+class CountingCollectives(Collectives):
+    """Collectives that count their calls by name (for tests of "reduce exactly once").
+
+    With ``inner=None`` it runs in one process: every group has one member, so the
+    collectives are identities.
+    """
+
+    def __init__(self, inner: Collectives | None = None) -> None:
+        self.inner = inner
+        self.counts: dict[str, int] = {}
+
+    def _count(self, name: str) -> None:
+        self.counts[name] = self.counts.get(name, 0) + 1
+
+    def all_reduce(self, tensor: torch.Tensor, group: Any = None, op: str = "sum") -> torch.Tensor:
+        self._count(f"all_reduce_{op}")
+        return self.inner.all_reduce(tensor, group, op) if self.inner else tensor
+
+    def all_gather(self, tensor: torch.Tensor, group: Any = None) -> list[torch.Tensor]:
+        self._count("all_gather")
+        return self.inner.all_gather(tensor, group) if self.inner else [tensor.clone()]
+
+    def all_to_all_single(self, output, input, output_split_sizes, input_split_sizes, group=None):  # type: ignore[no-untyped-def]
+        self._count("all_to_all_single")
+        if self.inner:
+            return self.inner.all_to_all_single(output, input, output_split_sizes, input_split_sizes, group)
+        output.copy_(input)
+        return output
+
+    def reduce_scatter(self, output: torch.Tensor, inputs: list[torch.Tensor], group: Any = None) -> torch.Tensor:
+        self._count("reduce_scatter")
+        if self.inner:
+            return self.inner.reduce_scatter(output, inputs, group)
+        output.copy_(inputs[0])
+        return output
+
+    def broadcast_object(self, obj: Any, src: int = 0, group: Any = None) -> Any:
+        return self.inner.broadcast_object(obj, src, group) if self.inner else obj
+
+    def all_gather_object(self, obj: Any, group: Any = None) -> list[Any]:
+        return self.inner.all_gather_object(obj, group) if self.inner else [obj]
+
+    def reset(self) -> None:
+        self.counts.clear()
+
+
+class ParallelContext:
+    """This process's place among the ranks, its groups and its experts."""
+
+    def __init__(
+        self,
+        config: ParallelConfig | None = None,
+        *,
+        rank: int = 0,
+        world_size: int = 1,
+        collectives: Collectives | None = None,
+        groups: dict[str, Any] | None = None,
+    ) -> None:
+        self.config = config or ParallelConfig()
+        self.rank = rank
+        self.world_size = world_size
+        self.collectives = collectives or Collectives()
+        self.groups = groups or {}
+        c = self.config
+        self.tp_size, self.ep_size, self.dp_size = c.tp_size, c.ep_size, c.dp_size
+        self.tp_rank = rank % c.tp_size
+        self.ep_rank = rank // c.tp_size
+        self.dp_rank = rank // max(1, world_size // c.dp_size)
+        #: ranks that hold the same tokens (reduce the layer's output over them)
+        self.token_group_size = world_size // c.dp_size
+
+    # -- construction ------------------------------------------------------------------
+    @classmethod
+    def single(cls, config: ParallelConfig | None = None, collectives: Collectives | None = None) -> ParallelContext:
+        """One process: every size is 1."""
+        config = config or ParallelConfig()
+        if config.world_size != 1:
+            raise ConfigError(
+                "parallel",
+                f"ep_size * tp_size = {config.world_size} ranks are configured but this is one process; "
+                "launch with torchrun (or `moeframe run --nproc N`), or set the sizes to 1",
+            )
+        if config.dp_size != 1:
+            raise ConfigError("parallel.dp_size", f"{config.dp_size} needs as many ranks; this is one process")
+        return cls(config, collectives=collectives)
+
+    @classmethod
+    def from_config(cls, config: ParallelConfig, collectives: Collectives | None = None) -> ParallelContext:
+        """From the default process group (initialising it from torchrun's environment
+        when needed); a single-process context when the config asks for one rank."""
+        import torch.distributed as dist
+
+        if config.world_size == 1 and config.dp_size == 1 and not (dist.is_available() and dist.is_initialized()):
+            return cls.single(config, collectives)
+        if not dist.is_initialized():
+            if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+                return cls.single(config, collectives)
+            backend = "nccl" if torch.cuda.is_available() else "gloo"
+            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=config.timeout_s))
+        world = dist.get_world_size()
+        rank = dist.get_rank()
+        validate_world(config, world)
+        groups = _make_groups(config, world)
+        return cls(config, rank=rank, world_size=world, collectives=collectives, groups=groups)
+
+    # -- experts -------------------------------------------------------------------------
+    def local_experts(self, num_experts: int) -> list[int]:
+        if self.ep_size == 1:
+            return list(range(num_experts))
+        return expert_placement(num_experts, self.ep_size, self.config.placement)[self.ep_rank]
+
+    def expert_owner(self, num_experts: int) -> torch.Tensor:
+        """``[E]`` int64: the EP rank holding each expert."""
+        owner = torch.empty(num_experts, dtype=torch.int64)
+        for r, ids in enumerate(expert_placement(num_experts, self.ep_size, self.config.placement)):
+            owner[ids] = r
+        return owner
+
+    def expert_map(self, num_experts: int, device: torch.device | str = "cpu") -> torch.Tensor | None:
+        """``[E]`` int32 global id -> local index, -1 for other ranks' experts; None with EP = 1."""
+        if self.ep_size == 1:
+            return None
+        mapping = torch.full((num_experts,), -1, dtype=torch.int32)
+        local = self.local_experts(num_experts)
+        mapping[local] = torch.arange(len(local), dtype=torch.int32)
+        return mapping.to(device)
+
+    # -- collectives used by the layer --------------------------------------------------------
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    def reduce_output(self, output: torch.Tensor) -> torch.Tensor:
+        """Sum a partial output over the ranks that share these tokens (once per layer)."""
+        if self.token_group_size == 1:
+            return output
+        return self.collectives.all_reduce(output, group=self.groups.get("token"))
+
+    def max_tokens(self, num_tokens: int, device: torch.device | str = "cpu") -> int:
+        """The largest token count over the ranks that run collectives together."""
+        if not self.distributed:
+            return num_tokens
+        t = torch.tensor([num_tokens], dtype=torch.int64, device=device)
+        self.collectives.all_reduce(t, group=self.groups.get("ep"), op="max")
+        return int(t.item())
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "dp_rank": self.dp_rank,
+            "ep_rank": self.ep_rank,
+            "tp_rank": self.tp_rank,
+            "dp_size": self.dp_size,
+            "ep_size": self.ep_size,
+            "tp_size": self.tp_size,
+            "placement": self.config.placement,
+        }
+
+
+def validate_world(config: ParallelConfig, world: int) -> None:
+    if config.ep_size * config.tp_size != world:
+        raise ConfigError(
+            "parallel",
+            f"ep_size ({config.ep_size}) * tp_size ({config.tp_size}) must equal the world size ({world})",
+        )
+    if world % config.dp_size:
+        raise ConfigError("parallel.dp_size", f"{config.dp_size} must divide the world size ({world})")
+
+
+def _make_groups(config: ParallelConfig, world: int) -> dict[str, Any]:
+    """Create the sub-groups (every rank must call this, in the same order)."""
+    import torch.distributed as dist
+
+    groups: dict[str, Any] = {"ep": None}  # the EP group is the whole world
+    per_dp = world // config.dp_size
+    token_groups = [list(range(d * per_dp, (d + 1) * per_dp)) for d in range(config.dp_size)]
+    rank = dist.get_rank()
+    if config.dp_size == 1:
+        groups["token"] = None
+    else:
+        for ranks in token_groups:
+            g = dist.new_group(ranks)
+            if rank in ranks:
+                groups["token"] = g
+    return groups

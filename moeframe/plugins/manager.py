@@ -1,0 +1,350 @@
+"""Discovering, loading and isolating plugins; building the strategy registry.
+
+Nothing here runs on ``import moeframe``: the first call of :func:`get_registry` (or
+:func:`get_host`) scans the ``moeframe`` entry-point group, loads the plugins, calls
+their hooks and builds the registry.  Environment variables (read at that moment):
+
+``MOEFRAME_DISABLE_PLUGIN_AUTOLOAD=1``
+    load moeframe's builtin strategies only.
+``MOEFRAME_PLUGINS=dist-a,dist-b``
+    load only these distributions' plugins (names compared case-insensitively, with
+    ``_`` and ``-`` treated alike).
+``MOEFRAME_STRICT_PLUGINS=1``
+    a plugin that fails to load, fails validation or raises in a hook is fatal
+    (:class:`~moeframe.errors.PluginError`) instead of being reported and skipped.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata as importlib_metadata
+import os
+import re
+import threading
+import warnings
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import attrs
+import pluggy
+
+from moeframe.errors import DuplicateStrategyError, PluginError, UnknownStrategyError
+from moeframe.plugins import hookspecs
+from moeframe.plugins.records import KINDS, Entry, Provider, Strategy
+
+__all__ = [
+    "PluginWarning",
+    "PluginRecord",
+    "Registry",
+    "PluginHost",
+    "get_host",
+    "get_registry",
+    "reset",
+    "ENTRY_POINT_GROUP",
+]
+
+ENTRY_POINT_GROUP = "moeframe"
+BUILTIN_PROVIDER = Provider(name="moeframe", version=None, builtin=True)
+
+
+class PluginWarning(UserWarning):
+    """A plugin failed to load or to register its strategies and was skipped."""
+
+
+def _truthy(value: str | None) -> bool:
+    return (value or "").strip().lower() in {"1", "true", "yes", "on"}
+
+
+def normalize_dist_name(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
+
+
+@attrs.define
+class PluginRecord:
+    """What ``moeframe plugins`` shows for one plugin distribution (or the builtins)."""
+
+    name: str
+    version: str | None
+    builtin: bool = False
+    entry_points: list[str] = attrs.field(factory=list)
+    hooks: list[str] = attrs.field(factory=list)
+    provides: dict[str, list[str]] = attrs.field(factory=dict)
+    errors: list[str] = attrs.field(factory=list)
+
+    @property
+    def provider(self) -> Provider:
+        if self.builtin:
+            return BUILTIN_PROVIDER
+        return Provider(name=self.name, version=self.version)
+
+    @property
+    def ok(self) -> bool:
+        return not self.errors
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "version": self.version,
+            "builtin": self.builtin,
+            "entry_points": list(self.entry_points),
+            "hooks": sorted(self.hooks),
+            "provides": {k: sorted(v) for k, v in self.provides.items() if v},
+            "status": "ok" if self.ok else "failed",
+            "errors": list(self.errors),
+        }
+
+
+class Registry:
+    """Every registered strategy, by kind and name."""
+
+    def __init__(self) -> None:
+        self._entries: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
+        self._conflicts: dict[tuple[str, str], list[Entry]] = {}
+
+    def add(self, entry: Entry) -> DuplicateStrategyError | None:
+        """Add an entry; return the conflict it creates, if any."""
+        table = self._entries[entry.kind]
+        key = (entry.kind, entry.name)
+        if key in self._conflicts:
+            self._conflicts[key].append(entry)
+        elif entry.name in table:
+            self._conflicts[key] = [table.pop(entry.name), entry]
+        else:
+            table[entry.name] = entry
+            return None
+        return self.conflict_error(entry.kind, entry.name)
+
+    def conflict_error(self, kind: str, name: str) -> DuplicateStrategyError:
+        entries = self._conflicts[(kind, name)]
+        return DuplicateStrategyError(kind, name, [str(e.provider) for e in entries])
+
+    def get(self, kind: str, name: str) -> Entry:
+        """Return the entry for ``name``; raise a helpful error when there is none."""
+        _check_kind(kind)
+        if (kind, name) in self._conflicts:
+            raise self.conflict_error(kind, name)
+        try:
+            return self._entries[kind][name]
+        except (KeyError, TypeError):
+            raise UnknownStrategyError(kind, str(name), self.names(kind)) from None
+
+    def names(self, kind: str) -> list[str]:
+        _check_kind(kind)
+        return sorted(self._entries[kind])
+
+    def entries(self, kind: str | None = None) -> list[Entry]:
+        kinds = KINDS if kind is None else (_check_kind(kind),)
+        return [self._entries[k][n] for k in kinds for n in sorted(self._entries[k])]
+
+    @property
+    def conflicts(self) -> list[DuplicateStrategyError]:
+        return [self.conflict_error(kind, name) for kind, name in self._conflicts]
+
+
+def _check_kind(kind: str) -> str:
+    if kind not in KINDS:
+        raise UnknownStrategyError("strategy kind", kind, KINDS)
+    return kind
+
+
+class PluginHost:
+    """Loads plugins through pluggy and builds the :class:`Registry` from their hooks.
+
+    The arguments default to the environment variables described in this module's
+    docstring; tests and embedding applications may pass them explicitly.
+    """
+
+    def __init__(
+        self,
+        *,
+        autoload: bool | None = None,
+        allow: Sequence[str] | None = None,
+        strict: bool | None = None,
+    ) -> None:
+        env = os.environ
+        self.autoload = (
+            not _truthy(env.get("MOEFRAME_DISABLE_PLUGIN_AUTOLOAD")) if autoload is None else autoload
+        )
+        if allow is None and env.get("MOEFRAME_PLUGINS", "").strip():
+            allow = [a for a in env["MOEFRAME_PLUGINS"].split(",") if a.strip()]
+        self.allow = None if allow is None else {normalize_dist_name(a.strip()) for a in allow}
+        self.strict = _truthy(env.get("MOEFRAME_STRICT_PLUGINS")) if strict is None else strict
+        self.pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
+        self.pm.add_hookspecs(hookspecs)
+        self.plugins: list[PluginRecord] = []
+        self.registry = Registry()
+        self._records_by_plugin_name: dict[str, PluginRecord] = {}
+        self._loaded = False
+        self._lock = threading.RLock()
+
+    # -- loading -------------------------------------------------------------------
+    def load(self) -> PluginHost:
+        """Load builtins and (unless disabled) installed plugins, then call their hooks."""
+        with self._lock:
+            if self._loaded:
+                return self
+            self._loaded = True
+            from moeframe import builtin
+
+            builtin_record = PluginRecord(name="moeframe", version=_version("moeframe"), builtin=True)
+            self._register(builtin, "moeframe.builtin", builtin_record)
+            self.plugins.append(builtin_record)
+            if self.autoload:
+                self._load_entry_points()
+            self._collect()
+        return self
+
+    def _load_entry_points(self) -> None:
+        by_dist: dict[str, PluginRecord] = {}
+        for ep in _entry_points():
+            dist = getattr(ep, "dist", None)
+            dist_name = dist.name if dist is not None else ep.name
+            if self.allow is not None and normalize_dist_name(dist_name) not in self.allow:
+                continue
+            record = by_dist.get(dist_name)
+            if record is None:
+                record = PluginRecord(name=dist_name, version=dist.version if dist else None)
+                by_dist[dist_name] = record
+                self.plugins.append(record)
+            record.entry_points.append(f"{ep.name} = {ep.value}")
+            try:
+                plugin = ep.load()
+            except Exception as exc:
+                self._fail(record, f"import of {ep.value!r} failed: {type(exc).__name__}: {exc}")
+                continue
+            version_problem = _check_api_version(plugin)
+            if version_problem:
+                self._fail(record, version_problem)
+                continue
+            self._register(plugin, f"{dist_name}:{ep.name}", record)
+
+    def _register(self, plugin: object, plugin_name: str, record: PluginRecord) -> None:
+        try:
+            self.pm.register(plugin, name=plugin_name)
+        except ValueError as exc:  # already registered (the same module via two entry points)
+            self._fail(record, str(exc))
+            return
+        except pluggy.PluginValidationError as exc:
+            self._fail(record, f"invalid hook implementation: {exc}")
+            return
+        try:
+            self.pm.check_pending()
+        except pluggy.PluginValidationError as exc:
+            self.pm.unregister(name=plugin_name)
+            unknown = str(exc).split("unknown hook", 1)[-1].strip(" '\"")
+            self._fail(
+                record,
+                f"implements unknown hook {unknown!r}"
+                f"{_hook_suggestion(unknown)}; known hooks: {', '.join(sorted(hookspecs.HOOK_FOR_KIND.values()))}",
+            )
+            return
+        self._records_by_plugin_name[plugin_name] = record
+
+    def _collect(self) -> None:
+        for kind in KINDS:
+            hook_name = hookspecs.HOOK_FOR_KIND[kind]
+            caller = getattr(self.pm.hook, hook_name)
+            # Call each implementation on its own so that one raising plugin does not
+            # take the others' strategies with it.
+            for impl in reversed(caller.get_hookimpls()):
+                record = self._records_by_plugin_name.get(impl.plugin_name)
+                if record is None:
+                    continue
+                record.hooks.append(hook_name)
+                try:
+                    result = impl.function()
+                    items = list(result) if result is not None else []
+                except Exception as exc:
+                    self._fail(record, f"hook {hook_name} raised {type(exc).__name__}: {exc}")
+                    continue
+                bad = [item for item in items if not isinstance(item, Strategy)]
+                if bad:
+                    self._fail(
+                        record,
+                        f"hook {hook_name} returned {type(bad[0]).__name__} "
+                        "where a moeframe.Strategy was expected",
+                    )
+                    continue
+                for strategy in items:
+                    conflict = self.registry.add(Entry(kind, strategy, record.provider))
+                    record.provides.setdefault(kind, []).append(strategy.name)
+                    if conflict is not None:
+                        if self.strict:
+                            raise PluginError(str(conflict))
+                        _warn(str(conflict))
+
+    def _fail(self, record: PluginRecord, message: str) -> None:
+        record.errors.append(message)
+        text = (
+            f"moeframe plugin {record.name!r}"
+            f"{' ' + record.version if record.version else ''} was skipped: {message}"
+        )
+        if self.strict:
+            raise PluginError(text + " (MOEFRAME_STRICT_PLUGINS is set)")
+        _warn(text + "; other plugins keep working (MOEFRAME_STRICT_PLUGINS=1 makes this fatal)")
+
+
+def _warn(message: str) -> None:
+    warnings.warn(PluginWarning(message), stacklevel=4)
+
+
+def _hook_suggestion(name: str) -> str:
+    from moeframe.errors import did_you_mean
+
+    return did_you_mean(name, hookspecs.HOOK_FOR_KIND.values())
+
+
+def _check_api_version(plugin: object) -> str | None:
+    declared = getattr(plugin, "moeframe_plugin_api", None)
+    if declared is None:
+        return None
+    if not isinstance(declared, int) or isinstance(declared, bool):
+        return f"moeframe_plugin_api must be an int, not {declared!r}"
+    if declared > hookspecs.PLUGIN_API_VERSION:
+        return (
+            f"written for plugin API {declared}, but this moeframe provides API "
+            f"{hookspecs.PLUGIN_API_VERSION}; upgrade moeframe"
+        )
+    if declared < hookspecs.OLDEST_SUPPORTED_PLUGIN_API:
+        return (
+            f"written for plugin API {declared}, which this moeframe no longer supports "
+            f"(oldest: {hookspecs.OLDEST_SUPPORTED_PLUGIN_API}); see the plugin guide's "
+            "'Changes to the contract' section for what to change"
+        )
+    return None
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return importlib_metadata.version(dist)
+    except importlib_metadata.PackageNotFoundError:
+        return None
+
+
+def _entry_points() -> Iterable[importlib_metadata.EntryPoint]:
+    return importlib_metadata.entry_points(group=ENTRY_POINT_GROUP)
+
+
+_host: PluginHost | None = None
+_host_lock = threading.Lock()
+
+
+def get_host() -> PluginHost:
+    """The process-wide plugin host, loaded on first use."""
+    global _host
+    with _host_lock:
+        if _host is None:
+            _host = PluginHost()
+        host = _host
+    return host.load()
+
+
+def get_registry() -> Registry:
+    """The process-wide strategy registry, built on first use."""
+    return get_host().registry
+
+
+def reset() -> None:
+    """Forget the loaded plugins; the next registry use loads them again (for tests)."""
+    global _host
+    with _host_lock:
+        _host = None

@@ -1,0 +1,72 @@
+"""Routers: router logits -> (topk_weights, topk_ids).
+
+A router owns its tensors (``router.weight`` and, for some, a bias) and two steps:
+:meth:`Router.logits` (hidden states -> logits, computed once per forward by the layer,
+so that chunking stages logits rather than recomputing them) and :meth:`Router.select`
+(logits -> :class:`TopKOutput`, called by the runner).
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Mapping
+from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+
+import torch
+import torch.nn.functional as F
+
+from moeframe.config import NoParams
+from moeframe.weights import WeightSpec
+
+if TYPE_CHECKING:
+    from moeframe.config import ModelConfig
+    from moeframe.context import BuildContext
+
+__all__ = ["TopKOutput", "Router"]
+
+
+class TopKOutput(NamedTuple):
+    """The routing decision for T tokens.
+
+    ``weights [T, K]`` (float32 or the activation dtype, as the model's reference does),
+    ``ids [T, K]`` int64 global expert ids, distinct within a row.  When
+    ``weight_on_input`` the weight multiplies the expert's *input* (Llama-4) rather than
+    its output.
+    """
+
+    weights: torch.Tensor
+    ids: torch.Tensor
+    weight_on_input: bool = False
+
+
+class Router(abc.ABC):
+    """Base class of router strategies; built as ``cls(context, params)``."""
+
+    #: attrs class of this router's parameters (the keys of ``[router]`` besides ``name``)
+    Params: ClassVar[type] = NoParams
+    #: the chosen weight scales the expert input, not its output (needs top_k == 1)
+    weight_on_input: ClassVar[bool] = False
+
+    def __init__(self, context: BuildContext, params: Any) -> None:
+        self.model = context.model
+        self.params = params
+
+    @classmethod
+    def check_config(cls, model: ModelConfig, params: Any) -> None:
+        """Raise ``ValueError`` (or ``FieldError``) when ``params`` do not fit ``model``."""
+
+    def weight_specs(self) -> list[WeightSpec]:
+        """The tensors this router owns: ``router.weight [E, H]`` and any bias."""
+        m = self.model
+        return [WeightSpec("router.weight", (m.num_experts, m.hidden_size), m.torch_dtype, std=m.hidden_size**-0.5)]
+
+    def logits(self, hidden_states: torch.Tensor, weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """``[T, H] -> [T, E]``; by default ``linear(x, router.weight)`` in the activation dtype."""
+        return F.linear(hidden_states, weights["router.weight"])
+
+    @abc.abstractmethod
+    def select(self, logits: torch.Tensor, weights: Mapping[str, torch.Tensor]) -> TopKOutput:
+        """Choose ``top_k`` experts per token from ``logits [T, E]``."""
+
+    def describe(self) -> dict[str, Any]:
+        return {}

@@ -1,0 +1,44 @@
+"""``default``: route, dispatch, run the kernel, combine."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from moeframe.context import BuildContext
+from moeframe.kernels import ExpertWeights
+from moeframe.runners import Runner
+
+
+class DefaultRunner(Runner):
+    """The plain path: ``combine(kernel(dispatch(x, router.select(logits))))``.
+
+    A router with ``weight_on_input`` (Llama-4) has its weight multiply the tokens before
+    dispatch, and the kernel then weighs every expert output by one.
+    """
+
+    def __init__(self, context: BuildContext, params: Any) -> None:
+        super().__init__(context, params)
+        self.router = context.router
+        self.dispatcher = context.dispatcher
+        self.kernel = context.kernel
+        self.weights = context.weights
+        self.expert_map = context.parallel.expert_map(context.model.num_experts, context.device)
+
+    @property
+    def output_reduced(self) -> bool:
+        return self.dispatcher.output_reduced
+
+    def experts(self) -> ExpertWeights:
+        w = self.weights
+        return ExpertWeights(w["experts.w13"], w["experts.w2"], w.get("experts.b13"), w.get("experts.b2"), self.expert_map)
+
+    def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
+        topk_weights, topk_ids, on_input = self.router.select(router_logits, self.weights)
+        if on_input:
+            hidden_states = hidden_states * topk_weights.to(hidden_states.dtype)
+            topk_weights = torch.ones_like(topk_weights, dtype=torch.float32)
+        dispatched = self.dispatcher.dispatch(hidden_states, topk_weights, topk_ids)
+        expert_output = self.kernel(dispatched.hidden_states, dispatched.topk_weights, dispatched.topk_ids, self.experts())
+        return self.dispatcher.combine(expert_output, dispatched)

@@ -16,6 +16,7 @@ COMMANDS = (
     "moeframe.cli.list_cmd",
     "moeframe.cli.explain",
     "moeframe.cli.run",
+    "moeframe.cli.check",
 )
 
 

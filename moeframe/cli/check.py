@@ -1,0 +1,52 @@
+"""``moeframe check [KERNEL...]``: the conformance kit -- check kernels against the reference."""
+
+from __future__ import annotations
+
+import argparse
+
+from moeframe.cli.common import add_json_argument, print_json
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("check", help="check kernels against the torch reference kernel (the conformance kit)")
+    p.add_argument("kernels", nargs="*", metavar="KERNEL", help="kernels to check (default: every registered kernel)")
+    p.add_argument("--device", default="cpu", help="device (default cpu)")
+    p.add_argument("--tokens", default="0,1,7,64", help="comma-separated token counts (default 0,1,7,64)")
+    p.add_argument("--dtype", action="append", dest="dtypes", metavar="DTYPE", help="dtypes to check (default: all the kernel supports)")
+    add_json_argument(p)
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from moeframe.conformance import check_kernel
+    from moeframe.errors import InputError
+    from moeframe.plugins import get_registry
+
+    try:
+        tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
+    except ValueError:
+        raise InputError(f"--tokens expects comma-separated integers, got {args.tokens!r}") from None
+    names = args.kernels or get_registry().names("kernel")
+    for name in names:
+        get_registry().get("kernel", name)  # unknown names fail before any work
+    report = []
+    failed = 0
+    for name in names:
+        results = check_kernel(name, args.device, tokens, args.dtypes)
+        bad = [r for r in results if not r.ok]
+        failed += len(bad)
+        report.append({
+            "kernel": name,
+            "cases": len(results),
+            "failed": [
+                {"case": r.case.id, "error": r.error, **(r.comparison.as_dict() if r.comparison else {})} for r in bad
+            ],
+        })
+        if not args.json:
+            print(f"{name}: {len(results) - len(bad)}/{len(results)} cases ok")
+            for r in bad:
+                detail = r.error or f"max abs error {r.comparison.max_abs_error:.3e}"
+                print(f"  FAIL {r.case.id}: {detail}")
+    if args.json:
+        print_json({"kernels": report, "ok": failed == 0})
+    return 0 if failed == 0 else 1

@@ -52,4 +52,9 @@ def register_runners() -> list[Strategy]:
 
 @hookimpl
 def register_wrappers() -> list[Strategy]:
-    return []
+    return [
+        Strategy("chunking", "moeframe.wrappers.chunking:ChunkingWrapper",
+                 "runs the inner runner on chunks staged in workspace buffers; DP lock-step"),
+        Strategy("shared_experts", "moeframe.wrappers.shared_experts:SharedExpertsWrapper",
+                 "adds a dense (optionally sigmoid-gated) shared MLP to the routed output"),
+    ]

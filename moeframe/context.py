@@ -29,6 +29,9 @@ class BuildContext:
     parallel: ParallelContext
     workspace: Workspace
     weights: Mapping[str, torch.Tensor] = attrs.field(factory=dict)
+    #: incremented by the layer at the start of every forward (wrappers that keep per-call
+    #: state, e.g. statistics of the last call, compare it to know a new call began)
+    forward_index: int = 0
     router: Any = None
     kernel: Any = None
     dispatcher: Any = None

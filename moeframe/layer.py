@@ -86,6 +86,7 @@ class MoELayer(torch.nn.Module):
         if hidden_states.dtype != model.torch_dtype:
             raise InputError(f"hidden_states is {hidden_states.dtype}, but the layer is {model.dtype} (model.dtype)")
         x = hidden_states.reshape(-1, model.hidden_size)
+        self._context.forward_index += 1
         router_logits = self._router.logits(x, self._tensors)
         out = self.stack.forward(x, router_logits)
         if not self.stack.output_reduced:

@@ -60,6 +60,11 @@ class Router(abc.ABC):
         m = self.model
         return [WeightSpec("router.weight", (m.num_experts, m.hidden_size), m.torch_dtype, std=m.hidden_size**-0.5)]
 
+    @property
+    def logits_dtype(self) -> torch.dtype:
+        """The dtype :meth:`logits` returns (staging buffers are allocated in it)."""
+        return self.model.torch_dtype
+
     def logits(self, hidden_states: torch.Tensor, weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
         """``[T, H] -> [T, E]``; by default ``linear(x, router.weight)`` in the activation dtype."""
         return F.linear(hidden_states, weights["router.weight"])

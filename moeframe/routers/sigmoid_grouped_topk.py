@@ -55,6 +55,10 @@ class SigmoidGroupedTopKRouter(Router):
             specs.append(WeightSpec("router.e_score_correction_bias", (self.model.num_experts,), torch.float32, std=0.05))
         return specs
 
+    @property
+    def logits_dtype(self) -> torch.dtype:
+        return torch.float32
+
     def logits(self, hidden_states: torch.Tensor, weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return F.linear(hidden_states.float(), weights["router.weight"].float())
 

@@ -432,6 +432,8 @@ def _apply_override(raw: dict[str, Any], key: str, value: Any) -> None:
             if last:
                 node[part] = value
             else:
+                if isinstance(node[part], str):  # a wrapper given by name may be addressed as a table
+                    node[part] = {"name": node[part]}
                 node = node[part]
             continue
         if not isinstance(node, dict):
@@ -544,7 +546,7 @@ def _build(raw: dict[str, Any], label: str | None) -> Config:
     if "name" not in router_raw:
         raise ConfigError("router.name", "missing required key")
     router_params = {k: v for k, v in router_raw.items() if k != "name"}
-    router = _strategy("router", router_raw["name"], "router", "router", router_params, model)
+    router = _strategy("router", router_raw["name"], "router.name", "router", router_params, model)
     if router_params and isinstance(router_raw["name"], Mapping):  # pragma: no cover - defensive
         raise ConfigError("router", "unexpected nesting")
 

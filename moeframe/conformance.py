@@ -22,7 +22,7 @@ from moeframe.parallel import ParallelContext
 from moeframe.plugins import Entry, get_registry
 from moeframe.workspace import Workspace
 
-__all__ = ["KernelCase", "CaseResult", "kernel_cases", "make_case_inputs", "run_kernel_case", "check_kernel"]
+__all__ = ["kernel_context", "KernelCase", "CaseResult", "kernel_cases", "make_case_inputs", "run_kernel_case", "check_kernel"]
 
 TOKEN_COUNTS = (0, 1, 7, 64)
 
@@ -115,7 +115,8 @@ def make_case_inputs(case: KernelCase, device: torch.device | str = "cpu", seed:
     }
 
 
-def _context(model: ModelConfig, device: torch.device | str) -> BuildContext:
+def kernel_context(model: ModelConfig, device: torch.device | str = "cpu") -> BuildContext:
+    """A build context for constructing a kernel of ``model`` on its own (outside a layer)."""
     config = load_config({"model": _model_dict(model), "router": {"name": "softmax_topk"}})
     return BuildContext(config, torch.device(device), ParallelContext.single(), Workspace())
 
@@ -129,7 +130,7 @@ def run_kernel_case(entry: Entry, case: KernelCase, device: torch.device | str =
     from moeframe.kernels.torch_reference import TorchReferenceKernel
 
     model = case.model()
-    context = _context(model, device)
+    context = kernel_context(model, device)
     cls = entry.load()
     kernel = cls(context, params if params is not None else getattr(cls, "Params", NoParams)())
     reference = TorchReferenceKernel(context, NoParams())

@@ -230,11 +230,18 @@ class PluginHost:
             self.pm.check_pending()
         except pluggy.PluginValidationError as exc:
             self.pm.unregister(name=plugin_name)
-            unknown = str(exc).split("unknown hook", 1)[-1].strip(" '\"")
+            known = set(hookspecs.HOOK_FOR_KIND.values())
+            unknown = [
+                name for name in dir(plugin)
+                if name not in known and self.pm.parse_hookimpl_opts(plugin, name) is not None
+            ]
+            if not unknown:  # pragma: no cover - pluggy reported something else
+                self._fail(record, f"invalid hook implementation: {exc}")
+                return
             self._fail(
                 record,
-                f"implements unknown hook {unknown!r}"
-                f"{_hook_suggestion(unknown)}; known hooks: {', '.join(sorted(hookspecs.HOOK_FOR_KIND.values()))}",
+                f"implements unknown hook {unknown[0]!r}"
+                f"{_hook_suggestion(unknown[0])}; known hooks: {', '.join(sorted(known))}",
             )
             return
         self._records_by_plugin_name[plugin_name] = record
@@ -245,7 +252,7 @@ class PluginHost:
             caller = getattr(self.pm.hook, hook_name)
             # Call each implementation on its own so that one raising plugin does not
             # take the others' strategies with it.
-            for impl in reversed(caller.get_hookimpls()):
+            for impl in caller.get_hookimpls():
                 record = self._records_by_plugin_name.get(impl.plugin_name)
                 if record is None:
                     continue
@@ -321,7 +328,17 @@ def _version(dist: str) -> str | None:
 
 
 def _entry_points() -> Iterable[importlib_metadata.EntryPoint]:
-    return importlib_metadata.entry_points(group=ENTRY_POINT_GROUP)
+    """The group's entry points in a stable order (by distribution, then name)."""
+    eps = importlib_metadata.entry_points(group=ENTRY_POINT_GROUP)
+    seen: set[tuple[str, str, str]] = set()
+    unique = []
+    for ep in eps:  # a distribution found twice on sys.path is loaded once
+        dist = getattr(ep, "dist", None)
+        key = (normalize_dist_name(dist.name) if dist else "", ep.name, ep.value)
+        if key not in seen:
+            seen.add(key)
+            unique.append(ep)
+    return sorted(unique, key=lambda ep: (normalize_dist_name(ep.dist.name) if getattr(ep, "dist", None) else "", ep.name))
 
 
 _host: PluginHost | None = None

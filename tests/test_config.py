@@ -1,0 +1,153 @@
+"""Config loading, validation with key paths, overrides, presets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from moeframe.config import Config, list_presets, load_config, parse_override
+from moeframe.errors import ConfigError
+from moeframe.testing import small_config
+
+PRESETS = ["deepseek-v3", "gpt-oss", "llama4", "mixtral", "qwen2-moe", "qwen3-moe"]
+
+
+def test_presets_are_packaged_and_load():
+    assert list_presets() == PRESETS
+    for name in PRESETS:
+        config = load_config(name)
+        assert config.source == f"preset:{name}"
+        assert load_config(config.to_dict()) == config  # round trip through plain data
+
+
+def test_preset_contents_follow_the_reference_page():
+    assert load_config("deepseek-v3").router.params.routed_scaling_factor == 2.5
+    assert load_config("qwen2-moe").router.params.renormalize is False
+    assert load_config("mixtral").router.params.weights_dtype == "float32"
+    gpt = load_config("gpt-oss")
+    assert (gpt.model.activation, gpt.model.expert_bias, gpt.router.name) == ("swigluoai", True, "topk_softmax")
+    qwen2 = [w for w in load_config("qwen2-moe").stack.wrappers if w.name == "shared_experts"]
+    ds = [w for w in load_config("deepseek-v3").stack.wrappers if w.name == "shared_experts"]
+    assert qwen2[0].params.gated is True and ds[0].params.gated is False
+
+
+def test_defaults_are_filled_in():
+    config = load_config(small_config())
+    d = config.to_dict()
+    assert d["stack"]["runner"] == "default" and d["stack"]["kernel"] == "torch" and d["stack"]["dispatcher"] == "local"
+    assert d["model"]["activation"] == "silu" and d["model"]["dtype"] == "float32"
+    assert d["router"] == {"name": "softmax_topk", "renormalize": True, "weights_dtype": "float32"}
+    assert d["parallel"]["placement"] == "linear"
+
+
+def test_toml_file_and_extends(tmp_path: Path):
+    base = tmp_path / "base.toml"
+    base.write_text(
+        'seed = 3\n[model]\nnum_experts = 8\ntop_k = 2\nhidden_size = 16\nintermediate_size = 8\n'
+        '[router]\nname = "softmax_topk"\nrenormalize = false\n'
+    )
+    child = tmp_path / "child.toml"
+    child.write_text('extends = "base.toml"\n[model]\ntop_k = 3\n[stack]\nwrappers = [{ name = "chunking", params = { max_num_tokens = 4 } }]\n')
+    config = load_config(child)
+    assert (config.seed, config.model.top_k, config.model.num_experts) == (3, 3, 8)
+    assert config.router.params.renormalize is False
+    assert config.stack.wrappers[0].params.max_num_tokens == 4
+    on_preset = tmp_path / "p.toml"
+    on_preset.write_text('extends = "qwen3-moe"\n[model]\ndtype = "bfloat16"\n')
+    assert load_config(on_preset).model.num_experts == load_config("qwen3-moe").model.num_experts
+
+
+@pytest.mark.parametrize(
+    ("overrides", "check"),
+    [
+        (["stack.kernel=torch"], lambda c: c.stack.kernel.name == "torch"),
+        (["model.dtype=bfloat16"], lambda c: c.model.dtype == "bfloat16"),
+        (["model.top_k=3"], lambda c: c.model.top_k == 3),
+        (["router.renormalize=false"], lambda c: c.router.params.renormalize is False),
+        (['stack.wrappers=[{name="chunking", params={max_num_tokens=8}}]'], lambda c: c.stack.wrappers[0].params.max_num_tokens == 8),
+        (['stack.wrappers=["chunking"]', "stack.wrappers[0].params.max_num_tokens=5"], lambda c: c.stack.wrappers[0].params.max_num_tokens == 5),
+        (["seed=7"], lambda c: c.seed == 7),
+        (["parallel.placement=round_robin"], lambda c: c.parallel.placement == "round_robin"),
+    ],
+)
+def test_overrides(overrides, check):
+    assert check(load_config(small_config(), overrides))
+
+
+def test_overrides_as_mapping_and_evolve():
+    config = load_config("qwen3-moe", {"model.dtype": "float16"})
+    assert config.model.dtype == "float16"
+    assert config.evolve({"model.dtype": "float32"}) == load_config("qwen3-moe")
+
+
+def test_fingerprint_tracks_every_field():
+    a = load_config("qwen3-moe")
+    assert a.fingerprint() == load_config("qwen3-moe").fingerprint()
+    assert a.fingerprint() != a.evolve({"stack.wrappers": ["chunking"]}).fingerprint()
+    assert a.fingerprint() != a.evolve({"parallel.placement": "round_robin"}).fingerprint()
+
+
+@pytest.mark.parametrize(
+    ("source", "overrides", "message"),
+    [
+        (small_config(), ["modle.top_k=2"], r"^modle: unknown key; did you mean 'model'\?"),
+        (small_config(), ["model.top_k=9"], r"^model.top_k: 9 must be <= num_experts \(8\)"),
+        (small_config(), ["model.top_k=0"], r"^model.top_k: 0 must be >= 1"),
+        (small_config(), ["model.activation=swiglu"], r"^model.activation: 'swiglu' is not allowed; did you mean 'swigluoai'\?; choose one of"),
+        (small_config(), ["model.dtype=fp32"], r"^model.dtype: 'fp32' is not allowed; choose one of: 'float32', 'bfloat16', 'float16'"),
+        (small_config(), ['model.hidden_size="big"'], r"^model.hidden_size: expected an integer, got 'big'"),
+        (small_config(), ["model.expert_bias=1"], r"^model.expert_bias: expected true or false, got 1"),
+        (small_config(), ["model.hidden_sise=3"], r"^model.hidden_sise: unknown key; did you mean 'hidden_size'\?"),
+        (small_config(), ["router.name=softmax_top"], r"^router.name: unknown router 'softmax_top'; did you mean 'softmax_topk'\?; available routers: .*`moeframe plugins` lists installed plugins"),
+        (small_config(), ["router.renormalise=true"], r"^router.renormalise: unknown key; did you mean 'renormalize'\?"),
+        (small_config(), ['stack.wrappers=["chunking", {name="chunkin"}]'], r"^stack.wrappers\[1\].name: unknown wrapper 'chunkin'; did you mean 'chunking'\?; available wrappers: .*chunking"),
+        (small_config(), ['stack.wrappers=["chunkin"]'], r"^stack.wrappers\[0\]: unknown wrapper 'chunkin'; did you mean 'chunking'\?"),
+        (small_config(), ['stack.wrappers=[{name="chunking", params={max_num_tokens=0}}]'], r"^stack.wrappers\[0\].params.max_num_tokens: 0 must be >= 1"),
+        (small_config(), ['stack.wrappers=[{name="chunking", parms={}}]'], r"^stack.wrappers\[0\].parms: unknown key; did you mean 'params'\?"),
+        (small_config(), ["stack.kernel=torchh"], r"^stack.kernel: unknown kernel 'torchh'; did you mean 'torch'\?"),
+        (small_config(), ["stack.kernel_params.block=3"], r"^stack.kernel_params.block: unknown key; allowed keys: none"),
+        (small_config(), ["stack.wrapers=[]"], r"^stack.wrapers: unknown key; did you mean 'wrappers'\?"),
+        (small_config(), ["stack.wrappers[2].name=x"], r"^stack.wrappers\[2\]: no such item \(the list has 0\)"),
+        (small_config(), ["parallel.placement=roundrobin"], r"^parallel.placement: 'roundrobin' is not allowed; did you mean 'round_robin'\?"),
+        (small_config(), ["seed=1.5"], r"^seed: expected an integer, got 1.5"),
+        ({"router": {"name": "softmax_topk"}}, [], r"^model: missing required table \[model\]"),
+        ({"model": {"num_experts": 4, "top_k": 1, "hidden_size": 4}, "router": {"name": "softmax_topk"}}, [], r"^model.intermediate_size: missing required key"),
+        (small_config(), ['router.name="sigmoid_grouped_topk"', "router.n_group=3"], r"^router.n_group: 3 must divide model.num_experts \(8\)"),
+    ],
+)
+def test_errors_name_the_key_path(source, overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(source, overrides)
+
+
+def test_errors_name_the_file(tmp_path: Path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[model]\nnum_experts = 8\ntop_k = 2\nhidden_size = 16\nintermediate_size = 8\nactivation = "relu"\n[router]\nname = "softmax_topk"\n')
+    with pytest.raises(ConfigError, match=rf"^{bad}: model.activation: 'relu' is not allowed"):
+        load_config(bad)
+    broken = tmp_path / "broken.toml"
+    broken.write_text("[model\n")
+    with pytest.raises(ConfigError, match=r"invalid TOML"):
+        load_config(broken)
+    with pytest.raises(ConfigError, match=r"config file '.*missing.toml' not found"):
+        load_config(tmp_path / "missing.toml")
+    with pytest.raises(ConfigError, match=r"no config file or preset named 'qwen3moe'; did you mean 'qwen3-moe'\?"):
+        load_config("qwen3moe")
+    with pytest.raises(ConfigError, match=r"preset:qwen3-moe: model.dtype"):
+        load_config("qwen3-moe", ["model.dtype=double"])
+
+
+def test_parse_override():
+    assert parse_override("stack.kernel=triton") == ("stack.kernel", "triton")
+    assert parse_override("model.top_k = 4") == ("model.top_k", 4)
+    assert parse_override('stack.wrappers=[{name="chunking"}]') == ("stack.wrappers", [{"name": "chunking"}])
+    with pytest.raises(ConfigError, match=r"--set expects KEY=VALUE"):
+        parse_override("stack.kernel")
+
+
+def test_config_is_frozen():
+    config = load_config("mixtral")
+    with pytest.raises(Exception):
+        config.seed = 3  # type: ignore[misc]
+    assert isinstance(config, Config)

@@ -233,8 +233,11 @@ class ParallelContext:
         return self.collectives.all_reduce(output, group=self.groups.get("token"))
 
     def max_tokens(self, num_tokens: int, device: torch.device | str = "cpu") -> int:
-        """The largest token count over the ranks that run collectives together."""
-        if not self.distributed:
+        """The largest token count over the ranks that run collectives together.
+
+        Without data parallelism every rank holds the same tokens: no collective needed.
+        """
+        if not self.distributed or self.dp_size == 1:
             return num_tokens
         t = torch.tensor([num_tokens], dtype=torch.int64, device=device)
         self.collectives.all_reduce(t, group=self.groups.get("ep"), op="max")

@@ -1,0 +1,13 @@
+"""moeframe-triton: the ``triton`` expert kernel for moeframe.
+
+Importing this package is cheap: it imports neither torch nor triton.  The modules:
+
+``plugin``      the ``register_kernels`` hook (what ``moeframe list`` sees)
+``kernel``      :class:`~moeframe_triton.kernel.TritonKernel`, the strategy
+``align``       groups (token, k) pairs by expert, padded to blocks (a Triton kernel)
+``fused_moe``   the fused grouped GEMMs and the top-k sum (Triton kernels) and their launcher
+``configs``     block-size configs: heuristic, tuned JSON files, override folder
+``tune``        the search behind ``moeframe tune``
+"""
+
+__version__ = "0.1.0"

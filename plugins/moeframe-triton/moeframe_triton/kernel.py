@@ -1,0 +1,64 @@
+"""``triton``: the fused-MoE kernel strategy (see :mod:`moeframe_triton.fused_moe`)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from moeframe.kernels import ExpertWeights, Kernel
+from moeframe_triton._triton import INTERPRETER
+from moeframe_triton.fused_moe import fused_moe
+
+if TYPE_CHECKING:
+    from moeframe.config import Config
+
+__all__ = ["TritonKernel"]
+
+
+class TritonKernel(Kernel):
+    """Align, two fused grouped GEMMs (bias, activation and routed weight in their
+    epilogues) and a deterministic sum over top-k, in Triton.
+
+    Computes what the ``torch`` reference kernel computes, within the dtype's tolerance;
+    on a machine without CUDA it runs through Triton's interpreter (slow: small token
+    counts only).  Block sizes come from tuned files for the GPU or a heuristic
+    (:mod:`moeframe_triton.configs`).
+    """
+
+    def __call__(
+        self,
+        hidden_states: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        experts: ExpertWeights,
+    ) -> torch.Tensor:
+        return fused_moe(
+            hidden_states, topk_weights, topk_ids, experts.w13, experts.w2, experts.b13, experts.b2,
+            activation=self.activation, expert_map=experts.expert_map,
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return {"mode": "interpreter" if INTERPRETER else "compiled"}
+
+    @classmethod
+    def tune(
+        cls,
+        config: Config,
+        *,
+        batch_sizes: Sequence[int],
+        output_dir: str | Path,
+        device: str = "cuda",
+        log: Callable[[str], None] | None = None,
+    ) -> list[Path]:
+        """Search block sizes, warps and stages for ``config``'s layer shape at each batch
+        size on the GPU and write the tuned file into ``output_dir``; return its path.
+
+        Raises :class:`~moeframe.errors.UserError` where no CUDA GPU is available.
+        """
+        from moeframe_triton.tune import tune_model
+
+        return [tune_model(config.model, batch_sizes=batch_sizes, output_dir=Path(output_dir), device=device, log=log,
+                           expert_parallel=config.parallel.ep_size, tensor_parallel=config.parallel.tp_size)]

@@ -31,6 +31,9 @@ def register_kernels() -> list[Strategy]:
         Strategy("torch", "moeframe.kernels.torch_reference:TorchReferenceKernel",
                  "reference: per-expert loop, fp32 accumulation (the ground truth)",
                  Capabilities(dtypes=ALL_DTYPES)),
+        Strategy("fused_cpu", "moeframe.kernels.fused_cpu:FusedCpuKernel",
+                 "fast CPU kernel: sort-and-group, fused gate/up GEMMs, decode and prefill paths, fp32 accumulation",
+                 Capabilities(dtypes=ALL_DTYPES, devices=("cpu",))),
     ]
 
 
@@ -39,6 +42,12 @@ def register_dispatchers() -> list[Strategy]:
     return [
         Strategy("local", "moeframe.dispatchers.local:LocalDispatcher",
                  "no token movement; partial results all-reduced once by the layer"),
+        Strategy("allgather_reducescatter", "moeframe.dispatchers.allgather_reducescatter:AllGatherReduceScatterDispatcher",
+                 "all-gather every rank's tokens, reduce-scatter the experts' shares",
+                 Capabilities(distributed=True)),
+        Strategy("all2all", "moeframe.dispatchers.all2all:AllToAllDispatcher",
+                 "send each token only to the ranks owning its experts (uneven all_to_all), and back",
+                 Capabilities(distributed=True)),
     ]
 
 

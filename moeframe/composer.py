@@ -89,7 +89,7 @@ def _device_type(device: torch.device | str | None) -> str:
     return torch.device(device or "cpu").type
 
 
-def _kernel_problem(entry: Entry, config: Config, device_type: str) -> str | None:
+def _kernel_problem(entry: Entry, config: Config, device_type: str, ep_size: int = 1) -> str | None:
     caps = entry.capabilities
     m = config.model
     if caps.dtypes is not None and m.dtype not in caps.dtypes:
@@ -100,8 +100,8 @@ def _kernel_problem(entry: Entry, config: Config, device_type: str) -> str | Non
         return f"does not support model.activation = {m.activation!r} (supports {', '.join(sorted(caps.activations))})"
     if m.expert_bias and not caps.biases:
         return "does not support expert biases (model.expert_bias = true)"
-    if config.parallel.ep_size > 1 and not caps.expert_map:
-        return f"does not support an expert map, which expert parallelism (parallel.ep_size = {config.parallel.ep_size}) needs"
+    if ep_size > 1 and not caps.expert_map:
+        return f"does not support an expert map, which expert parallelism (parallel.ep_size = {ep_size}) needs"
     return None
 
 
@@ -146,16 +146,23 @@ def _suggest_order(names: Sequence[str], entries: dict[str, Entry]) -> list[str]
     return None if best is None else best[1]
 
 
-def check_stack(config: Config, device: torch.device | str | None = None, registry: Registry | None = None) -> None:
-    """Raise :class:`StackError` if ``config``'s stack cannot be built on ``device``."""
+def check_stack(
+    config: Config,
+    device: torch.device | str | None = None,
+    registry: Registry | None = None,
+    ep_size: int | None = None,
+) -> None:
+    """Raise :class:`StackError` if ``config``'s stack cannot be built on ``device`` with
+    ``ep_size`` expert-parallel ranks (default: the config's, or 1)."""
     registry = registry or get_registry()
     device_type = _device_type(device)
     stack = config.stack
+    ep = ep_size if ep_size is not None else (config.parallel.ep_size or 1)
 
     kernel_entry = registry.get("kernel", stack.kernel.name)
-    problem = _kernel_problem(kernel_entry, config, device_type)
+    problem = _kernel_problem(kernel_entry, config, device_type, ep)
     if problem:
-        fits = [e.name for e in registry.entries("kernel") if _kernel_problem(e, config, device_type) is None]
+        fits = [e.name for e in registry.entries("kernel") if _kernel_problem(e, config, device_type, ep) is None]
         alternatives = f"; kernels that fit: {', '.join(fits)}" if fits else ""
         raise StackError(f"stack.kernel: kernel {kernel_entry.strategy.display_name!r} {problem}{alternatives}")
 
@@ -205,7 +212,7 @@ def build_stack(context: BuildContext, registry: Registry | None = None) -> Stac
     """
     registry = registry or get_registry()
     config = context.config
-    check_stack(config, context.device, registry)
+    check_stack(config, context.device, registry, context.parallel.ep_size)
     stack_cfg = config.stack
 
     router_entry, context.router = _instantiate("router", config.router, registry, context)

@@ -264,16 +264,18 @@ class ParallelConfig:
     """``[parallel]``: how ranks split the work (one process: all 1)."""
 
     dp_size: int = option(1, help="data-parallel ranks (each with its own tokens)", min=1)
-    ep_size: int = option(1, help="expert-parallel ranks (experts spread over them)", min=1)
+    ep_size: int | None = option(
+        None, help="expert-parallel ranks (experts spread over them); default: every rank not used by TP", min=1
+    )
     tp_size: int = option(1, help="tensor-parallel ranks (each expert's intermediate size split)", min=1)
     placement: str = option("linear", help="how experts are placed on EP ranks", choices=PLACEMENTS)
     timeout_s: float = option(
         120.0, help="seconds a rank waits on a collective before giving up", min=0.0, exclusive_min=True
     )
 
-    @property
-    def world_size(self) -> int:
-        return self.dp_size * self.ep_size * self.tp_size
+    def resolved_ep_size(self, world_size: int) -> int:
+        """``ep_size``, or when unset the ranks left over by tensor parallelism."""
+        return self.ep_size if self.ep_size is not None else max(1, world_size // self.tp_size)
 
 
 @attrs.frozen

@@ -52,6 +52,7 @@ class MoELayer(torch.nn.Module):
         self.config: Config = config
         self.device = torch.device(device or "cpu")
         self.parallel = parallel or ParallelContext.from_config(config.parallel)
+        self.parallel.check_same_config(config)
         self.workspace = workspace or current_workspace()
         self._tensors: dict[str, torch.nn.Parameter] = {}
         self._context = BuildContext(config, self.device, self.parallel, self.workspace, self._tensors)

@@ -158,7 +158,7 @@ class ParallelContext:
         self.collectives = collectives or Collectives()
         self.groups = groups or {}
         c = self.config
-        self.tp_size, self.ep_size, self.dp_size = c.tp_size, c.ep_size, c.dp_size
+        self.tp_size, self.ep_size, self.dp_size = c.tp_size, c.resolved_ep_size(world_size), c.dp_size
         self.tp_rank = rank % c.tp_size
         self.ep_rank = rank // c.tp_size
         self.dp_rank = rank // max(1, world_size // c.dp_size)
@@ -170,14 +170,7 @@ class ParallelContext:
     def single(cls, config: ParallelConfig | None = None, collectives: Collectives | None = None) -> ParallelContext:
         """One process: every size is 1."""
         config = config or ParallelConfig()
-        if config.world_size != 1:
-            raise ConfigError(
-                "parallel",
-                f"ep_size * tp_size = {config.world_size} ranks are configured but this is one process; "
-                "launch with torchrun (or `moeframe run --nproc N`), or set the sizes to 1",
-            )
-        if config.dp_size != 1:
-            raise ConfigError("parallel.dp_size", f"{config.dp_size} needs as many ranks; this is one process")
+        validate_world(config, 1)
         return cls(config, collectives=collectives)
 
     @classmethod
@@ -186,13 +179,10 @@ class ParallelContext:
         when needed); a single-process context when the config asks for one rank."""
         import torch.distributed as dist
 
-        if config.world_size == 1 and config.dp_size == 1 and not (dist.is_available() and dist.is_initialized()):
-            return cls.single(config, collectives)
-        if not dist.is_initialized():
-            if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        if not dist.is_available() or not dist.is_initialized():
+            if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
                 return cls.single(config, collectives)
-            backend = "nccl" if torch.cuda.is_available() else "gloo"
-            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=config.timeout_s))
+            init_from_environment(config)
         world = dist.get_world_size()
         rank = dist.get_rank()
         validate_world(config, world)
@@ -243,6 +233,22 @@ class ParallelContext:
         self.collectives.all_reduce(t, group=self.groups.get("ep"), op="max")
         return int(t.item())
 
+    def check_same_config(self, config: Any) -> None:
+        """Raise the same :class:`ConfigError` on every rank when the ranks' configs differ."""
+        if not self.distributed:
+            return
+        mine = config.to_dict()
+        everyone = self.collectives.all_gather_object((config.fingerprint(), mine))
+        first_fp, first = everyone[0]
+        for rank, (fp, other) in enumerate(everyone):
+            if fp != first_fp:
+                path, a, b = _first_difference(first, other)
+                raise ConfigError(
+                    "",
+                    f"the config differs between ranks: {path} is {a!r} on rank 0 but {b!r} on rank {rank}; "
+                    "every rank must be given the same config",
+                )
+
     def describe(self) -> dict[str, Any]:
         return {
             "rank": self.rank,
@@ -257,14 +263,29 @@ class ParallelContext:
         }
 
 
+def init_from_environment(config: ParallelConfig) -> None:
+    """Initialise the default process group from torchrun's environment variables
+    (NCCL when a GPU is present, else gloo), with the config's collective timeout."""
+    import torch.distributed as dist
+
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=config.timeout_s))
+
+
 def validate_world(config: ParallelConfig, world: int) -> None:
-    if config.ep_size * config.tp_size != world:
+    """Raise a :class:`ConfigError` unless ``config`` fits ``world`` ranks."""
+    ep = config.resolved_ep_size(world)
+    where = "this is one process" if world == 1 else f"the world has {world} ranks"
+    hint = "; launch with torchrun (or `moeframe run --nproc N`)" if world == 1 else ""
+    if ep * config.tp_size != world:
         raise ConfigError(
             "parallel",
-            f"ep_size ({config.ep_size}) * tp_size ({config.tp_size}) must equal the world size ({world})",
+            f"ep_size ({ep}) * tp_size ({config.tp_size}) must equal the number of ranks, but {where}{hint}",
         )
     if world % config.dp_size:
-        raise ConfigError("parallel.dp_size", f"{config.dp_size} must divide the world size ({world})")
+        raise ConfigError("parallel.dp_size", f"{config.dp_size} must divide the number of ranks, but {where}{hint}")
 
 
 def _make_groups(config: ParallelConfig, world: int) -> dict[str, Any]:
@@ -283,3 +304,15 @@ def _make_groups(config: ParallelConfig, world: int) -> dict[str, Any]:
             if rank in ranks:
                 groups["token"] = g
     return groups
+
+
+def _first_difference(a: Any, b: Any, path: str = "") -> tuple[str, Any, Any]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        for key in list(a) + [k for k in b if k not in a]:
+            if a.get(key) != b.get(key):
+                return _first_difference(a.get(key), b.get(key), f"{path}.{key}" if path else str(key))
+    if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
+        for i, (x, y) in enumerate(zip(a, b)):
+            if x != y:
+                return _first_difference(x, y, f"{path}[{i}]")
+    return path or "(config)", a, b

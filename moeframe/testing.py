@@ -50,3 +50,106 @@ def small_config(**model: Any) -> dict[str, Any]:
     base = {"num_experts": 8, "top_k": 2, "hidden_size": 32, "intermediate_size": 16}
     base.update(model)
     return {"seed": 0, "model": base, "router": {"name": "softmax_topk"}}
+
+
+# -- running code on several local ranks (gloo) ----------------------------------------------
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def rank_environment(rank: int, world_size: int, port: int) -> dict[str, str]:
+    """The variables torchrun gives a worker."""
+    import os
+
+    env = dict(os.environ)
+    env.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1",
+        PYTHONUNBUFFERED="1",
+    )
+    return env
+
+
+def launch_processes(world_size: int, argv: list[str], timeout: float, env: dict[str, str] | None = None) -> list[Any]:
+    """Start ``argv`` once per rank with torchrun's variables; wait at most ``timeout`` seconds.
+
+    Returns one ``subprocess.CompletedProcess``-like object per rank; a rank still running
+    at the deadline is killed and gets return code ``None``.
+    """
+    import subprocess
+    import time
+
+    port = free_port()
+    procs = []
+    for rank in range(world_size):
+        rank_env = rank_environment(rank, world_size, port)
+        rank_env.update(env or {})
+        procs.append(subprocess.Popen(argv, env=rank_env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    deadline = time.monotonic() + timeout
+    results = []
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=max(0.1, deadline - time.monotonic()))
+            code: int | None = proc.returncode
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            code = None
+        results.append(subprocess.CompletedProcess(argv, code, out, err))
+    return results
+
+
+def run_on_ranks(world_size: int, script: str | Path, function: str, timeout: float = 120.0, **kwargs: Any) -> list[Any]:
+    """Call ``function(**kwargs)`` from the Python file ``script`` on ``world_size`` ranks.
+
+    Each rank initialises the default process group (gloo) from the environment; the
+    function's JSON-able return value is collected per rank.  A rank that fails makes this
+    raise ``RuntimeError`` with its output.
+    """
+    import json
+    import sys
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = Path(tmp) / "spec.json"
+        spec.write_text(json.dumps({"script": str(script), "function": function, "kwargs": kwargs, "out": tmp}))
+        results = launch_processes(world_size, [sys.executable, "-m", "moeframe.testing", str(spec)], timeout)
+        values = []
+        for rank, res in enumerate(results):
+            if res.returncode != 0:
+                raise RuntimeError(f"rank {rank} exited {res.returncode}\nstdout:\n{res.stdout[-4000:]}\nstderr:\n{res.stderr[-4000:]}")
+            values.append(json.loads((Path(tmp) / f"rank{rank}.json").read_text()))
+        return values
+
+
+def _rank_main(spec_path: str) -> None:
+    import datetime
+    import importlib.util
+    import json
+    import os
+
+    import torch.distributed as dist
+
+    spec = json.loads(Path(spec_path).read_text())
+    module_spec = importlib.util.spec_from_file_location("moeframe_rank_script", spec["script"])
+    assert module_spec is not None and module_spec.loader is not None
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    try:
+        value = getattr(module, spec["function"])(**spec["kwargs"])
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    rank = int(os.environ["RANK"])
+    (Path(spec["out"]) / f"rank{rank}.json").write_text(json.dumps(value))
+
+
+if __name__ == "__main__":
+    import sys
+
+    _rank_main(sys.argv[1])

@@ -17,6 +17,7 @@ COMMANDS = (
     "moeframe.cli.explain",
     "moeframe.cli.run",
     "moeframe.cli.check",
+    "moeframe.cli.tune",
 )
 
 
@@ -47,6 +48,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     warnings.formatwarning = _format_warning
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = None if argv is None else list(argv)
     if not getattr(args, "func", None):
         parser.print_help()
         return 2

@@ -23,10 +23,13 @@ from moeframe.errors import InputError
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("run", help="run the configured stack, time it and check it against the reference")
     add_config_arguments(p)
-    p.add_argument("--tokens", type=int, default=128, metavar="N", help="number of tokens (default 128)")
+    p.add_argument("--tokens", default="128", metavar="N[,N...]",
+                   help="number of tokens (default 128); under data parallelism one count per DP rank, e.g. 64,0")
     p.add_argument("--seed", type=int, default=None, metavar="S", help="seed for weights and inputs (default: the config's)")
     p.add_argument("--device", default="cpu", metavar="D", help="device, e.g. cpu or cuda (default cpu)")
     p.add_argument("--repeat", type=int, default=5, metavar="R", help="timed repetitions; the median is reported (default 5)")
+    p.add_argument("--nproc", type=int, default=None, metavar="N",
+                   help="launch N processes with torchrun (torch.distributed) and run distributed")
     p.add_argument("--weights", type=Path, metavar="W.safetensors", help="load the layer's tensors from this file")
     p.add_argument("--input", type=Path, metavar="X.safetensors", help="take hidden states from tensor 'hidden_states' [T, H]")
     p.add_argument("--output", type=Path, metavar="Y.safetensors", help="write tensor 'output' [T, H] (only when the check passes)")
@@ -79,57 +82,128 @@ def time_forward(fn: Any, x: torch.Tensor, repeat: int) -> tuple[torch.Tensor, l
     return out, times
 
 
+def parse_tokens(text: str) -> list[int]:
+    try:
+        counts = [int(t) for t in str(text).split(",") if t.strip()]
+    except ValueError:
+        raise InputError(f"--tokens expects a count or comma-separated counts (one per DP rank), got {text!r}") from None
+    if not counts or any(c < 0 for c in counts):
+        raise InputError(f"--tokens must be >= 0, got {text!r}")
+    return counts
+
+
+class RankFailure(Exception):
+    """A collective failed on this rank, usually because a peer rank failed first."""
+
+
 def execute(args: argparse.Namespace) -> dict[str, Any]:
+    """Run the job on this rank; in a distributed run, every rank returns the results of all."""
     from moeframe.layer import MoELayer
     from moeframe.numerics import compare
+    from moeframe.parallel import ParallelContext
 
-    if args.tokens < 0:
-        raise InputError(f"--tokens must be >= 0, got {args.tokens}")
+    counts = parse_tokens(args.tokens)
     if args.repeat < 1:
         raise InputError(f"--repeat must be >= 1, got {args.repeat}")
     config = load_from_args(args, {"seed": args.seed} if args.seed is not None else None)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda: no CUDA device is available here")
+    parallel = ParallelContext.from_config(config.parallel)
+    if parallel.distributed and device.type == "cuda":
+        device = torch.device("cuda", torch.cuda.current_device())
+    if len(counts) not in (1, parallel.dp_size):
+        raise InputError(f"--tokens has {len(counts)} counts but there are {parallel.dp_size} DP ranks; give one count or one per DP rank")
     model = config.model
-    layer = MoELayer(config, device=device)
+    layer = MoELayer(config, device=device, parallel=parallel)
     if args.weights:
         layer.load_weights(args.weights)
     if args.input:
         x = read_input(args.input, model.hidden_size, model.torch_dtype, device)
     else:
-        x = seeded_hidden_states(args.tokens, model.hidden_size, model.torch_dtype, config.seed, device)
+        num_tokens = counts[parallel.dp_rank] if len(counts) > 1 else counts[0]
+        x = seeded_hidden_states(num_tokens, model.hidden_size, model.torch_dtype, config.seed + 1_000 * parallel.dp_rank, device)
     with torch.inference_mode():
-        out, times = time_forward(layer, x, args.repeat)
+        try:
+            out, times = time_forward(layer, x, args.repeat)
+        except RuntimeError as exc:
+            if not parallel.distributed:
+                raise
+            raise RankFailure(
+                f"rank {parallel.rank}: a collective failed ({str(exc).splitlines()[0][:200]}); "
+                "another rank probably failed first: see its error"
+            ) from exc
         reference = layer.reference()
         if args.weights:
             reference.load_weights(args.weights)
         expected = reference(x)
     cmp = compare(out, expected)
     median = statistics.median(times)
-    result = {
-        "source": config.source,
-        "config": config.to_dict(),
-        "stack": layer.stack.describe(),
-        "device": str(device),
-        "dtype": model.dtype,
+    mine = {
+        "rank": parallel.rank,
+        "dp_rank": parallel.dp_rank,
+        "ep_rank": parallel.ep_rank,
         "tokens": int(x.shape[0]),
-        "repeat": args.repeat,
+        "local_experts": len(parallel.local_experts(model.num_experts)),
+        "expert_weight_bytes": layer.explain()["expert_weight_bytes"],
         "times_s": times,
         "median_s": median,
         "tokens_per_s": (x.shape[0] / median) if median > 0 else None,
         "error": cmp.as_dict(),
         "ok": cmp.ok,
+    }
+    ranks = parallel.collectives.all_gather_object(mine) if parallel.distributed else [mine]
+    ok = all(r["ok"] for r in ranks)
+    result = {
+        "source": config.source,
+        "config": config.to_dict(),
+        "stack": layer.stack.describe(),
+        "parallel": parallel.describe(),
+        "device": str(device),
+        "dtype": model.dtype,
+        "repeat": args.repeat,
+        **{k: mine[k] for k in ("tokens", "times_s", "median_s", "tokens_per_s", "error")},
+        "ranks": ranks,
+        "ok": ok,
         "output_written": None,
     }
-    if args.output:
-        if cmp.ok:
-            from moeframe.weights import save_safetensors
+    if args.output and ok:
+        from moeframe.weights import save_safetensors
 
-            save_safetensors({"output": out.reshape(-1, model.hidden_size)}, args.output)
-            result["output_written"] = str(args.output)
+        target = args.output if not parallel.distributed else args.output.with_name(
+            f"{args.output.stem}.rank{parallel.rank}{args.output.suffix}")
+        save_safetensors({"output": out.reshape(-1, model.hidden_size)}, target)
+        result["output_written"] = str(target)
     result["extra"] = _extra_reports(layer)
     return result
+
+
+def launch(args: argparse.Namespace, argv: list[str]) -> int:
+    """``--nproc N``: validate, then run this same command under torchrun with N processes."""
+    import subprocess
+    import sys
+
+    from moeframe.parallel import validate_world
+
+    if args.nproc < 1:
+        raise InputError(f"--nproc must be >= 1, got {args.nproc}")
+    config = load_from_args(args)
+    validate_world(config.parallel, args.nproc)
+    rest = []
+    skip = False
+    for i, a in enumerate(argv):
+        if skip:
+            skip = False
+            continue
+        if a == "--nproc":
+            skip = True
+            continue
+        if a.startswith("--nproc="):
+            continue
+        rest.append(a)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+               "-m", "moeframe", *rest]
+    return subprocess.call(command)
 
 
 def _extra_reports(layer: Any) -> dict[str, Any]:
@@ -143,12 +217,36 @@ def _extra_reports(layer: Any) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
-    result = execute(args)
+    if args.nproc is not None:
+        import sys
+
+        return launch(args, sys.argv[1:] if args.argv is None else list(args.argv))
+    import torch.distributed as dist
+
+    started_here = not (dist.is_available() and dist.is_initialized())
+    try:
+        result = execute(args)
+        rank = result["parallel"]["rank"]
+    except RankFailure as exc:
+        import sys
+
+        sys.stderr.write(f"moeframe: error: {exc}\n")
+        return 1
+    finally:
+        if started_here and dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+    if rank != 0:
+        return 0 if result["ok"] else 1
     if args.json:
         print_json(result)
         return 0 if result["ok"] else 1
-    print(f"moeframe run: {result['source'] or '(dict)'} · {result['dtype']} · {result['device']}")
+    distributed = len(result["ranks"]) > 1
+    print(f"moeframe run: {result['source'] or '(dict)'} · {result['dtype']} · {result['device']}"
+          + (f" · {len(result['ranks'])} ranks" if distributed else ""))
     print(stack_lines(result["stack"]))
+    if distributed:
+        _print_ranks(result)
+        return 0 if result["ok"] else 1
     tps = result["tokens_per_s"]
     print(
         f"\ntokens {result['tokens']} · repeats {result['repeat']} · median {result['median_s'] * 1e3:.3f} ms"
@@ -165,3 +263,17 @@ def run(args: argparse.Namespace) -> int:
     if args.output:
         print(f"output: {'written to ' + result['output_written'] if result['output_written'] else 'not written (check failed)'}")
     return 0 if result["ok"] else 1
+
+
+def _print_ranks(result: dict[str, Any]) -> None:
+    from moeframe.cli.common import format_bytes, table
+
+    par = result["parallel"]
+    print(f"\nparallel: dp {par['dp_size']} · ep {par['ep_size']} · tp {par['tp_size']} · placement {par['placement']}")
+    rows = []
+    for r in result["ranks"]:
+        err = r["error"]
+        rows.append((r["rank"], r["dp_rank"], r["ep_rank"], r["tokens"], r["local_experts"], format_bytes(r["expert_weight_bytes"]),
+                     f"{r['median_s'] * 1e3:.3f}", f"{err['max_abs_error']:.2e}", "ok" if r["ok"] else "OVER TOLERANCE"))
+    print(table(rows, ["rank", "dp", "ep", "tokens", "experts", "expert weights", "median ms", "max abs err", "check"]))
+    print("error vs single-process reference: " + ("ok on every rank" if result["ok"] else "OVER TOLERANCE on some rank"))

@@ -1,0 +1,71 @@
+"""``moeframe tune CONFIG``: tune the configured kernel's block sizes for this GPU.
+
+Generic over kernels: it resolves ``stack.kernel`` and calls the kernel class's
+``tune`` classmethod when it has one::
+
+    @classmethod
+    def tune(cls, config, *, batch_sizes, output_dir, device, log) -> list[Path]
+
+(``batch_sizes`` is None for the kernel's defaults; it returns the files it wrote).  A
+kernel without ``tune``, or a kernel that cannot tune here (no GPU), is a user error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from moeframe.cli.common import add_config_arguments, add_json_argument, load_from_args, print_json
+from moeframe.errors import InputError, UserError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("tune", help="search the configured kernel's block sizes on this GPU and write a tuned file")
+    add_config_arguments(p)
+    p.add_argument("--batch-sizes", metavar="M,M,...", default=None,
+                   help="comma-separated token counts to tune for (default: the kernel's list)")
+    p.add_argument("--output", type=Path, default=Path("."), metavar="DIR",
+                   help="folder to write the tuned file into (default: the current folder)")
+    p.add_argument("--device", default="cuda", metavar="D", help="device to tune on (default cuda)")
+    add_json_argument(p)
+    p.set_defaults(func=run)
+
+
+def _batch_sizes(text: str | None) -> list[int] | None:
+    if text is None:
+        return None
+    try:
+        sizes = [int(t) for t in text.split(",") if t.strip()]
+    except ValueError:
+        raise InputError(f"--batch-sizes expects comma-separated integers, got {text!r}") from None
+    if not sizes or any(m < 1 for m in sizes):
+        raise InputError(f"--batch-sizes expects positive integers, got {text!r}")
+    return sizes
+
+
+def run(args: argparse.Namespace) -> int:
+    from moeframe.plugins import get_registry
+
+    sizes = _batch_sizes(args.batch_sizes)
+    config = load_from_args(args)
+    name = config.stack.kernel.name
+    registry = get_registry()
+    cls = registry.get("kernel", name).load()
+    tune = getattr(cls, "tune", None)
+    if not callable(tune):
+        tunable = [e.name for e in registry.entries("kernel") if e.name != name and callable(getattr(e.load(), "tune", None))]
+        hint = f"; kernels that can: {', '.join(tunable)} (--set stack.kernel=NAME)" if tunable else ""
+        raise UserError(f"kernel {name!r} has nothing to tune{hint}")
+    log = (lambda msg: None) if args.json else (lambda msg: print(f"  {msg}", flush=True))
+    if not args.json:
+        print(f"moeframe tune: {config.source or '(dict)'} · kernel {name} · {config.model.dtype} · {args.device}", flush=True)
+    written = tune(config, batch_sizes=sizes, output_dir=args.output, device=args.device, log=log)
+    paths = [str(p) for p in written]
+    if args.json:
+        print_json({"kernel": name, "written": paths})
+    else:
+        for p in paths:
+            print(f"wrote {p}")
+    sys.stdout.flush()
+    return 0

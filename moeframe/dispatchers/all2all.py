@@ -1,0 +1,71 @@
+"""``all2all``: each token goes only to the ranks that own one of its experts, and back.
+
+Dispatch sends every token (with its whole routing row) once to each rank owning at
+least one of its K experts, with an uneven ``all_to_all_single``; there the kernel
+computes only the local experts (the expert map skips the others).  Combine sends the
+partial outputs back and sums them in a fixed order (by source rank) into the original
+token order: deterministic on every device, no atomics.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from moeframe.config import Config
+from moeframe.context import BuildContext
+from moeframe.dispatchers import Dispatched, Dispatcher
+
+
+class AllToAllDispatcher(Dispatcher):
+    def __init__(self, context: BuildContext, params: Any) -> None:
+        super().__init__(context, params)
+        self.owner = self.parallel.expert_owner(context.model.num_experts).to(context.device)
+
+    @classmethod
+    def check_stack(cls, config: Config) -> str | None:
+        if config.parallel.tp_size > 1:
+            return "dispatcher 'all2all' does not combine with tensor parallelism (parallel.tp_size must be 1)"
+        return None
+
+    @property
+    def output_reduced(self) -> bool:
+        return True
+
+    def _exchange(self, send: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
+        par = self.parallel
+        out = torch.empty((sum(recv_counts), *send.shape[1:]), dtype=send.dtype, device=send.device)
+        return par.collectives.all_to_all_single(out, send, recv_counts, send_counts, par.groups.get("ep"))
+
+    def dispatch(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> Dispatched:
+        par = self.parallel
+        if not par.distributed:
+            return Dispatched(hidden_states, topk_weights, topk_ids)
+        world = par.world_size
+        num_tokens = hidden_states.shape[0]
+        dest = torch.zeros(num_tokens, world, dtype=torch.bool, device=hidden_states.device)
+        dest.scatter_(1, self.owner[topk_ids], True)
+        # send order: by destination rank, then token index
+        rank_idx, token_idx = dest.T.nonzero(as_tuple=True)
+        send_counts_t = dest.sum(0)
+        recv_counts_t = torch.empty_like(send_counts_t)
+        par.collectives.all_to_all_single(recv_counts_t, send_counts_t, [1] * world, [1] * world, par.groups.get("ep"))
+        send_counts, recv_counts = send_counts_t.tolist(), recv_counts_t.tolist()
+        x = self._exchange(hidden_states.index_select(0, token_idx), send_counts, recv_counts)
+        w = self._exchange(topk_weights.float().index_select(0, token_idx), send_counts, recv_counts)
+        ids = self._exchange(topk_ids.index_select(0, token_idx), send_counts, recv_counts)
+        return Dispatched(x, w, ids, (rank_idx, token_idx, send_counts, recv_counts, num_tokens))
+
+    def combine(self, expert_output: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
+        if dispatched.state is None:
+            return expert_output
+        rank_idx, token_idx, send_counts, recv_counts, num_tokens = dispatched.state
+        back = self._exchange(expert_output.float(), recv_counts, send_counts)
+        hidden = expert_output.shape[-1]
+        per_rank = torch.zeros(num_tokens, self.parallel.world_size, hidden, dtype=torch.float32, device=back.device)
+        per_rank[token_idx, rank_idx] = back
+        return per_rank.sum(dim=1).to(expert_output.dtype)
+
+    def describe(self) -> dict[str, Any]:
+        return {"ranks": self.parallel.world_size}

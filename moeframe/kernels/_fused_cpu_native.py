@@ -1,0 +1,687 @@
+"""The native core of the ``fused_cpu`` kernel: C source, build on first use, ctypes binding.
+
+The C code (below, in :data:`SOURCE`) needs AVX2, FMA and F16C, a C compiler with OpenMP
+(``cc``, or ``$CC``) and Linux or macOS on x86-64.  It is compiled once per machine into
+the cache directory (``$MOEFRAME_CACHE_DIR``, else ``$XDG_CACHE_HOME/moeframe``, else
+``~/.cache/moeframe``), under a name that hashes the source, the flags and the compiler, and
+loaded with :mod:`ctypes`; ctypes releases the GIL during the call.  The library shares
+torch's OpenMP runtime (``libgomp.so.1`` is loaded by torch first), so its threads are
+torch's threads and ``torch.set_num_threads`` governs both.
+
+:func:`load_native` returns the library, or raises :class:`NativeUnavailable` saying why
+(the kernel then runs its torch path).  Every buffer is allocated by the caller with
+torch, so that ``torch.profiler`` sees all of the kernel's memory.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+__all__ = ["SOURCE", "CFLAGS", "NativeUnavailable", "NativeLibrary", "load_native", "cache_dir"]
+
+CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
+
+SOURCE = r"""
+/* moeframe fused_cpu: the routed experts of a MoE layer on x86-64 CPUs with AVX2 and FMA.
+ *
+ * One call computes out[t] = sum_k w[t,k] * f_{ids[t,k]}(x[t]) for the local experts:
+ *
+ *   group    (one thread)  counting sort of the (token, k) pairs by local expert, deterministic;
+ *                          each expert's pairs are cut into work items of at most ITEM tokens;
+ *   phase 1  (all threads) per item: h = act(x W_gate^T + b) * (x W_up^T + b), the gate and up
+ *                          rows of one neuron computed together; each thread owns a fixed range
+ *                          of neurons;
+ *   phase 2  (all threads) per item: out[t, rows] += w[t,k] * (h W2^T + b2)[rows]; each thread
+ *                          owns a fixed range of hidden rows, so the sums over experts are done
+ *                          by one thread per output element, in expert order (deterministic).
+ *
+ * Two micro-kernels, chosen per item by its token count m:
+ *   panel  (m >= 16, compute bound): tokens packed 16 wide ([K][16] panels, fp32); each
+ *          weight element is broadcast and multiplied into 16 tokens (6 weight rows x 16
+ *          tokens in 12 accumulators); bf16/fp16 weight rows are widened to fp32 once per tile;
+ *   dot    (m < 16, memory bound): weight rows are streamed once, 8 elements at a time along
+ *          the reduction dimension, against up to 6 tokens.
+ * Weights stay in the canonical layout (w13 [E, 2I, H], w2 [E, H, I]) and dtype; everything
+ * is accumulated in fp32.  All buffers are allocated by the caller.
+ */
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+#define AI static inline __attribute__((always_inline))
+
+enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
+enum { ACT_SILU = 0, ACT_GELU = 1, ACT_SWIGLUOAI = 2 };
+enum { PANEL = 16, ITEM = 64, MAXR = 8 };
+
+/* ------------------------------------------------------------------ element conversion */
+AI __m256 load8(const void *p, long i, const int dt) {
+    if (dt == DT_F32) return _mm256_loadu_ps((const float *)p + i);
+    __m128i v = _mm_loadu_si128((const __m128i *)((const uint16_t *)p + i));
+    if (dt == DT_BF16) return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(v), 16));
+    return _mm256_cvtph_ps(v);
+}
+
+AI float load1(const void *p, long i, const int dt) {
+    if (dt == DT_F32) return ((const float *)p)[i];
+    uint16_t h = ((const uint16_t *)p)[i];
+    if (dt == DT_BF16) {
+        uint32_t u = (uint32_t)h << 16;
+        float f;
+        memcpy(&f, &u, 4);
+        return f;
+    }
+    return _cvtsh_ss(h);
+}
+
+AI void store1(void *p, long i, float v, const int dt) {
+    if (dt == DT_F32) {
+        ((float *)p)[i] = v;
+    } else if (dt == DT_BF16) {
+        uint32_t u;
+        memcpy(&u, &v, 4);
+        if ((u & 0x7fffffffu) > 0x7f800000u) { /* NaN stays a (quiet) NaN */
+            ((uint16_t *)p)[i] = (uint16_t)((u >> 16) | 0x40u);
+        } else {
+            u += 0x7fffu + ((u >> 16) & 1u); /* round to nearest even */
+            ((uint16_t *)p)[i] = (uint16_t)(u >> 16);
+        }
+    } else {
+        ((uint16_t *)p)[i] = _cvtss_sh(v, _MM_FROUND_TO_NEAREST_INT);
+    }
+}
+
+/* ------------------------------------------------------------------ activations (fp32) */
+AI __m256 exp8(__m256 x) { /* Cephes expf: about 1 ulp on the clamped range; NaN propagates */
+    x = _mm256_min_ps(_mm256_set1_ps(88.3762626647949f), x);
+    x = _mm256_max_ps(_mm256_set1_ps(-88.3762626647949f), x);
+    __m256 fx = _mm256_floor_ps(_mm256_fmadd_ps(x, _mm256_set1_ps(1.44269504088896341f), _mm256_set1_ps(0.5f)));
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(0.693359375f), x);
+    x = _mm256_fnmadd_ps(fx, _mm256_set1_ps(-2.12194440e-4f), x);
+    __m256 y = _mm256_set1_ps(1.9875691500E-4f);
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.3981999507E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(8.3334519073E-3f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(4.1665795894E-2f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(1.6666665459E-1f));
+    y = _mm256_fmadd_ps(y, x, _mm256_set1_ps(5.0000001201E-1f));
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(x, x), x);
+    y = _mm256_add_ps(y, _mm256_set1_ps(1.0f));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvttps_epi32(fx), _mm256_set1_epi32(127)), 23);
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+
+AI __m256 sigmoid8(__m256 x) {
+    const __m256 one = _mm256_set1_ps(1.0f);
+    return _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_sub_ps(_mm256_setzero_ps(), x))));
+}
+
+AI __m256 erf8(__m256 x) { /* Abramowitz-Stegun 7.1.26 (|error| < 1.5e-7), as ATen's vectorised erf */
+    const __m256 sign = _mm256_and_ps(x, _mm256_set1_ps(-0.0f));
+    const __m256 a = _mm256_xor_ps(x, sign);
+    const __m256 one = _mm256_set1_ps(1.0f);
+    const __m256 t = _mm256_div_ps(one, _mm256_fmadd_ps(_mm256_set1_ps(0.3275911f), a, one));
+    __m256 r = _mm256_set1_ps(1.061405429f);
+    r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(-1.453152027f));
+    r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(1.421413741f));
+    r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(-0.284496736f));
+    r = _mm256_fmadd_ps(r, t, _mm256_set1_ps(0.254829592f));
+    const __m256 e = exp8(_mm256_sub_ps(_mm256_setzero_ps(), _mm256_mul_ps(a, a)));
+    const __m256 y = _mm256_fnmadd_ps(_mm256_mul_ps(r, t), e, one);
+    return _mm256_xor_ps(y, sign);
+}
+
+typedef struct {
+    int kind;
+    float alpha, limit;
+} act_t;
+
+AI __m256 act8(__m256 g, __m256 u, act_t act) {
+    if (act.kind == ACT_SILU) return _mm256_mul_ps(_mm256_mul_ps(g, sigmoid8(g)), u);
+    if (act.kind == ACT_GELU) {
+        const __m256 half = _mm256_set1_ps(0.5f);
+        __m256 c = _mm256_add_ps(_mm256_set1_ps(1.0f), erf8(_mm256_mul_ps(g, _mm256_set1_ps(0.70710678118654752f))));
+        return _mm256_mul_ps(_mm256_mul_ps(_mm256_mul_ps(g, half), c), u);
+    }
+    const __m256 lim = _mm256_set1_ps(act.limit);
+    g = _mm256_min_ps(lim, g);
+    u = _mm256_max_ps(_mm256_sub_ps(_mm256_setzero_ps(), lim), _mm256_min_ps(lim, u));
+    __m256 s = sigmoid8(_mm256_mul_ps(_mm256_set1_ps(act.alpha), g));
+    return _mm256_mul_ps(_mm256_add_ps(u, _mm256_set1_ps(1.0f)), _mm256_mul_ps(g, s));
+}
+
+/* Activation of n values: h[i] = act(g[i], u[i]); h may alias g. */
+static void act_rows(float *h, const float *g, const float *u, long n, act_t act) {
+    long i = 0;
+    for (; i + 8 <= n; i += 8) _mm256_storeu_ps(h + i, act8(_mm256_loadu_ps(g + i), _mm256_loadu_ps(u + i), act));
+    if (i < n) {
+        float gb[8] = {0}, ub[8] = {0}, hb[8];
+        memcpy(gb, g + i, (n - i) * 4);
+        memcpy(ub, u + i, (n - i) * 4);
+        _mm256_storeu_ps(hb, act8(_mm256_loadu_ps(gb), _mm256_loadu_ps(ub), act));
+        memcpy(h + i, hb, (n - i) * 4);
+    }
+}
+
+/* ------------------------------------------------------------------ micro-kernels */
+/* panel: acc[r][0..15] = sum_k w[r][k] * xp[k][0..15], R <= 6 fp32 weight rows */
+AI void panel_kernel(const int R, const float *const *w, const float *xp, long K, __m256 *acc) {
+    for (int r = 0; r < 2 * R; r++) acc[r] = _mm256_setzero_ps();
+    for (long k = 0; k < K; k++) {
+        const __m256 x0 = _mm256_loadu_ps(xp + PANEL * k), x1 = _mm256_loadu_ps(xp + PANEL * k + 8);
+        for (int r = 0; r < R; r++) {
+            const __m256 b = _mm256_broadcast_ss(w[r] + k);
+            acc[2 * r] = _mm256_fmadd_ps(b, x0, acc[2 * r]);
+            acc[2 * r + 1] = _mm256_fmadd_ps(b, x1, acc[2 * r + 1]);
+        }
+    }
+}
+
+AI float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* dot: res[r*M + m] = sum_k w[r][k] * x[m][k] for R weight rows (dtype dt) and M fp32 rows */
+AI void dot_kernel(const int R, const int M, const void *const *w, const int dt, const float *x, long K, float *res) {
+    __m256 acc[12];
+    for (int i = 0; i < R * M; i++) acc[i] = _mm256_setzero_ps();
+    long k = 0;
+    for (; k + 8 <= K; k += 8) {
+        if (R <= M) { /* keep the R weight vectors, stream the tokens */
+            __m256 wv[MAXR];
+            for (int r = 0; r < R; r++) wv[r] = load8(w[r], k, dt);
+            for (int m = 0; m < M; m++) {
+                const __m256 xv = _mm256_loadu_ps(x + m * K + k);
+                for (int r = 0; r < R; r++) acc[r * M + m] = _mm256_fmadd_ps(wv[r], xv, acc[r * M + m]);
+            }
+        } else { /* keep the M token vectors, stream the weights */
+            __m256 xv[6];
+            for (int m = 0; m < M; m++) xv[m] = _mm256_loadu_ps(x + m * K + k);
+            for (int r = 0; r < R; r++) {
+                const __m256 wv = load8(w[r], k, dt);
+                for (int m = 0; m < M; m++) acc[r * M + m] = _mm256_fmadd_ps(wv, xv[m], acc[r * M + m]);
+            }
+        }
+    }
+    for (int r = 0; r < R; r++)
+        for (int m = 0; m < M; m++) {
+            float s = hsum8(acc[r * M + m]);
+            for (long kk = k; kk < K; kk++) s += load1(w[r], kk, dt) * x[m * K + kk];
+            res[r * M + m] = s;
+        }
+}
+
+/* Rows per dot tile for M tokens (R*M accumulators <= 12; more rows for a lone token keep
+   more loads in flight).  Phase 1 counts neurons (2 rows each). */
+static const int DOT_NEURONS[7] = {0, 4, 3, 2, 1, 1, 1};
+static const int DOT_ROWS[7] = {0, 8, 6, 4, 3, 2, 2};
+
+#define DOT_CASE(R, M) \
+    case (R)*8 + (M): dot_kernel(R, M, w, dt, x, K, res); return;
+
+AI void dot_any(int R, int M, const void *const *w, const int dt, const float *x, long K, float *res) {
+    switch (R * 8 + M) {
+        DOT_CASE(1, 1) DOT_CASE(1, 2) DOT_CASE(1, 3) DOT_CASE(1, 4) DOT_CASE(1, 5) DOT_CASE(1, 6)
+        DOT_CASE(2, 1) DOT_CASE(2, 2) DOT_CASE(2, 3) DOT_CASE(2, 4) DOT_CASE(2, 5) DOT_CASE(2, 6)
+        DOT_CASE(3, 4) DOT_CASE(4, 1) DOT_CASE(4, 3) DOT_CASE(6, 1) DOT_CASE(6, 2) DOT_CASE(8, 1)
+        default:
+            for (int r = 0; r < R; r++) dot_any(1, M, w + r, dt, x, K, res + r * M);
+    }
+}
+
+/* ------------------------------------------------------------------ packing */
+/* xp[k][j] = x[tok[j]][k] for j < 16 (a [K][16] panel, fp32) */
+AI void pack_panel(const void *x, const int dt, long K, const int32_t *tok, float *xp) {
+    long k = 0;
+    for (; k + 8 <= K; k += 8) {
+        for (int j0 = 0; j0 < PANEL; j0 += 8) {
+            __m256 r0 = load8(x, (long)tok[j0 + 0] * K + k, dt), r1 = load8(x, (long)tok[j0 + 1] * K + k, dt);
+            __m256 r2 = load8(x, (long)tok[j0 + 2] * K + k, dt), r3 = load8(x, (long)tok[j0 + 3] * K + k, dt);
+            __m256 r4 = load8(x, (long)tok[j0 + 4] * K + k, dt), r5 = load8(x, (long)tok[j0 + 5] * K + k, dt);
+            __m256 r6 = load8(x, (long)tok[j0 + 6] * K + k, dt), r7 = load8(x, (long)tok[j0 + 7] * K + k, dt);
+            /* 8x8 transpose */
+            __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+            __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+            __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+            __m256 t6 = _mm256_unpacklo_ps(r6, r7), t7 = _mm256_unpackhi_ps(r6, r7);
+            __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+            __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+            __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+            __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+            float *d = xp + k * PANEL + j0;
+            _mm256_storeu_ps(d + 0 * PANEL, _mm256_permute2f128_ps(s0, s4, 0x20));
+            _mm256_storeu_ps(d + 1 * PANEL, _mm256_permute2f128_ps(s1, s5, 0x20));
+            _mm256_storeu_ps(d + 2 * PANEL, _mm256_permute2f128_ps(s2, s6, 0x20));
+            _mm256_storeu_ps(d + 3 * PANEL, _mm256_permute2f128_ps(s3, s7, 0x20));
+            _mm256_storeu_ps(d + 4 * PANEL, _mm256_permute2f128_ps(s0, s4, 0x31));
+            _mm256_storeu_ps(d + 5 * PANEL, _mm256_permute2f128_ps(s1, s5, 0x31));
+            _mm256_storeu_ps(d + 6 * PANEL, _mm256_permute2f128_ps(s2, s6, 0x31));
+            _mm256_storeu_ps(d + 7 * PANEL, _mm256_permute2f128_ps(s3, s7, 0x31));
+        }
+    }
+    for (; k < K; k++)
+        for (int j = 0; j < PANEL; j++) xp[k * PANEL + j] = load1(x, (long)tok[j] * K + k, dt);
+}
+
+/* dst[j][k] = x[tok[j]][k] (fp32 rows) */
+AI void pack_rows(const void *x, const int dt, long K, const int32_t *tok, int m, float *dst) {
+    for (int j = 0; j < m; j++) {
+        long k = 0;
+        const long base = (long)tok[j] * K;
+        for (; k + 8 <= K; k += 8) _mm256_storeu_ps(dst + j * K + k, load8(x, base + k, dt));
+        for (; k < K; k++) dst[j * K + k] = load1(x, base + k, dt);
+    }
+}
+
+/* fp32 copies of n weight rows of length K (for the panel kernel on bf16/fp16 weights) */
+AI void widen_rows(const void *const *src, int n, const int dt, long K, float *dst, const float **rows) {
+    for (int r = 0; r < n; r++) {
+        float *d = dst + r * K;
+        long k = 0;
+        for (; k + 8 <= K; k += 8) _mm256_storeu_ps(d + k, load8(src[r], k, dt));
+        for (; k < K; k++) d[k] = load1(src[r], k, dt);
+        rows[r] = d;
+    }
+}
+
+/* ------------------------------------------------------------------ one call */
+typedef struct {
+    int32_t expert, start, m;
+} item_t;
+
+typedef struct {
+    const void *x;
+    const int32_t *pairs; /* sorted pair ids p = t * K + k */
+    const float *tw;      /* [T * topk] routing weights */
+    const void *w13, *w2, *b13, *b2;
+    long H, I, topk;
+    act_t act;
+    float *acc; /* [T][H] fp32 */
+    float *hbuf;
+} ctx_t;
+
+/* Phase 1 of one item for neurons [n0, n1): h (item layout: panels [I][16], then rows [I]). */
+AI void phase1(const ctx_t *c, const int dt, const item_t *it, float *h, long n0, long n1, float *scr, float *wsc,
+               float *usc) {
+    const long H = c->H, I = c->I;
+    const int m = it->m, npan = m / PANEL, rem = m % PANEL;
+    int32_t tok[ITEM];
+    for (int j = 0; j < m; j++) tok[j] = c->pairs[it->start + j] / (int32_t)c->topk;
+    const char *w13 = (const char *)c->w13 + (long)it->expert * 2 * I * H * (dt == DT_F32 ? 4 : 2);
+    const long esz = dt == DT_F32 ? 4 : 2;
+    const void *b13 = c->b13 ? (const char *)c->b13 + (long)it->expert * 2 * I * esz : NULL;
+    if (npan) {
+        for (int p = 0; p < npan; p++) pack_panel(c->x, dt, H, tok + p * PANEL, scr + (long)p * H * PANEL);
+        for (long n = n0; n < n1; n += 3) {
+            const int nn = (int)(n1 - n < 3 ? n1 - n : 3);
+            const void *src[6];
+            const float *rows[6];
+            for (int j = 0; j < nn; j++) {
+                src[j] = w13 + (n + j) * H * esz;
+                src[nn + j] = w13 + (I + n + j) * H * esz;
+            }
+            if (dt == DT_F32) {
+                for (int j = 0; j < 2 * nn; j++) rows[j] = (const float *)src[j];
+            } else {
+                widen_rows(src, 2 * nn, dt, H, wsc, rows);
+            }
+            for (int p = 0; p < npan; p++) {
+                __m256 acc[12];
+                const float *xp = scr + (long)p * H * PANEL;
+                if (nn == 3) panel_kernel(6, rows, xp, H, acc);
+                else if (nn == 2) panel_kernel(4, rows, xp, H, acc);
+                else panel_kernel(2, rows, xp, H, acc);
+                for (int j = 0; j < nn; j++) {
+                    __m256 g0 = acc[2 * j], g1 = acc[2 * j + 1], u0 = acc[2 * (nn + j)], u1 = acc[2 * (nn + j) + 1];
+                    if (b13) {
+                        const __m256 bg = _mm256_set1_ps(load1(b13, n + j, dt)), bu = _mm256_set1_ps(load1(b13, I + n + j, dt));
+                        g0 = _mm256_add_ps(g0, bg); g1 = _mm256_add_ps(g1, bg);
+                        u0 = _mm256_add_ps(u0, bu); u1 = _mm256_add_ps(u1, bu);
+                    }
+                    float *hp = h + (long)p * I * PANEL + (n + j) * PANEL;
+                    _mm256_storeu_ps(hp, act8(g0, u0, c->act));
+                    _mm256_storeu_ps(hp + 8, act8(g1, u1, c->act));
+                }
+            }
+        }
+    }
+    if (rem) {
+        float *xr = scr + (long)npan * PANEL * H;
+        float *hr = h + (long)npan * PANEL * I;
+        pack_rows(c->x, dt, H, tok + npan * PANEL, rem, xr);
+        for (int m0 = 0; m0 < rem; m0 += 6) {
+            const int mm = rem - m0 < 6 ? rem - m0 : 6;
+            const int nd = DOT_NEURONS[mm];
+            for (long n = n0; n < n1; n += nd) {
+                const int nn = (int)(n1 - n < nd ? n1 - n : nd);
+                const void *src[MAXR];
+                float res[12];
+                for (int j = 0; j < nn; j++) {
+                    src[j] = w13 + (n + j) * H * esz;
+                    src[nn + j] = w13 + (I + n + j) * H * esz;
+                }
+                dot_any(2 * nn, mm, src, dt, xr + (long)m0 * H, H, res);
+                for (int j = 0; j < nn; j++) {
+                    const float bg = b13 ? load1(b13, n + j, dt) : 0.0f, bu = b13 ? load1(b13, I + n + j, dt) : 0.0f;
+                    for (int q = 0; q < mm; q++) {
+                        hr[(long)(m0 + q) * I + n + j] = res[j * mm + q] + bg;
+                        usc[(long)q * I + n + j] = res[(nn + j) * mm + q] + bu;
+                    }
+                }
+            }
+            for (int q = 0; q < mm; q++) {
+                float *hq = hr + (long)(m0 + q) * I;
+                act_rows(hq + n0, hq + n0, usc + (long)q * I + n0, n1 - n0, c->act);
+            }
+        }
+    }
+}
+
+/* Phase 2 of one item for hidden rows [r0, r1): acc[t][rows] += w * (h W2^T + b2). */
+AI void phase2(const ctx_t *c, const int dt, const item_t *it, const float *h, long r0, long r1, float *wsc) {
+    const long H = c->H, I = c->I;
+    const int m = it->m, npan = m / PANEL, rem = m % PANEL;
+    const long esz = dt == DT_F32 ? 4 : 2;
+    const char *w2 = (const char *)c->w2 + (long)it->expert * H * I * esz;
+    const void *b2 = c->b2 ? (const char *)c->b2 + (long)it->expert * H * esz : NULL;
+    int32_t tok[ITEM];
+    float tw[ITEM];
+    for (int j = 0; j < m; j++) {
+        const int32_t p = c->pairs[it->start + j];
+        tok[j] = p / (int32_t)c->topk;
+        tw[j] = c->tw[p];
+    }
+    if (npan) {
+        for (long r = r0; r < r1; r += 6) {
+            const int nr = (int)(r1 - r < 6 ? r1 - r : 6);
+            const void *src[6];
+            const float *rows[6];
+            for (int j = 0; j < nr; j++) src[j] = w2 + (r + j) * I * esz;
+            if (dt == DT_F32) {
+                for (int j = 0; j < nr; j++) rows[j] = (const float *)src[j];
+            } else {
+                widen_rows(src, nr, dt, I, wsc, rows);
+            }
+            for (int p = 0; p < npan; p++) {
+                __m256 acc[12];
+                const float *hp = h + (long)p * I * PANEL;
+                switch (nr) {
+                    case 6: panel_kernel(6, rows, hp, I, acc); break;
+                    case 5: panel_kernel(5, rows, hp, I, acc); break;
+                    case 4: panel_kernel(4, rows, hp, I, acc); break;
+                    case 3: panel_kernel(3, rows, hp, I, acc); break;
+                    case 2: panel_kernel(2, rows, hp, I, acc); break;
+                    default: panel_kernel(1, rows, hp, I, acc);
+                }
+                const __m256 w0 = _mm256_loadu_ps(tw + p * PANEL), w1 = _mm256_loadu_ps(tw + p * PANEL + 8);
+                float y[6][PANEL];
+                for (int j = 0; j < nr; j++) {
+                    const __m256 b = _mm256_set1_ps(b2 ? load1(b2, r + j, dt) : 0.0f);
+                    _mm256_storeu_ps(y[j], _mm256_mul_ps(_mm256_add_ps(acc[2 * j], b), w0));
+                    _mm256_storeu_ps(y[j] + 8, _mm256_mul_ps(_mm256_add_ps(acc[2 * j + 1], b), w1));
+                }
+                for (int q = 0; q < PANEL; q++) {
+                    float *o = c->acc + (long)tok[p * PANEL + q] * H + r;
+                    for (int j = 0; j < nr; j++) o[j] += y[j][q];
+                }
+            }
+        }
+    }
+    if (rem) {
+        const float *hr = h + (long)npan * PANEL * I;
+        for (int m0 = 0; m0 < rem; m0 += 6) {
+            const int mm = rem - m0 < 6 ? rem - m0 : 6;
+            const int nd = DOT_ROWS[mm];
+            for (long r = r0; r < r1; r += nd) {
+                const int nr = (int)(r1 - r < nd ? r1 - r : nd);
+                const void *src[MAXR];
+                float res[12];
+                for (int j = 0; j < nr; j++) src[j] = w2 + (r + j) * I * esz;
+                dot_any(nr, mm, src, dt, hr + (long)m0 * I, I, res);
+                for (int j = 0; j < nr; j++) {
+                    const float b = b2 ? load1(b2, r + j, dt) : 0.0f;
+                    for (int q = 0; q < mm; q++) {
+                        const int i = npan * PANEL + m0 + q;
+                        c->acc[(long)tok[i] * H + r + j] += tw[i] * (res[j * mm + q] + b);
+                    }
+                }
+            }
+        }
+    }
+}
+
+static void split(long n, int parts, int idx, long align, long *a, long *b) {
+    const long units = (n + align - 1) / align;
+    long ua = units * idx / parts, ub = units * (idx + 1) / parts;
+    *a = ua * align < n ? ua * align : n;
+    *b = ub * align < n ? ub * align : n;
+}
+
+AI int run(const int dt, const void *x, long T, long H, const int64_t *ids, const float *tw, long topk,
+           const int32_t *expert_map, long num_experts, const void *w13, const void *w2, const void *b13,
+           const void *b2, long local_experts, long I, int act_kind, float alpha, float limit, void *out, float *acc,
+           int32_t *ints, float *hbuf, long hbuf_pairs, float *scratch, long scratch_floats, int nthreads) {
+    const long P = T * topk;
+    int32_t *counts = ints, *pairs = ints + local_experts + 1;
+    item_t *items = (item_t *)(pairs + P);
+    /* group: counting sort of the pairs by local expert (stable) */
+    memset(counts, 0, sizeof(int32_t) * (local_experts + 1));
+    for (long p = 0; p < P; p++) {
+        const int64_t e = ids[p];
+        if (e < 0 || e >= num_experts) return -1;
+        const long l = expert_map ? expert_map[e] : e;
+        if (l >= local_experts) return -2;
+        if (l >= 0) counts[l + 1]++;
+    }
+    for (long e = 0; e < local_experts; e++) counts[e + 1] += counts[e];
+    long nitems = 0;
+    for (long e = 0; e < local_experts; e++)
+        for (long s = counts[e]; s < counts[e + 1]; s += ITEM) {
+            items[nitems].expert = (int32_t)e;
+            items[nitems].start = (int32_t)s;
+            items[nitems].m = (int32_t)(counts[e + 1] - s < ITEM ? counts[e + 1] - s : ITEM);
+            nitems++;
+        }
+    for (long p = 0; p < P; p++) {
+        const int64_t e = ids[p];
+        const long l = expert_map ? expert_map[e] : e;
+        if (l >= 0) pairs[counts[l]++] = (int32_t)p;
+    }
+    const ctx_t c = {x, pairs, tw, w13, w2, b13, b2, H, I, topk, {act_kind, alpha, limit}, acc, hbuf};
+    const long wsc_floats = 6 * (H > I ? H : I), usc_floats = 6 * I;
+#pragma omp parallel num_threads(nthreads)
+    {
+        const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
+        float *scr = scratch + (long)tid * scratch_floats;
+        float *wsc = scr + (long)ITEM * H;
+        float *usc = wsc + wsc_floats;
+        (void)usc_floats;
+        long n0, n1, r0, r1;
+        split(I, nth, tid, 8, &n0, &n1);
+        split(H, nth, tid, 8, &r0, &r1);
+        for (long t = 0; t < T; t++) memset(acc + t * H + r0, 0, sizeof(float) * (r1 - r0));
+        long g0 = 0;
+        while (g0 < nitems) {
+            long g1 = g0, used = 0;
+            while (g1 < nitems && used + items[g1].m <= hbuf_pairs) used += items[g1++].m;
+            if (g1 == g0) g1++; /* the caller sizes hbuf for at least one item */
+            long off = 0;
+            for (long i = g0; i < g1; i++) {
+                phase1(&c, dt, &items[i], hbuf + off * I, n0, n1, scr, wsc, usc);
+                off += items[i].m;
+            }
+#pragma omp barrier
+            off = 0;
+            for (long i = g0; i < g1; i++) {
+                phase2(&c, dt, &items[i], hbuf + off * I, r0, r1, wsc);
+                off += items[i].m;
+            }
+            g0 = g1;
+            if (g0 < nitems) {
+#pragma omp barrier
+            }
+        }
+        if (dt != DT_F32)
+            for (long t = 0; t < T; t++)
+                for (long r = r0; r < r1; r++) store1(out, t * H + r, acc[t * H + r], dt);
+    }
+    return 0;
+}
+
+/* Returns 0, or -1 for an expert id outside [0, num_experts), -2 for an expert map entry
+   outside [-1, local_experts). */
+int moe_forward(int dtype, const void *x, long T, long H, const int64_t *ids, const float *tw, long topk,
+                const int32_t *expert_map, long num_experts, const void *w13, const void *w2, const void *b13,
+                const void *b2, long local_experts, long I, int act_kind, float alpha, float limit, void *out,
+                float *acc, int32_t *ints, float *hbuf, long hbuf_pairs, float *scratch, long scratch_floats,
+                int nthreads) {
+    if (dtype == DT_F32)
+        return run(DT_F32, x, T, H, ids, tw, topk, expert_map, num_experts, w13, w2, b13, b2, local_experts, I,
+                   act_kind, alpha, limit, out, acc, ints, hbuf, hbuf_pairs, scratch, scratch_floats, nthreads);
+    if (dtype == DT_BF16)
+        return run(DT_BF16, x, T, H, ids, tw, topk, expert_map, num_experts, w13, w2, b13, b2, local_experts, I,
+                   act_kind, alpha, limit, out, acc, ints, hbuf, hbuf_pairs, scratch, scratch_floats, nthreads);
+    return run(DT_F16, x, T, H, ids, tw, topk, expert_map, num_experts, w13, w2, b13, b2, local_experts, I,
+               act_kind, alpha, limit, out, acc, ints, hbuf, hbuf_pairs, scratch, scratch_floats, nthreads);
+}
+
+/* Sizes the caller allocates. */
+int moe_item_tokens(void) { return ITEM; }
+long moe_scratch_floats(long H, long I) {
+    const long n = (long)ITEM * H + 6 * (H > I ? H : I) + 6 * I;
+    return (n + 15) / 16 * 16;
+}
+"""
+
+
+class NativeUnavailable(RuntimeError):
+    """The native core cannot be used here; the message says why."""
+
+
+def cache_dir() -> Path:
+    """Where compiled libraries are kept."""
+    env = os.environ.get("MOEFRAME_CACHE_DIR")
+    if env:
+        return Path(env)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "moeframe"
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    for line in text.splitlines():
+        if line.startswith("flags"):
+            return set(line.split(":", 1)[1].split())
+    return set()
+
+
+def _check_cpu() -> None:
+    if platform.machine().lower() not in ("x86_64", "amd64"):
+        raise NativeUnavailable(f"needs an x86-64 CPU (this is {platform.machine()})")
+    import torch
+
+    capability = torch.backends.cpu.get_cpu_capability()
+    if capability not in ("AVX2", "AVX512"):
+        raise NativeUnavailable(f"needs AVX2 and FMA (torch reports CPU capability {capability})")
+    flags = _cpu_flags()
+    if flags and not {"avx2", "fma", "f16c"} <= flags:
+        raise NativeUnavailable(f"needs AVX2, FMA and F16C (missing: {', '.join(sorted({'avx2', 'fma', 'f16c'} - flags))})")
+
+
+def _compiler() -> str:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if not cc:
+        raise NativeUnavailable("no C compiler found (install gcc, or set CC)")
+    return cc
+
+
+def _build(cc: str) -> Path:
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise NativeUnavailable(f"C compiler {cc!r} does not run: {exc}") from None
+    key = hashlib.sha256("\0".join([SOURCE, *CFLAGS, cc, version, sys.platform]).encode()).hexdigest()[:16]
+    target = cache_dir() / f"fused_cpu-{key}.so"
+    if target.is_file():
+        return target
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise NativeUnavailable(f"cannot create the cache directory {target.parent}: {exc}") from None
+    with tempfile.TemporaryDirectory(prefix="moeframe-build-") as tmp:
+        src = Path(tmp) / "fused_cpu.c"
+        src.write_text(SOURCE)
+        out = Path(tmp) / "fused_cpu.so"
+        try:
+            proc = subprocess.run([cc, *CFLAGS, str(src), "-o", str(out)], capture_output=True, text=True, timeout=600)
+        except (OSError, subprocess.SubprocessError) as exc:
+            raise NativeUnavailable(f"compiling with {cc!r} failed: {exc}") from None
+        if proc.returncode != 0:
+            first = (proc.stderr.strip().splitlines() or ["(no output)"])[0]
+            raise NativeUnavailable(f"compiling with {cc!r} failed: {first}")
+        # another process may have built the same file meanwhile: rename is atomic either way
+        staged = target.with_name(f".{target.name}.{os.getpid()}")
+        shutil.copyfile(out, staged)
+        os.replace(staged, target)
+    return target
+
+
+class NativeLibrary:
+    """The loaded library: :meth:`forward` and the buffer sizes it needs."""
+
+    def __init__(self, path: Path) -> None:
+        import torch  # noqa: F401  -- torch's libgomp must be loaded first
+
+        self.path = path
+        lib = ctypes.CDLL(str(path))
+        c_long, c_int, c_float, ptr = ctypes.c_long, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+        lib.moe_forward.restype = c_int
+        lib.moe_forward.argtypes = [
+            c_int, ptr, c_long, c_long, ptr, ptr, c_long, ptr, c_long, ptr, ptr, ptr, ptr, c_long, c_long,
+            c_int, c_float, c_float, ptr, ptr, ptr, ptr, c_long, ptr, c_long, c_int,
+        ]
+        lib.moe_item_tokens.restype = c_int
+        lib.moe_scratch_floats.restype = c_long
+        lib.moe_scratch_floats.argtypes = [c_long, c_long]
+        self._lib = lib
+        self.forward = lib.moe_forward
+        self.item_tokens: int = lib.moe_item_tokens()
+
+    def scratch_floats(self, hidden: int, intermediate: int) -> int:
+        return int(self._lib.moe_scratch_floats(hidden, intermediate))
+
+
+@functools.lru_cache(maxsize=None)
+def _load() -> NativeLibrary | str:
+    try:
+        _check_cpu()
+        return NativeLibrary(_build(_compiler()))
+    except NativeUnavailable as exc:
+        return str(exc)
+    except OSError as exc:  # dlopen failure
+        return f"cannot load the compiled library: {exc}"
+
+
+def load_native() -> NativeLibrary:
+    """The native library, built on first use; :class:`NativeUnavailable` says why not."""
+    if os.environ.get("MOEFRAME_FUSED_CPU_NATIVE", "1") == "0":
+        raise NativeUnavailable("disabled by MOEFRAME_FUSED_CPU_NATIVE=0")
+    result = _load()
+    if isinstance(result, str):
+        raise NativeUnavailable(result)
+    return result

@@ -1,0 +1,189 @@
+"""``fused_cpu``: the fast CPU kernel.
+
+Sort-and-group once per call, then every expert's tokens go through two grouped GEMMs
+with gate/up fused and the activation, biases and routed weight applied in the GEMM
+epilogues; weights are read in place in the canonical layout and dtype (no gathered or
+converted copies), and everything is accumulated in fp32.
+
+Two paths, picked per expert by how many tokens it received (so per call by T):
+
+* **decode** (fewer than 16 tokens for an expert): each weight row is streamed once, 8
+  elements at a time, against all of that expert's tokens; memory bound by design;
+* **prefill** (16 tokens or more): tokens are packed 16 wide and every weight element is
+  broadcast into 16 fused multiply-adds (a 6 x 16 register tile); compute bound.
+
+Both run in a native core (C with AVX2/FMA and OpenMP, compiled on first use; see
+:mod:`moeframe.kernels._fused_cpu_native`).  Where it cannot be built (no compiler, no
+AVX2) the kernel runs the same algorithm with torch operations (``backend = "torch"``),
+which is slower but computes the same thing; ``moeframe explain`` shows which is in use.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import torch
+import torch.nn.functional as F
+
+from moeframe.config import option
+from moeframe.kernels import ExpertWeights, Kernel, apply_activation
+
+if TYPE_CHECKING:
+    from moeframe.config import ModelConfig
+    from moeframe.context import BuildContext
+
+__all__ = ["FusedCpuParams", "FusedCpuKernel"]
+
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_ACTIVATION_CODES = {"silu": 0, "gelu": 1, "swigluoai": 2}
+#: (token, k) pairs whose intermediate activations one native call keeps at once; larger
+#: calls are processed in groups of this many pairs (bounds the call's extra memory).
+GROUP_PAIRS = 8192
+
+
+@attrs.frozen
+class FusedCpuParams:
+    backend: str = option(
+        "auto",
+        help="'native' (the compiled AVX2 core; an error where it cannot be built), 'torch' (torch "
+        "operations only) or 'auto' (native where possible, else torch)",
+        choices=("auto", "native", "torch"),
+    )
+
+
+class FusedCpuKernel(Kernel):
+    """Grouped, fused experts on the CPU (see the module docstring); fp32 accumulation."""
+
+    Params = FusedCpuParams
+
+    def __init__(self, context: BuildContext, params: FusedCpuParams) -> None:
+        super().__init__(context, params)
+        self._native: Any = None
+        self._why_not_native: str | None = None
+        if params.backend != "torch":
+            from moeframe.kernels._fused_cpu_native import NativeUnavailable, load_native
+
+            try:
+                self._native = load_native()
+            except NativeUnavailable as exc:
+                if params.backend == "native":
+                    from moeframe.errors import StackError
+
+                    raise StackError(f"stack.kernel_params.backend: kernel 'fused_cpu' cannot use its native core here: {exc}") from None
+                self._why_not_native = str(exc)
+                warnings.warn(f"fused_cpu: native core unavailable ({exc}); using the torch path", stacklevel=2)
+        else:
+            self._why_not_native = "backend = 'torch'"
+
+    @classmethod
+    def check_config(cls, model: ModelConfig, params: FusedCpuParams) -> None:
+        if model.activation not in _ACTIVATION_CODES:
+            raise ValueError(f"fused_cpu does not support activation {model.activation!r}")
+
+    @property
+    def backend(self) -> str:
+        """``"native"`` or ``"torch"``: the path this instance runs."""
+        return "native" if self._native is not None else "torch"
+
+    def describe(self) -> dict[str, Any]:
+        if self._native is not None:
+            return {"backend": "native", "library": str(self._native.path)}
+        return {"backend": "torch", "why": self._why_not_native}
+
+    # -- forward -------------------------------------------------------------------------
+    def __call__(
+        self,
+        hidden_states: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        experts: ExpertWeights,
+    ) -> torch.Tensor:
+        num_tokens, hidden = hidden_states.shape
+        if num_tokens == 0 or experts.w13.shape[0] == 0:
+            return torch.zeros(num_tokens, hidden, dtype=hidden_states.dtype, device=hidden_states.device)
+        if self._native is not None and self._native_fits(hidden_states, experts):
+            return self._forward_native(hidden_states, topk_weights, topk_ids, experts)
+        return self._forward_torch(hidden_states, topk_weights, topk_ids, experts)
+
+    @staticmethod
+    def _native_fits(x: torch.Tensor, experts: ExpertWeights) -> bool:
+        tensors = [x, experts.w13, experts.w2] + [t for t in (experts.b13, experts.b2) if t is not None]
+        return (
+            x.device.type == "cpu"
+            and x.dtype in _DTYPE_CODES
+            and all(t.dtype == x.dtype and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+        )
+
+    def _forward_native(
+        self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, experts: ExpertWeights
+    ) -> torch.Tensor:
+        lib = self._native
+        x = x.contiguous()
+        T, H = x.shape
+        K = topk_ids.shape[1]
+        E_local, two_i, _ = experts.w13.shape
+        I = two_i // 2
+        ids = topk_ids.to(torch.int64).contiguous()
+        weights = topk_weights.to(torch.float32).contiguous()
+        expert_map = None if experts.expert_map is None else experts.expert_map.to(torch.int32).contiguous()
+        num_experts = E_local if expert_map is None else expert_map.shape[0]
+        pairs = T * K
+        item = lib.item_tokens
+        max_items = E_local + pairs // item + 1
+        nthreads = torch.get_num_threads()
+        scratch_floats = lib.scratch_floats(H, I)
+
+        out = torch.empty(T, H, dtype=x.dtype)
+        acc = out if x.dtype == torch.float32 else torch.empty(T, H, dtype=torch.float32)
+        ints = torch.empty(E_local + 1 + pairs + 3 * max_items, dtype=torch.int32)
+        hbuf_pairs = min(pairs, max(GROUP_PAIRS, item))
+        hbuf = torch.empty(hbuf_pairs * I, dtype=torch.float32)
+        scratch = torch.empty(nthreads * scratch_floats, dtype=torch.float32)
+        act = self.activation
+
+        def ptr(t: torch.Tensor | None) -> int | None:
+            return None if t is None else t.data_ptr()
+
+        status = lib.forward(
+            _DTYPE_CODES[x.dtype], ptr(x), T, H, ptr(ids), ptr(weights), K, ptr(expert_map), num_experts,
+            ptr(experts.w13), ptr(experts.w2), ptr(experts.b13), ptr(experts.b2), E_local, I,
+            _ACTIVATION_CODES[act.name], act.alpha, act.limit, ptr(out), ptr(acc), ptr(ints), ptr(hbuf),
+            hbuf_pairs, ptr(scratch), scratch_floats, nthreads,
+        )
+        if status == -1:
+            raise ValueError(f"topk_ids holds an expert id outside [0, {num_experts})")
+        if status == -2:
+            raise ValueError(f"expert_map holds a local index outside [-1, {E_local})")
+        return out
+
+    def _forward_torch(
+        self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, experts: ExpertWeights
+    ) -> torch.Tensor:
+        T, H = x.shape
+        K = topk_ids.shape[1]
+        flat = topk_ids.reshape(-1)
+        local = flat if experts.expert_map is None else experts.expert_map.to(flat.device)[flat].to(flat.dtype)
+        keep = torch.nonzero(local >= 0).squeeze(1)
+        local = local[keep]
+        order = torch.argsort(local, stable=True)
+        pair = keep[order]
+        counts = torch.bincount(local, minlength=experts.w13.shape[0]).tolist()
+        token = pair // K
+        xs = x[token].float()
+        ys = torch.empty(pair.numel(), H, dtype=torch.float32, device=x.device)
+        start = 0
+        for e, count in enumerate(counts):
+            if count == 0:
+                continue
+            rows = slice(start, start + count)
+            start += count
+            b13 = None if experts.b13 is None else experts.b13[e].float()
+            b2 = None if experts.b2 is None else experts.b2[e].float()
+            h = apply_activation(F.linear(xs[rows], experts.w13[e].float(), b13), self.activation)
+            ys[rows] = F.linear(h, experts.w2[e].float(), b2)
+        ys *= topk_weights.reshape(-1)[pair].float().unsqueeze(1)
+        out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
+        out.index_add_(0, token, ys)
+        return out.to(x.dtype)

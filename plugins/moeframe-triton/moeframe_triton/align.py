@@ -61,7 +61,7 @@ def chunk_size_for(num_experts: int) -> int:
     return max(16, min(_MAX_CHUNK, _TILE_ELEMENTS // _experts_padded(num_experts)))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs"])  # token-count dependent: no recompiles
 def _align_count_kernel(ids_ptr, counts_ptr, num_pairs, CHUNK: tl.constexpr, E_PAD: tl.constexpr):
     """counts[chunk, e] = number of pairs of this chunk routed to expert e."""
     pid = tl.program_id(0)
@@ -72,7 +72,7 @@ def _align_count_kernel(ids_ptr, counts_ptr, num_pairs, CHUNK: tl.constexpr, E_P
     tl.store(counts_ptr + pid * E_PAD + experts, tl.sum(onehot, axis=0))
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_chunks"])
 def _align_scan_kernel(counts_ptr, chunk_offsets_ptr, totals_ptr, num_chunks,
                        E_PAD: tl.constexpr, ROWS: tl.constexpr, E_BLOCK: tl.constexpr):
     """chunk_offsets[c, e] = pairs of expert e in chunks before c; totals[e] = all of them."""
@@ -90,7 +90,7 @@ def _align_scan_kernel(counts_ptr, chunk_offsets_ptr, totals_ptr, num_chunks,
     tl.store(totals_ptr + experts, carry)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "max_rows"])
 def _align_place_kernel(ids_ptr, chunk_offsets_ptr, totals_ptr, expert_map_ptr,
                         sorted_ids_ptr, expert_ids_ptr, total_ptr,
                         num_pairs, max_rows,

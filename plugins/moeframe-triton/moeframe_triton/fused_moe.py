@@ -37,7 +37,7 @@ ACTIVATION_CODES = {"silu": 0, "gelu": 1, "swigluoai": 2}
 _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "num_rows"])  # they vary with the token count
 def _moe_up_kernel(
     x_ptr, w_ptr, b_ptr, h_ptr,
     sorted_ids_ptr, expert_ids_ptr, total_ptr,
@@ -111,7 +111,7 @@ def _moe_up_kernel(
     tl.store(h_ptrs, h.to(h_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_pairs", "num_rows"])
 def _moe_down_kernel(
     h_ptr, w_ptr, b_ptr, y_ptr, weights_ptr,
     sorted_ids_ptr, expert_ids_ptr, total_ptr,
@@ -170,7 +170,7 @@ def _moe_down_kernel(
     tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["T"])
 def _moe_sum_kernel(y_ptr, out_ptr, T, H, stride_yt, stride_yk, stride_yh, stride_ot, stride_oh,
                     TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
     """out[t, h] = sum over k of y[t, k, h], in fp32, k in increasing order."""

@@ -1,0 +1,154 @@
+"""The plugin as users meet it: registration, ``moeframe list``/``run``/``tune``, the
+composer's view of its capabilities, the tuner's search and the GPU script's CPU mode."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from moeframe.cli.main import main
+from moeframe.composer import check_stack
+from moeframe.config import load_config
+from moeframe.errors import StackError
+from moeframe.kernels.activations import Activation
+from moeframe.plugins import get_registry
+from moeframe_triton.configs import MoEConfig, config_file_name, lookup_config, write_config_file
+from moeframe_triton.tune import SearchSpace, tune_layer
+
+PLUGIN_ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_entry_point_is_installed():
+    eps = [ep for ep in importlib.metadata.entry_points(group="moeframe") if ep.value == "moeframe_triton.plugin"]
+    assert eps and eps[0].dist is not None and eps[0].dist.name == "moeframe-triton"
+
+
+def test_registering_does_not_import_triton():
+    code = (
+        "import sys\n"
+        "from moeframe.plugins import get_registry\n"
+        "entry = get_registry().get('kernel', 'triton')\n"
+        "print(entry.strategy.display_name, 'triton' in sys.modules, 'moeframe_triton.kernel' in sys.modules)\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split() == ["triton", "(interpreter)", "False", "False"]
+
+
+def test_capabilities_are_declared():
+    entry = get_registry().get("kernel", "triton")
+    caps = entry.capabilities
+    assert str(entry.provider) == "moeframe-triton 0.1.0"
+    assert caps.dtypes == {"float32", "bfloat16", "float16"}
+    assert caps.activations == {"silu", "gelu", "swigluoai"}
+    assert caps.devices == {"cpu"}  # no CUDA here: the interpreter, on CPU tensors
+    assert caps.expert_map and caps.biases
+
+
+def test_composer_refuses_cuda_for_the_interpreter_variant():
+    config = load_config("gpt-oss", {"stack.kernel": "triton"})
+    check_stack(config, "cpu")
+    with pytest.raises(StackError, match=r"does not run on device 'cuda' \(runs on cpu\)"):
+        check_stack(config, "cuda")
+
+
+def test_list_kernel_says_interpreter(capsys):
+    assert main(["list", "kernel"]) == 0
+    out = capsys.readouterr().out
+    line = next(ln for ln in out.splitlines() if "triton" in ln)
+    assert "triton (interpreter)" in line and "moeframe-triton 0.1.0" in line
+
+
+def test_run_a_preset_with_the_triton_kernel(capsys):
+    code = main(["run", "qwen3-moe", "--set", "stack.kernel=triton", "--tokens", "8", "--repeat", "1"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "triton (interpreter)" in out
+    assert ": ok" in out.splitlines()[-1]
+
+
+def test_run_json_reports_an_error_within_tolerance(capsys):
+    code = main(["run", "gpt-oss", "--set", "stack.kernel=triton", "--set", "model.dtype=bfloat16",
+                 "--tokens", "4", "--repeat", "1", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert code == 0 and result["ok"]
+    kernel = next(p for p in result["stack"] if p["kind"] == "kernel")
+    assert kernel["name"] == "triton (interpreter)" and kernel["details"] == {"mode": "interpreter"}
+
+
+def test_tune_without_a_gpu_is_a_one_line_user_error(capsys):
+    assert main(["tune", "qwen3-moe", "--set", "stack.kernel=triton", "--batch-sizes", "1,16"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "CUDA GPU" in err
+    assert main(["tune", "qwen3-moe"]) == 2  # the torch kernel has nothing to tune
+    err = capsys.readouterr().err.strip()
+    assert "kernel 'torch' has nothing to tune" in err and "triton" in err
+    assert main(["tune", "qwen3-moe", "--set", "stack.kernel=triton", "--batch-sizes", "0"]) == 2
+
+
+def test_tuner_search_writes_a_file_the_lookup_reads(tmp_path):
+    """The search itself, run through the interpreter with a tiny space (its timings mean
+    nothing here; on a GPU ``moeframe tune`` runs the same code)."""
+    space = SearchSpace(block_m=(16, 32), block_n=(16, 32), block_k=(32,), group_m=(1,), num_warps=(4,), num_stages=(2,))
+    found = tune_layer(E=4, N=16, K=32, top_k=2, dtype="float32", activation=Activation("silu"),
+                       batch_sizes=[1, 8], device="cpu", space=space, reps=1)
+    assert set(found) == {1, 8}
+    for cfg in found.values():
+        assert isinstance(cfg, MoEConfig)
+        assert cfg.block_m in space.block_m and cfg.up.block_n in space.block_n and cfg.down.block_k == 32
+    path = write_config_file(tmp_path / config_file_name(4, 16, 32, "float32", "Test GPU"), found,
+                             E=4, N=16, K=32, dtype="float32", device_name="Test GPU")
+    hit = lookup_config(6, 4, 16, 32, "float32", "Test GPU", override_dir=tmp_path)
+    assert hit == (found[8], path)
+
+
+def test_search_space_prunes_by_shared_memory_and_size():
+    space = SearchSpace()
+    for cfg in space.gemms(128, 4096, 7168, "float32", 2):
+        assert cfg.num_stages * (128 * cfg.block_k + 2 * cfg.block_k * cfg.block_n) * 4 <= 200 * 1024
+    assert all(c.block_n <= 32 for c in space.gemms(16, 16, 4096, "bfloat16", 1))
+    assert space.block_ms(8, 256) == [16] and 128 in space.block_ms(4096 * 8, 8)
+
+
+def _load_gpu_check():
+    spec = importlib.util.spec_from_file_location("gpu_check", PLUGIN_ROOT / "benchmarks" / "gpu_check.py")
+    module = importlib.util.module_from_spec(spec)
+    assert spec.loader is not None
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_gpu_script_smoke_mode(tmp_path, capsys):
+    gpu_check = _load_gpu_check()
+    assert gpu_check.main(["--smoke", "--out", str(tmp_path / "r.md"), "--json", str(tmp_path / "r.json")]) == 0
+    result = json.loads((tmp_path / "r.json").read_text())
+    impls = {(r["layer"], r["M"]): set() for r in result["rows"]}
+    for r in result["rows"]:
+        impls[(r["layer"], r["M"])].add(r["impl"])
+        assert r["ok"] is True and r["median_s"] > 0 and r["tflops"] > 0 and r["gbps"] > 0
+    assert len(impls) == len(gpu_check.SMOKE_LAYERS) * len(gpu_check.SMOKE_TOKENS)
+    assert all(v == {"triton", "grouped_mm", "torch"} for v in impls.values())
+    assert result["peaks"]["matmul_flops"] > 0 and result["peaks"]["copy_bytes_per_s"] > 0
+    table = (tmp_path / "r.md").read_text()
+    assert "| layer | E | top_k | H | I | M | impl |" in table and "**FAIL**" not in table
+    assert "all checks ok" in capsys.readouterr().out
+
+
+def test_gpu_script_model_shapes_and_work_model():
+    gpu_check = _load_gpu_check()
+    names = [layer.name for layer in gpu_check.MODEL_LAYERS]
+    assert names == ["Mixtral-8x7B", "Qwen3-30B-A3B", "DeepSeek-V3"]
+    assert gpu_check.TOKENS == (1, 16, 64, 256, 1024, 4096)
+    layer = gpu_check.Layer("x", 4, 2, 8, 4)
+    flops, bytes_ = gpu_check.work(layer, 3, torch.tensor([[0, 1], [1, 2], [0, 2]]))
+    assert flops == 2 * 3 * 2 * 3 * 8 * 4
+    assert bytes_ == 2 * (3 * (3 * 8 * 4) + 2 * 3 * 8)  # 3 experts hit, input and output
+    assert gpu_check.main([]) == 2  # no GPU here: says so rather than timing the interpreter

@@ -7,7 +7,7 @@ use of a registry does.  The public names::
     moeframe.MoELayer, moeframe.load_config, moeframe.Config, moeframe.list_presets
     moeframe.hookimpl, moeframe.Strategy, moeframe.Capabilities, moeframe.OrderingRules
     moeframe.Router, moeframe.Kernel, moeframe.Dispatcher, moeframe.Runner, moeframe.Wrapper
-    moeframe.get_registry, moeframe.compare, moeframe.UserError (and the other errors)
+    moeframe.get_registry, moeframe.register_plugin, moeframe.compare, moeframe.UserError (and the other errors)
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ _LAZY: dict[str, str] = {
     "OrderingRules": "moeframe.plugins",
     "PLUGIN_API_VERSION": "moeframe.plugins",
     "get_registry": "moeframe.plugins",
+    "register_plugin": "moeframe.plugins:register",
     # config
     "Config": "moeframe.config",
     "load_config": "moeframe.config",
@@ -59,10 +60,11 @@ __all__ = sorted([*_LAZY, "__version__"])
 
 
 def __getattr__(name: str) -> Any:
-    module = _LAZY.get(name)
-    if module is None:
+    target = _LAZY.get(name)
+    if target is None:
         raise AttributeError(f"module 'moeframe' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    module, _, attr = target.partition(":")
+    value = getattr(importlib.import_module(module), attr or name)
     globals()[name] = value
     return value
 
@@ -88,6 +90,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from moeframe.layer import MoELayer
     from moeframe.numerics import compare, tolerance_for
     from moeframe.plugins import PLUGIN_API_VERSION, Capabilities, OrderingRules, Strategy, get_registry, hookimpl
+    from moeframe.plugins import register as register_plugin
     from moeframe.routers import Router, TopKOutput
     from moeframe.runners import Runner
     from moeframe.weights import WeightSpec

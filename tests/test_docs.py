@@ -4,8 +4,8 @@ In ``README.md`` and ``docs/*.md``:
 
 * a fenced ``python`` block is executed; the blocks of one file share a namespace and
   run in order, in a temporary working directory;
-* a fenced ``console`` block has its ``$ `` lines run with bash (the virtual
-  environment's ``bin`` first on PATH) and each must exit 0;
+* a fenced ``console`` block has its ``$ `` lines run with bash from the repository root
+  (the virtual environment's ``bin`` first on PATH) and each must exit 0;
 * a block directly preceded by ``<!-- skip-test: why -->`` is not run (GPU-only or
   multi-minute commands), and ``<!-- expect-exit: N -->`` expects exit status N.
 """
@@ -54,7 +54,7 @@ def test_doc_examples_run(doc: Path, tmp_path: Path, monkeypatch: pytest.MonkeyP
         elif lang == "console":
             expected = int(arg) if kind == "expect-exit" else 0
             for command in [ln[2:] for ln in body.splitlines() if ln.startswith("$ ")]:
-                proc = subprocess.run(["bash", "-c", command], capture_output=True, text=True, env=_env(), timeout=600)
+                proc = subprocess.run(["bash", "-c", command], capture_output=True, text=True, env=_env(), timeout=600, cwd=ROOT)
                 assert proc.returncode == expected, (
                     f"{doc.name}:{line}: `{command}` exited {proc.returncode} (expected {expected})\n"
                     f"stdout:\n{proc.stdout[-3000:]}\nstderr:\n{proc.stderr[-3000:]}"

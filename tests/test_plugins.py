@@ -246,3 +246,29 @@ def test_import_moeframe_is_lazy(tmp_path):
     assert before == {"manager": False, "torch": False, "triton": False}
     assert after["plugin"] and not after["triton"]  # registering the Triton plugin does not import triton
     assert proc.stderr.index("IMPORTED") < proc.stderr.index("PLUGIN IMPORTED")
+
+
+def test_in_process_plugin_registration():
+    from types import SimpleNamespace
+
+    from moeframe.kernels.torch_reference import TorchReferenceKernel
+
+    class Mine(TorchReferenceKernel):
+        pass
+
+    @moeframe.hookimpl
+    def register_kernels():
+        return [moeframe.Strategy("mine", Mine, "registered in-process")]
+
+    get_registry()  # already loaded: the new plugin's strategies are added at once
+    record = moeframe.register_plugin(SimpleNamespace(register_kernels=register_kernels), "my-app", "0.3")
+    assert record.ok and record.provides == {"kernel": ["mine"]}
+    entry = get_registry().get("kernel", "mine")
+    assert str(entry.provider) == "my-app 0.3" and entry.load() is Mine
+
+    @moeframe.hookimpl
+    def register_kernel():  # misspelled
+        return []
+
+    with pytest.warns(PluginWarning, match=r"'my-typo' was skipped: implements unknown hook 'register_kernel'"):
+        moeframe.register_plugin(SimpleNamespace(register_kernel=register_kernel), "my-typo")

@@ -17,6 +17,7 @@ from moeframe.plugins.manager import (
     Registry,
     get_host,
     get_registry,
+    register,
     reset,
 )
 from moeframe.plugins.records import KINDS, Capabilities, Entry, OrderingRules, Provider, Strategy
@@ -40,5 +41,6 @@ __all__ = [
     "Registry",
     "get_host",
     "get_registry",
+    "register",
     "reset",
 ]

@@ -38,6 +38,7 @@ __all__ = [
     "PluginHost",
     "get_host",
     "get_registry",
+    "register",
     "reset",
     "ENTRY_POINT_GROUP",
 ]
@@ -246,13 +247,30 @@ class PluginHost:
             return
         self._records_by_plugin_name[plugin_name] = record
 
-    def _collect(self) -> None:
+    def add_plugin(self, plugin: object, name: str, version: str | None = None) -> PluginRecord:
+        """Register an in-process plugin (a module or any object with hook implementations).
+
+        Its strategies are added to the registry at once (or when the host loads, if it
+        has not yet); ``name`` is the provider shown for them.
+        """
+        with self._lock:
+            record = PluginRecord(name=name, version=version)
+            self.plugins.append(record)
+            plugin_name = f"{name}:in-process:{len(self.plugins)}"
+            self._register(plugin, plugin_name, record)
+            if self._loaded and plugin_name in self._records_by_plugin_name:
+                self._collect(only=plugin_name)
+            return record
+
+    def _collect(self, only: str | None = None) -> None:
         for kind in KINDS:
             hook_name = hookspecs.HOOK_FOR_KIND[kind]
             caller = getattr(self.pm.hook, hook_name)
             # Call each implementation on its own so that one raising plugin does not
             # take the others' strategies with it.
             for impl in caller.get_hookimpls():
+                if only is not None and impl.plugin_name != only:
+                    continue
                 record = self._records_by_plugin_name.get(impl.plugin_name)
                 if record is None:
                     continue
@@ -358,6 +376,16 @@ def get_host() -> PluginHost:
 def get_registry() -> Registry:
     """The process-wide strategy registry, built on first use."""
     return get_host().registry
+
+
+def register(plugin: object, name: str, version: str | None = None) -> PluginRecord:
+    """Register ``plugin`` (an object or module with ``@moeframe.hookimpl`` functions) in
+    this process, as if it were installed; its strategies are usable by name at once.
+
+    A failure is reported like an installed plugin's (a :class:`PluginWarning`, or a
+    :class:`~moeframe.errors.PluginError` in strict mode).
+    """
+    return get_host().add_plugin(plugin, name, version)
 
 
 def reset() -> None:

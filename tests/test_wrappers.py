@@ -374,3 +374,11 @@ def test_lockstep_iterations_and_the_unclamped_guard(T, peer_tokens, sizes):
     assert log.sizes == sizes
     assert out.shape == (T, 256)
     assert moeframe.compare(out, layer.reference()(x)).ok  # extra iterations wrote nothing
+
+
+@pytest.mark.parametrize("dispatcher", ["all2all", "allgather_reducescatter"])
+def test_token_exchange_dispatchers_refuse_tensor_parallelism(dispatcher):
+    ctx = ParallelContext(ParallelConfig(tp_size=2), rank=0, world_size=2, collectives=CountingCollectives())
+    with pytest.raises(StackError, match=rf"^stack.dispatcher: dispatcher '{dispatcher}' moves whole tokens between ranks and "
+                                         r"does not combine with tensor parallelism .*; dispatchers that fit: local$"):
+        moeframe.MoELayer("qwen3-moe", overrides={"parallel.tp_size": 2, "stack.dispatcher": dispatcher}, parallel=ctx)

@@ -19,7 +19,7 @@ if TYPE_CHECKING:
     from moeframe.config import Config
     from moeframe.context import BuildContext
 
-__all__ = ["Dispatched", "Dispatcher"]
+__all__ = ["Dispatched", "Dispatcher", "TokenExchangeDispatcher"]
 
 
 class Dispatched(NamedTuple):
@@ -61,3 +61,27 @@ class Dispatcher(abc.ABC):
 
     def describe(self) -> dict[str, Any]:
         return {}
+
+
+class TokenExchangeDispatcher(Dispatcher):
+    """Base of dispatchers that move whole tokens between expert-parallel ranks.
+
+    Their ``combine`` sums the experts' shares back on the token's own rank, so the
+    output is reduced; they need every expert whole on its rank (no tensor parallelism).
+    """
+
+    #: the strategy's name, for messages
+    name: ClassVar[str] = ""
+
+    @classmethod
+    def check_stack(cls, config: Config) -> str | None:
+        if config.parallel.tp_size > 1:
+            return (
+                f"dispatcher {cls.name!r} moves whole tokens between ranks and does not combine with "
+                "tensor parallelism (parallel.tp_size must be 1)"
+            )
+        return None
+
+    @property
+    def output_reduced(self) -> bool:
+        return True

@@ -13,25 +13,16 @@ from typing import Any
 
 import torch
 
-from moeframe.config import Config
 from moeframe.context import BuildContext
-from moeframe.dispatchers import Dispatched, Dispatcher
+from moeframe.dispatchers import Dispatched, TokenExchangeDispatcher
 
 
-class AllToAllDispatcher(Dispatcher):
+class AllToAllDispatcher(TokenExchangeDispatcher):
+    name = "all2all"
+
     def __init__(self, context: BuildContext, params: Any) -> None:
         super().__init__(context, params)
         self.owner = self.parallel.expert_owner(context.model.num_experts).to(context.device)
-
-    @classmethod
-    def check_stack(cls, config: Config) -> str | None:
-        if config.parallel.tp_size > 1:
-            return "dispatcher 'all2all' does not combine with tensor parallelism (parallel.tp_size must be 1)"
-        return None
-
-    @property
-    def output_reduced(self) -> bool:
-        return True
 
     def _exchange(self, send: torch.Tensor, send_counts: list[int], recv_counts: list[int]) -> torch.Tensor:
         par = self.parallel

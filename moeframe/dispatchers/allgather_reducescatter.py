@@ -13,8 +13,7 @@ from typing import Any
 
 import torch
 
-from moeframe.config import Config
-from moeframe.dispatchers import Dispatched, Dispatcher
+from moeframe.dispatchers import Dispatched, TokenExchangeDispatcher
 
 
 def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
@@ -25,16 +24,8 @@ def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
     return out
 
 
-class AllGatherReduceScatterDispatcher(Dispatcher):
-    @classmethod
-    def check_stack(cls, config: Config) -> str | None:
-        if config.parallel.tp_size > 1:
-            return "dispatcher 'allgather_reducescatter' does not combine with tensor parallelism (parallel.tp_size must be 1)"
-        return None
-
-    @property
-    def output_reduced(self) -> bool:
-        return True
+class AllGatherReduceScatterDispatcher(TokenExchangeDispatcher):
+    name = "allgather_reducescatter"
 
     def dispatch(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> Dispatched:
         par = self.parallel

@@ -215,9 +215,15 @@ def run(layers: Sequence[Layer], tokens: Sequence[int], device: torch.device, sm
                     rows.append({**row, "ok": None, "note": "torch._grouped_mm not available"})
                     continue
                 fn = impls[name]
-                out = fn(x, w, ids)
-                cmp = compare(out, expected, tol)
-                t = median_time(lambda: fn(x, w, ids), device, reps[name])
+                try:
+                    out = fn(x, w, ids)
+                    cmp = compare(out, expected, tol)
+                    t = median_time(lambda: fn(x, w, ids), device, reps[name])
+                except Exception as exc:  # report it in the table; a peer's failure is not ours
+                    note = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+                    rows.append({**row, "ok": None if name == "grouped_mm" else False, "note": note})
+                    log(f"{layer.name:>24} M={M:<5} {name:<10} ERROR {note}")
+                    continue
                 row.update({
                     "ok": cmp.ok, "max_abs_error": cmp.max_abs_error, "median_s": t,
                     "tflops": flops / t / 1e12, "gbps": bytes_ / t / 1e9,
@@ -261,8 +267,10 @@ def markdown(result: dict[str, Any]) -> str:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in result["rows"]:
-        if r.get("ok") is None:
-            lines.append(f"| {r['layer']} | {r['E']} | {r['top_k']} | {r['H']} | {r['I']} | {r['M']} | {r['impl']} | n/a | | | | | | |")
+        if "note" in r:
+            verdict = "n/a" if r["ok"] is None else "**FAIL**"
+            lines.append(f"| {r['layer']} | {r['E']} | {r['top_k']} | {r['H']} | {r['I']} | {r['M']} | {r['impl']} | "
+                         f"{verdict}: {r['note'].replace('|', '/')} | | | | | | |")
             continue
         lines.append(
             f"| {r['layer']} | {r['E']} | {r['top_k']} | {r['H']} | {r['I']} | {r['M']} | {r['impl']} | "

@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.metadata
 import importlib.util
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +20,7 @@ from moeframe.config import load_config
 from moeframe.errors import StackError
 from moeframe.kernels.activations import Activation
 from moeframe.plugins import get_registry
+from moeframe_triton import _device
 from moeframe_triton.configs import MoEConfig, config_file_name, lookup_config, write_config_file
 from moeframe_triton.tune import SearchSpace, tune_layer
 
@@ -31,16 +33,21 @@ def test_entry_point_is_installed():
 
 
 def test_registering_does_not_import_triton():
+    """Nor the kernel module; nor torch where no GPU device node exists (only this
+    plugin loaded: others may import torch themselves)."""
     code = (
         "import sys\n"
         "from moeframe.plugins import get_registry\n"
         "entry = get_registry().get('kernel', 'triton')\n"
-        "print(entry.strategy.display_name, 'triton' in sys.modules, 'moeframe_triton.kernel' in sys.modules)\n"
+        "print(entry.strategy.display_name, 'triton' in sys.modules, 'moeframe_triton.kernel' in sys.modules,\n"
+        "      'torch' in sys.modules)\n"
     )
-    env = {k: v for k, v in __import__("os").environ.items() if k != "TRITON_INTERPRET"}
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["MOEFRAME_PLUGINS"] = "moeframe-triton"
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stdout.split() == ["triton", "(interpreter)", "False", "False"]
+    torch_imported = str(_device._gpu_device_nodes())
+    assert proc.stdout.split() == ["triton", "(interpreter)", "False", "False", torch_imported]
 
 
 def test_capabilities_are_declared():
@@ -152,3 +159,16 @@ def test_gpu_script_model_shapes_and_work_model():
     assert flops == 2 * 3 * 2 * 3 * 8 * 4
     assert bytes_ == 2 * (3 * (3 * 8 * 4) + 2 * 3 * 8)  # 3 experts hit, input and output
     assert gpu_check.main([]) == 2  # no GPU here: says so rather than timing the interpreter
+
+
+def test_gpu_script_reports_a_failing_peer_without_stopping(tmp_path, monkeypatch):
+    gpu_check = _load_gpu_check()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("grouped_mm unsupported here")
+
+    monkeypatch.setattr(gpu_check, "grouped_mm_moe", broken)
+    assert gpu_check.main(["--smoke", "--tokens", "1", "--out", str(tmp_path / "r.md")]) == 0
+    table = (tmp_path / "r.md").read_text()
+    assert "| grouped_mm | n/a: RuntimeError: grouped_mm unsupported here |" in table
+    assert table.count("| triton | ok |") == len(gpu_check.SMOKE_LAYERS)

@@ -119,7 +119,6 @@ def measure_peaks(device: torch.device, smoke: bool) -> dict[str, float]:
     src = torch.empty(numel, device=device, dtype=torch.bfloat16).fill_(1.0)
     dst = torch.empty_like(src)
     t_copy = median_time(lambda: dst.copy_(src), device, reps=3 if smoke else 20, warmup=1 if smoke else 3)
-    del a, b, src, dst
     return {"matmul_flops": 2 * n**3 / t_mm, "copy_bytes_per_s": 2 * numel * 2 / t_copy, "matmul_n": n,
             "copy_bytes": 2 * numel * 2}
 
@@ -182,60 +181,68 @@ def work(layer: Layer, M: int, topk_ids: torch.Tensor) -> tuple[float, float]:
 
 
 # -- the run --------------------------------------------------------------------------------
+def run_layer(layer: Layer, tokens: Sequence[int], device: torch.device, peaks: dict[str, float],
+              reps: dict[str, int], log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Check and time every implementation on ``layer`` at each token count (the layer's
+    tensors are freed on return)."""
+    from moeframe_triton.fused_moe import fused_moe
+
+    tol = tolerance_for("bfloat16")
+    experts = make_layer_tensors(layer, device)
+    act = Activation(layer.activation, layer.alpha, layer.limit)
+    reference = TorchReferenceKernel(SimpleNamespace(model=SimpleNamespace(  # type: ignore[arg-type]
+        activation=layer.activation, swiglu_alpha=layer.alpha, swiglu_limit=layer.limit)), NoParams())
+    impls: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
+        "triton": lambda x, w, i: fused_moe(x, w, i, experts.w13, experts.w2, experts.b13, experts.b2, activation=act),
+        "torch": lambda x, w, i: reference(x, w, i, experts),
+    }
+    if hasattr(torch, "_grouped_mm"):
+        impls["grouped_mm"] = lambda x, w, i: grouped_mm_moe(x, w, i, experts, act)
+    rows: list[dict[str, Any]] = []
+    for M in tokens:
+        x, w, ids = make_routing(layer, M, device, seed=M)
+        expected = reference(x, w, ids, experts)
+        flops, bytes_ = work(layer, M, ids)
+        for name in ("triton", "grouped_mm", "torch"):
+            row: dict[str, Any] = {"layer": layer.name, "E": layer.num_experts, "top_k": layer.top_k,
+                                   "H": layer.hidden_size, "I": layer.intermediate_size, "M": M, "impl": name}
+            if name not in impls:
+                rows.append({**row, "ok": None, "note": "torch._grouped_mm not available"})
+                continue
+            fn = impls[name]
+            try:
+                cmp = compare(fn(x, w, ids), expected, tol)
+                t = median_time(lambda fn=fn, x=x, w=w, ids=ids: fn(x, w, ids), device, reps[name])
+            except Exception as exc:  # report it in the table; a peer's failure is not ours
+                note = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
+                rows.append({**row, "ok": None if name == "grouped_mm" else False, "note": note})
+                log(f"{layer.name:>24} M={M:<5} {name:<10} ERROR {note}")
+                continue
+            row.update({
+                "ok": cmp.ok, "max_abs_error": cmp.max_abs_error, "median_s": t,
+                "tflops": flops / t / 1e12, "gbps": bytes_ / t / 1e9,
+                "frac_flops": flops / t / peaks["matmul_flops"], "frac_bw": bytes_ / t / peaks["copy_bytes_per_s"],
+            })
+            rows.append(row)
+            log(f"{layer.name:>24} M={M:<5} {name:<10} {'ok ' if cmp.ok else 'BAD'} "
+                f"{t * 1e3:9.3f} ms {row['tflops']:8.2f} TFLOP/s {row['gbps']:8.1f} GB/s")
+    return rows
+
+
 def run(layers: Sequence[Layer], tokens: Sequence[int], device: torch.device, smoke: bool,
         log: Callable[[str], None]) -> dict[str, Any]:
+    """Measure the peaks, then check and time every layer at every token count."""
     from moeframe_triton._triton import INTERPRETER
-    from moeframe_triton.fused_moe import fused_moe
 
     peaks = measure_peaks(device, smoke)
     log(f"peaks: matmul {peaks['matmul_flops'] / 1e12:.1f} TFLOP/s, copy {peaks['copy_bytes_per_s'] / 1e9:.0f} GB/s")
-    has_grouped = hasattr(torch, "_grouped_mm")
-    tol = tolerance_for("bfloat16")
     reps = {"triton": 1 if smoke else 20, "grouped_mm": 1 if smoke else 20, "torch": 1 if smoke else 3}
     rows: list[dict[str, Any]] = []
     for layer in layers:
-        experts = make_layer_tensors(layer, device)
-        act = Activation(layer.activation, layer.alpha, layer.limit)
-        reference = TorchReferenceKernel(SimpleNamespace(model=SimpleNamespace(  # type: ignore[arg-type]
-            activation=layer.activation, swiglu_alpha=layer.alpha, swiglu_limit=layer.limit)), NoParams())
-        impls: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
-            "triton": lambda x, w, i: fused_moe(x, w, i, experts.w13, experts.w2, experts.b13, experts.b2, activation=act),
-            "torch": lambda x, w, i: reference(x, w, i, experts),
-        }
-        if has_grouped:
-            impls["grouped_mm"] = lambda x, w, i: grouped_mm_moe(x, w, i, experts, act)
-        for M in tokens:
-            x, w, ids = make_routing(layer, M, device, seed=M)
-            expected = reference(x, w, ids, experts)
-            flops, bytes_ = work(layer, M, ids)
-            for name in ("triton", "grouped_mm", "torch"):
-                row: dict[str, Any] = {"layer": layer.name, "E": layer.num_experts, "top_k": layer.top_k,
-                                       "H": layer.hidden_size, "I": layer.intermediate_size, "M": M, "impl": name}
-                if name not in impls:
-                    rows.append({**row, "ok": None, "note": "torch._grouped_mm not available"})
-                    continue
-                fn = impls[name]
-                try:
-                    out = fn(x, w, ids)
-                    cmp = compare(out, expected, tol)
-                    t = median_time(lambda: fn(x, w, ids), device, reps[name])
-                except Exception as exc:  # report it in the table; a peer's failure is not ours
-                    note = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
-                    rows.append({**row, "ok": None if name == "grouped_mm" else False, "note": note})
-                    log(f"{layer.name:>24} M={M:<5} {name:<10} ERROR {note}")
-                    continue
-                row.update({
-                    "ok": cmp.ok, "max_abs_error": cmp.max_abs_error, "median_s": t,
-                    "tflops": flops / t / 1e12, "gbps": bytes_ / t / 1e9,
-                    "frac_flops": flops / t / peaks["matmul_flops"], "frac_bw": bytes_ / t / peaks["copy_bytes_per_s"],
-                })
-                rows.append(row)
-                log(f"{layer.name:>24} M={M:<5} {name:<10} {'ok ' if cmp.ok else 'BAD'} "
-                    f"{t * 1e3:9.3f} ms {row['tflops']:8.2f} TFLOP/s {row['gbps']:8.1f} GB/s")
-            del x, w, ids, expected
-        del experts
+        rows += run_layer(layer, tokens, device, peaks, reps, log)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    tol = tolerance_for("bfloat16")
     import triton
 
     env = {

@@ -158,9 +158,9 @@ def tune_layer(
             routed = route_blocks(weights, ids, block_m, E)
             h = run_up(x, w13, None, routed, GemmConfig(32, 32), activation)  # an input for the down GEMM
             up = _fastest(space.gemms(block_m, N, K, dtype, 2), measure,
-                          lambda g: run_up(x, w13, None, routed, g, activation))
+                          lambda g, x=x, routed=routed: run_up(x, w13, None, routed, g, activation))
             down = _fastest(space.gemms(block_m, K, N, dtype, 1), measure,
-                            lambda g: run_down(h, w2, None, routed, g))
+                            lambda g, h=h, routed=routed: run_down(h, w2, None, routed, g))
             if up is None or down is None:
                 continue
             t = up[0] + down[0]
@@ -183,7 +183,7 @@ def _fastest(candidates: Sequence[GemmConfig], measure: Callable[[Callable[[], A
     best: tuple[float, GemmConfig] | None = None
     for gemm in candidates:
         try:
-            t = measure(lambda: run(gemm))
+            t = measure(lambda gemm=gemm: run(gemm))
         except Exception as exc:  # noqa: BLE001 - out of resources etc.: not a candidate
             if "out of resource" in str(exc).lower() or "OutOfResources" in type(exc).__name__:
                 continue

@@ -172,3 +172,16 @@ def test_gpu_script_reports_a_failing_peer_without_stopping(tmp_path, monkeypatc
     table = (tmp_path / "r.md").read_text()
     assert "| grouped_mm | n/a: RuntimeError: grouped_mm unsupported here |" in table
     assert table.count("| triton | ok |") == len(gpu_check.SMOKE_LAYERS)
+
+
+def test_kernels_compile_for_sm90_and_gemms_are_pipelined():
+    """Without a GPU: compile one variant of each kernel to cubin for sm_90, with the
+    specialisations a launch gets, and check the 16-bit GEMMs' loads are pipelined."""
+    pytest.importorskip("triton.backends.nvidia.compiler", reason="triton without its NVIDIA backend")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    proc = subprocess.run([sys.executable, str(PLUGIN_ROOT / "benchmarks" / "compile_check.py"), "--quick"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "all kernels compiled for sm_90" in proc.stdout
+    assert proc.stdout.count("pipelined") == 2  # up and down

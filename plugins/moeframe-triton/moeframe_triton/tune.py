@@ -47,10 +47,10 @@ class SearchSpace:
 
     block_m: tuple[int, ...] = (16, 32, 64, 128)
     block_n: tuple[int, ...] = (32, 64, 128, 256)
-    block_k: tuple[int, ...] = (32, 64, 128, 256)
-    group_m: tuple[int, ...] = (1, 8, 16)
+    block_k: tuple[int, ...] = (64, 128, 256)
+    group_m: tuple[int, ...] = (1, 8)
     num_warps: tuple[int, ...] = (4, 8)
-    num_stages: tuple[int, ...] = (2, 3, 4, 5)
+    num_stages: tuple[int, ...] = (2, 3, 4)
 
     def block_ms(self, num_pairs: int, num_experts: int) -> list[int]:
         """Token block sizes worth trying: no larger than twice the mean pairs per expert."""

@@ -141,7 +141,8 @@ def test_run_input_output_and_weights(capsys, tmp_path: Path):
         (["run", "qwen3-moe", "--input", "/nonexistent/x.safetensors"], r"--input: file '/nonexistent/x.safetensors' not found"),
         (["run", "qwen3-moe", "--device", "cuda"] if not torch.cuda.is_available() else ["run", "qwen3-moe", "--tokens", "-1"], r"no CUDA device|--tokens"),
         (["explain", "/nonexistent/config.toml"], r"config file '/nonexistent/config.toml' not found"),
-        (["run", "qwen3-moe", "--tokens", "many"], r"argument --tokens: invalid int value: 'many'"),
+        (["run", "qwen3-moe", "--tokens", "many"], r"--tokens expects a count or comma-separated counts \(one per DP rank\), got 'many'"),
+        (["run", "qwen3-moe", "--repeat", "x"], r"argument --repeat: invalid int value: 'x'"),
         (["frobnicate"], r"invalid choice: 'frobnicate'"),
     ],
 )

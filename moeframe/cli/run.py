@@ -12,12 +12,13 @@ import argparse
 import statistics
 import time
 from pathlib import Path
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from moeframe.cli.common import add_config_arguments, add_json_argument, load_from_args, print_json, stack_lines
 from moeframe.errors import InputError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -39,6 +40,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def seeded_hidden_states(num_tokens: int, hidden_size: int, dtype: torch.dtype, seed: int, device: Any = "cpu") -> torch.Tensor:
     """The hidden states ``moeframe run`` uses: standard normal, from ``seed`` alone."""
+    import torch
+
     g = torch.Generator().manual_seed(seed * 7_919 + 17)
     return torch.randn(num_tokens, hidden_size, generator=g).to(device=device, dtype=dtype)
 
@@ -64,6 +67,8 @@ def read_input(path: Path, hidden_size: int, dtype: torch.dtype, device: Any) ->
 
 
 def _sync(device: torch.device) -> None:
+    import torch
+
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
@@ -98,6 +103,8 @@ class RankFailure(Exception):
 
 def execute(args: argparse.Namespace) -> dict[str, Any]:
     """Run the job on this rank; in a distributed run, every rank returns the results of all."""
+    import torch
+
     from moeframe.layer import MoELayer
     from moeframe.numerics import compare
     from moeframe.parallel import ParallelContext

@@ -79,3 +79,12 @@ def test_moeframe_run_reports_the_counts(capsys):
     assert sum(report["last_call"]) == 40 * 4 and report["calls"] == 2  # warm-up + one timed call
     assert main(["run", str(EXAMPLE), "--tokens", "40", "--repeat", "1"]) == 0
     assert "expert_stats: tokens per expert (last call)" in capsys.readouterr().out
+
+
+def test_loading_the_plugin_imports_no_torch():
+    import subprocess
+    import sys
+
+    code = "import sys, moeframe; moeframe.get_registry(); print('torch' in sys.modules, 'moeframe_expert_stats.wrapper' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
+    assert out == ["False", "False"]

@@ -174,16 +174,20 @@ static void act_rows(float *h, const float *g, const float *u, long n, act_t act
 
 /* ------------------------------------------------------------------ micro-kernels */
 /* panel: acc[r][0..15] = sum_k w[r][k] * xp[k][0..15], R <= 6 fp32 weight rows */
-AI void panel_kernel(const int R, const float *const *w, const float *xp, long K, __m256 *acc) {
+AI void panel_kernel(const int R, const float *const *w, const float *xp, long K, __m256 *out) {
+    __m256 acc[12]; /* a local array with constant indices only, so that it lives in registers */
+    const float *row[6];
+    for (int r = 0; r < R; r++) row[r] = w[r];
     for (int r = 0; r < 2 * R; r++) acc[r] = _mm256_setzero_ps();
     for (long k = 0; k < K; k++) {
         const __m256 x0 = _mm256_loadu_ps(xp + PANEL * k), x1 = _mm256_loadu_ps(xp + PANEL * k + 8);
         for (int r = 0; r < R; r++) {
-            const __m256 b = _mm256_broadcast_ss(w[r] + k);
+            const __m256 b = _mm256_broadcast_ss(row[r] + k);
             acc[2 * r] = _mm256_fmadd_ps(b, x0, acc[2 * r]);
             acc[2 * r + 1] = _mm256_fmadd_ps(b, x1, acc[2 * r + 1]);
         }
     }
+    for (int r = 0; r < 2 * R; r++) out[r] = acc[r];
 }
 
 AI float hsum8(__m256 v) {
@@ -193,28 +197,48 @@ AI float hsum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
-/* dot: res[r*M + m] = sum_k w[r][k] * x[m][k] for R weight rows (dtype dt) and M fp32 rows */
+/* bf16 rows are read 16 elements (32 bytes) at a time: the 32-bit lanes hold the pairs
+   (w[2i], w[2i+1]); a shift gives the even elements as fp32, a mask the odd ones.  The fp32
+   operand is stored to match ("bf16 order": within each full block of 16, the 8 even
+   elements then the 8 odd ones); elements past the last full block keep their order. */
+AI long perm16(long i, long K) {
+    if (i >= K / 16 * 16) return i;
+    const long j = i & 15;
+    return (i & ~15L) + ((j & 1) ? 8 + (j >> 1) : (j >> 1));
+}
+
+/* dot: res[r*M + m] = sum_k w[r][k] * x[m][k] for R weight rows (dtype dt) and M fp32 rows
+   (in bf16 order when dt is bf16).  Each weight element is loaded once, 16 at a time. */
 AI void dot_kernel(const int R, const int M, const void *const *w, const int dt, const float *x, long K, float *res) {
     __m256 acc[12];
     for (int i = 0; i < R * M; i++) acc[i] = _mm256_setzero_ps();
+    const __m256i hi16 = _mm256_set1_epi32((int)0xffff0000u);
     long k = 0;
-    for (; k + 8 <= K; k += 8) {
-        if (R <= M) { /* keep the R weight vectors, stream the tokens */
-            __m256 wv[MAXR];
-            for (int r = 0; r < R; r++) wv[r] = load8(w[r], k, dt);
-            for (int m = 0; m < M; m++) {
-                const __m256 xv = _mm256_loadu_ps(x + m * K + k);
-                for (int r = 0; r < R; r++) acc[r * M + m] = _mm256_fmadd_ps(wv[r], xv, acc[r * M + m]);
+    for (; k + 16 <= K; k += 16) {
+        for (int r = 0; r < R; r++) {
+            __m256 wa, wb;
+            if (dt == DT_F32) {
+                wa = _mm256_loadu_ps((const float *)w[r] + k);
+                wb = _mm256_loadu_ps((const float *)w[r] + k + 8);
+            } else if (dt == DT_BF16) {
+                const __m256i v = _mm256_loadu_si256((const __m256i *)((const uint16_t *)w[r] + k));
+                wa = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+                wb = _mm256_castsi256_ps(_mm256_and_si256(v, hi16));
+            } else {
+                wa = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)w[r] + k)));
+                wb = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)w[r] + k + 8)));
             }
-        } else { /* keep the M token vectors, stream the weights */
-            __m256 xv[6];
-            for (int m = 0; m < M; m++) xv[m] = _mm256_loadu_ps(x + m * K + k);
-            for (int r = 0; r < R; r++) {
-                const __m256 wv = load8(w[r], k, dt);
-                for (int m = 0; m < M; m++) acc[r * M + m] = _mm256_fmadd_ps(wv, xv[m], acc[r * M + m]);
+            for (int m = 0; m < M; m++) {
+                acc[r * M + m] = _mm256_fmadd_ps(wa, _mm256_loadu_ps(x + m * K + k), acc[r * M + m]);
+                acc[r * M + m] = _mm256_fmadd_ps(wb, _mm256_loadu_ps(x + m * K + k + 8), acc[r * M + m]);
             }
         }
     }
+    for (; k + 8 <= K; k += 8)
+        for (int r = 0; r < R; r++) {
+            const __m256 wa = load8(w[r], k, dt);
+            for (int m = 0; m < M; m++) acc[r * M + m] = _mm256_fmadd_ps(wa, _mm256_loadu_ps(x + m * K + k), acc[r * M + m]);
+        }
     for (int r = 0; r < R; r++)
         for (int m = 0; m < M; m++) {
             float s = hsum8(acc[r * M + m]);
@@ -223,22 +247,47 @@ AI void dot_kernel(const int R, const int M, const void *const *w, const int dt,
         }
 }
 
-/* Rows per dot tile for M tokens (R*M accumulators <= 12; more rows for a lone token keep
-   more loads in flight).  Phase 1 counts neurons (2 rows each). */
+/* Streams per dot pass for M tokens (R*M accumulators <= 12; a lone token gets the most
+   streams, to keep the most loads in flight).  Phase 1 counts neurons (2 rows each). */
 static const int DOT_NEURONS[7] = {0, 4, 3, 2, 1, 1, 1};
 static const int DOT_ROWS[7] = {0, 8, 6, 4, 3, 2, 2};
 
-#define DOT_CASE(R, M) \
-    case (R)*8 + (M): dot_kernel(R, M, w, dt, x, K, res); return;
-
-AI void dot_any(int R, int M, const void *const *w, const int dt, const float *x, long K, float *res) {
-    switch (R * 8 + M) {
-        DOT_CASE(1, 1) DOT_CASE(1, 2) DOT_CASE(1, 3) DOT_CASE(1, 4) DOT_CASE(1, 5) DOT_CASE(1, 6)
-        DOT_CASE(2, 1) DOT_CASE(2, 2) DOT_CASE(2, 3) DOT_CASE(2, 4) DOT_CASE(2, 5) DOT_CASE(2, 6)
-        DOT_CASE(3, 4) DOT_CASE(4, 1) DOT_CASE(4, 3) DOT_CASE(6, 1) DOT_CASE(6, 2) DOT_CASE(8, 1)
-        default:
-            for (int r = 0; r < R; r++) dot_any(1, M, w + r, dt, x, K, res + r * M);
+typedef void (*dot_fn)(const void *const *w, const float *x, long K, float *res);
+#define DOT_DEF(R, M, DT, NAME) \
+    static __attribute__((noinline)) void NAME##_##R##_##M(const void *const *w, const float *x, long K, float *res) { \
+        dot_kernel(R, M, w, DT, x, K, res); \
     }
+#define DOT_ALL(DT, NAME) \
+    DOT_DEF(8, 1, DT, NAME) DOT_DEF(6, 2, DT, NAME) DOT_DEF(4, 3, DT, NAME) DOT_DEF(2, 4, DT, NAME) \
+    DOT_DEF(3, 4, DT, NAME) DOT_DEF(2, 5, DT, NAME) DOT_DEF(2, 6, DT, NAME) DOT_DEF(1, 1, DT, NAME) \
+    DOT_DEF(1, 2, DT, NAME) DOT_DEF(1, 3, DT, NAME) DOT_DEF(1, 4, DT, NAME) DOT_DEF(1, 5, DT, NAME) \
+    DOT_DEF(1, 6, DT, NAME)
+DOT_ALL(DT_F32, dot_f32)
+DOT_ALL(DT_BF16, dot_bf16)
+DOT_ALL(DT_F16, dot_f16)
+#define DOT_PICK(NAME, R, M)                                                                              \
+    switch ((R) * 8 + (M)) {                                                                             \
+        case 8 * 8 + 1: return NAME##_8_1;  case 6 * 8 + 2: return NAME##_6_2;  case 4 * 8 + 3: return NAME##_4_3; \
+        case 2 * 8 + 4: return NAME##_2_4;  case 3 * 8 + 4: return NAME##_3_4;  case 2 * 8 + 5: return NAME##_2_5; \
+        case 2 * 8 + 6: return NAME##_2_6;  case 1 * 8 + 1: return NAME##_1_1;  case 1 * 8 + 2: return NAME##_1_2; \
+        case 1 * 8 + 3: return NAME##_1_3;  case 1 * 8 + 4: return NAME##_1_4;  case 1 * 8 + 5: return NAME##_1_5; \
+        case 1 * 8 + 6: return NAME##_1_6;  default: return 0;                                           \
+    }
+static dot_fn dot_pick(int dt, int R, int M) {
+    if (dt == DT_F32) DOT_PICK(dot_f32, R, M)
+    if (dt == DT_BF16) DOT_PICK(dot_bf16, R, M)
+    DOT_PICK(dot_f16, R, M)
+}
+
+/* R rows against M tokens; R without a kernel of its own goes one row at a time. */
+static void dot_any(int dt, int R, int M, const void *const *w, const float *x, long K, float *res) {
+    const dot_fn f = dot_pick(dt, R, M);
+    if (f) {
+        f(w, x, K, res);
+        return;
+    }
+    const dot_fn one = dot_pick(dt, 1, M);
+    for (int r = 0; r < R; r++) one(w + r, x, K, res + r * M);
 }
 
 /* ------------------------------------------------------------------ packing */
@@ -275,13 +324,23 @@ AI void pack_panel(const void *x, const int dt, long K, const int32_t *tok, floa
         for (int j = 0; j < PANEL; j++) xp[k * PANEL + j] = load1(x, (long)tok[j] * K + k, dt);
 }
 
-/* dst[j][k] = x[tok[j]][k] (fp32 rows) */
+/* dst[j][k] = x[tok[j]][k] (fp32 rows, in bf16 order when dt is bf16) */
 AI void pack_rows(const void *x, const int dt, long K, const int32_t *tok, int m, float *dst) {
     for (int j = 0; j < m; j++) {
         long k = 0;
         const long base = (long)tok[j] * K;
-        for (; k + 8 <= K; k += 8) _mm256_storeu_ps(dst + j * K + k, load8(x, base + k, dt));
-        for (; k < K; k++) dst[j * K + k] = load1(x, base + k, dt);
+        float *d = dst + j * K;
+        if (dt == DT_BF16) {
+            for (; k + 16 <= K; k += 16) {
+                const __m256 a = load8(x, base + k, dt), b = load8(x, base + k + 8, dt);
+                /* even elements, then odd ones */
+                const __m256 ev = _mm256_shuffle_ps(a, b, 0x88), od = _mm256_shuffle_ps(a, b, 0xDD);
+                _mm256_storeu_ps(d + k, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(ev), 0xD8)));
+                _mm256_storeu_ps(d + k + 8, _mm256_castpd_ps(_mm256_permute4x64_pd(_mm256_castps_pd(od), 0xD8)));
+            }
+        }
+        for (; k + 8 <= K; k += 8) _mm256_storeu_ps(d + k, load8(x, base + k, dt));
+        for (; k < K; k++) d[k] = load1(x, base + k, dt);
     }
 }
 
@@ -363,27 +422,36 @@ AI void phase1(const ctx_t *c, const int dt, const item_t *it, float *h, long n0
         pack_rows(c->x, dt, H, tok + npan * PANEL, rem, xr);
         for (int m0 = 0; m0 < rem; m0 += 6) {
             const int mm = rem - m0 < 6 ? rem - m0 : 6;
+            /* nd streams, each a contiguous run of `chunk` neurons (gate rows and up rows):
+               long contiguous streams keep the hardware prefetchers busy */
             const int nd = DOT_NEURONS[mm];
-            for (long n = n0; n < n1; n += nd) {
-                const int nn = (int)(n1 - n < nd ? n1 - n : nd);
-                const void *src[MAXR];
-                float res[12];
-                for (int j = 0; j < nn; j++) {
-                    src[j] = w13 + (n + j) * H * esz;
-                    src[nn + j] = w13 + (I + n + j) * H * esz;
+            const long len = n1 - n0, chunk = (len + nd - 1) / nd;
+            for (long q = 0; q < chunk; q++) {
+                const void *src[2 * 4];
+                long nid[4];
+                int nn = 0;
+                for (int s = 0; s < nd; s++) {
+                    const long n = n0 + s * chunk + q;
+                    if (n < n1 && s * chunk + q < len) nid[nn++] = n;
                 }
-                dot_any(2 * nn, mm, src, dt, xr + (long)m0 * H, H, res);
                 for (int j = 0; j < nn; j++) {
-                    const float bg = b13 ? load1(b13, n + j, dt) : 0.0f, bu = b13 ? load1(b13, I + n + j, dt) : 0.0f;
-                    for (int q = 0; q < mm; q++) {
-                        hr[(long)(m0 + q) * I + n + j] = res[j * mm + q] + bg;
-                        usc[(long)q * I + n + j] = res[(nn + j) * mm + q] + bu;
+                    src[j] = w13 + nid[j] * H * esz;
+                    src[nn + j] = w13 + (I + nid[j]) * H * esz;
+                }
+                float res[12];
+                dot_any(dt, 2 * nn, mm, src, xr + (long)m0 * H, H, res);
+                for (int j = 0; j < nn; j++) {
+                    const long n = nid[j], pn = dt == DT_BF16 ? perm16(n, I) : n;
+                    const float bg = b13 ? load1(b13, n, dt) : 0.0f, bu = b13 ? load1(b13, I + n, dt) : 0.0f;
+                    for (int t = 0; t < mm; t++) {
+                        hr[(long)(m0 + t) * I + pn] = res[j * mm + t] + bg;
+                        usc[(long)t * I + pn] = res[(nn + j) * mm + t] + bu;
                     }
                 }
             }
-            for (int q = 0; q < mm; q++) {
-                float *hq = hr + (long)(m0 + q) * I;
-                act_rows(hq + n0, hq + n0, usc + (long)q * I + n0, n1 - n0, c->act);
+            for (int t = 0; t < mm; t++) {
+                float *ht = hr + (long)(m0 + t) * I;
+                act_rows(ht + n0, ht + n0, usc + (long)t * I + n0, n1 - n0, c->act);
             }
         }
     }
@@ -444,17 +512,22 @@ AI void phase2(const ctx_t *c, const int dt, const item_t *it, const float *h, l
         for (int m0 = 0; m0 < rem; m0 += 6) {
             const int mm = rem - m0 < 6 ? rem - m0 : 6;
             const int nd = DOT_ROWS[mm];
-            for (long r = r0; r < r1; r += nd) {
-                const int nr = (int)(r1 - r < nd ? r1 - r : nd);
-                const void *src[MAXR];
+            const long len = r1 - r0, chunk = (len + nd - 1) / nd;
+            for (long q = 0; q < chunk; q++) {
+                const void *src[8];
+                long rid[8];
+                int nr = 0;
+                for (int s = 0; s < nd; s++) {
+                    if (s * chunk + q < len) rid[nr++] = r0 + s * chunk + q;
+                }
+                for (int j = 0; j < nr; j++) src[j] = w2 + rid[j] * I * esz;
                 float res[12];
-                for (int j = 0; j < nr; j++) src[j] = w2 + (r + j) * I * esz;
-                dot_any(nr, mm, src, dt, hr + (long)m0 * I, I, res);
+                dot_any(dt, nr, mm, src, hr + (long)m0 * I, I, res);
                 for (int j = 0; j < nr; j++) {
-                    const float b = b2 ? load1(b2, r + j, dt) : 0.0f;
-                    for (int q = 0; q < mm; q++) {
-                        const int i = npan * PANEL + m0 + q;
-                        c->acc[(long)tok[i] * H + r + j] += tw[i] * (res[j * mm + q] + b);
+                    const float b = b2 ? load1(b2, rid[j], dt) : 0.0f;
+                    for (int t = 0; t < mm; t++) {
+                        const int i = npan * PANEL + m0 + t;
+                        c->acc[(long)tok[i] * H + rid[j]] += tw[i] * (res[j * mm + t] + b);
                     }
                 }
             }
@@ -509,7 +582,7 @@ AI int run(const int dt, const void *x, long T, long H, const int64_t *ids, cons
         float *usc = wsc + wsc_floats;
         (void)usc_floats;
         long n0, n1, r0, r1;
-        split(I, nth, tid, 8, &n0, &n1);
+        split(I, nth, tid, 16, &n0, &n1);
         split(H, nth, tid, 8, &r0, &r1);
         for (long t = 0; t < T; t++) memset(acc + t * H + r0, 0, sizeof(float) * (r1 - r0));
         long g0 = 0;

@@ -18,6 +18,7 @@ COMMANDS = (
     "moeframe.cli.run",
     "moeframe.cli.check",
     "moeframe.cli.tune",
+    "moeframe.cli.bench",
 )
 
 

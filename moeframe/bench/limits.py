@@ -1,0 +1,123 @@
+"""This machine's limits, measured in the same run as the thing measured against them.
+
+* **peak GEMM rate** for a dtype: the best median rate of ``torch.matmul`` over a few dense
+  shapes and both layouts of the second operand ("the best of a few dense matmul shapes");
+* **read bandwidth**: the best median rate of a large tensor reduction (``sum`` over a
+  tensor far larger than the last-level cache), in float32 and bfloat16.
+
+Both use the threads torch uses (``torch.get_num_threads()``).  Noise from other processes
+only lowers a median, so the benchmark measures the limits before and after its sweep and
+keeps the higher value: the fractions it reports err on the low side.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+import torch
+
+from moeframe.numerics import DTYPES
+
+__all__ = ["GEMM_SHAPES", "MachineLimits", "measure_gemm_peak", "measure_read_bandwidth", "measure_limits", "median_time"]
+
+#: (M, N, K) of the dense matmuls ``[M, K] @ [K, N]`` whose best rate is the peak.
+GEMM_SHAPES: tuple[tuple[int, int, int], ...] = ((1024, 1024, 1024), (2048, 1024, 1024), (1024, 2048, 2048))
+
+#: bytes of the tensor whose reduction measures read bandwidth (far above any L3)
+READ_BYTES = 512 * 1024 * 1024
+
+
+def median_time(fn: Callable[[], Any], repeat: int, warmup: int = 1) -> float:
+    """Median wall time of ``fn()`` over ``repeat`` runs after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+@attrs.define
+class MachineLimits:
+    """Measured limits: FLOP/s per dtype name and read bytes/s, with the details."""
+
+    gemm_flops: dict[str, float] = attrs.field(factory=dict)
+    gemm_detail: dict[str, dict[str, float]] = attrs.field(factory=dict)
+    read_bytes_per_s: float = 0.0
+    read_detail: dict[str, float] = attrs.field(factory=dict)
+    threads: int = 1
+
+    def merge(self, other: MachineLimits) -> MachineLimits:
+        """The better of two measurements of each limit."""
+        out = MachineLimits(threads=self.threads)
+        for dtype in set(self.gemm_flops) | set(other.gemm_flops):
+            out.gemm_flops[dtype] = max(self.gemm_flops.get(dtype, 0.0), other.gemm_flops.get(dtype, 0.0))
+            detail = dict(self.gemm_detail.get(dtype, {}))
+            for shape, rate in other.gemm_detail.get(dtype, {}).items():
+                detail[shape] = max(detail.get(shape, 0.0), rate)
+            out.gemm_detail[dtype] = detail
+        out.read_bytes_per_s = max(self.read_bytes_per_s, other.read_bytes_per_s)
+        out.read_detail = {k: max(self.read_detail.get(k, 0.0), other.read_detail.get(k, 0.0))
+                           for k in set(self.read_detail) | set(other.read_detail)}
+        return out
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "gemm_flops": self.gemm_flops,
+            "gemm_detail": self.gemm_detail,
+            "gemm_shapes": [list(s) for s in GEMM_SHAPES],
+            "read_bytes_per_s": self.read_bytes_per_s,
+            "read_detail": self.read_detail,
+            "threads": self.threads,
+        }
+
+
+def measure_gemm_peak(dtype: str, shapes: Sequence[tuple[int, int, int]] = GEMM_SHAPES, repeat: int = 3) -> dict[str, float]:
+    """Median FLOP/s of ``torch.matmul`` in ``dtype`` for each shape and operand layout
+    (key ``"MxNxK a@b"``: both operands row-major; ``"MxNxK a@b.T"``: the second one
+    stored ``[N, K]``, as ``nn.Linear`` weights are).  A layout whose first run takes over
+    a second is timed once: it is far from the peak, whatever the noise."""
+    torch_dtype = DTYPES[dtype]
+    g = torch.Generator().manual_seed(0)
+    rates = {}
+    for m, n, k in shapes:
+        a = torch.randn(m, k, generator=g).to(torch_dtype)
+        b = torch.randn(k, n, generator=g).to(torch_dtype)
+        bt = torch.randn(n, k, generator=g).to(torch_dtype)
+        for layout, fn in (("a@b", lambda: torch.matmul(a, b)), ("a@b.T", lambda: torch.matmul(a, bt.T))):
+            start = time.perf_counter()
+            fn()
+            first = time.perf_counter() - start
+            seconds = first if first > 1.0 else median_time(fn, repeat, warmup=0)
+            rates[f"{m}x{n}x{k} {layout}"] = 2.0 * m * n * k / seconds
+    return rates
+
+
+def measure_read_bandwidth(nbytes: int = READ_BYTES, repeat: int = 5) -> dict[str, float]:
+    """Median bytes/s of ``tensor.sum()`` over a tensor of ``nbytes`` bytes, per dtype."""
+    rates = {}
+    for name in ("float32", "bfloat16"):
+        dtype = DTYPES[name]
+        t = torch.ones(nbytes // torch.empty((), dtype=dtype).element_size(), dtype=dtype)
+        seconds = median_time(lambda: t.sum(), repeat)
+        rates[name] = nbytes / seconds
+        del t
+    return rates
+
+
+def measure_limits(dtypes: Sequence[str], repeat: int = 3) -> MachineLimits:
+    """Peak GEMM rate for each of ``dtypes`` (and float32 always) and the read bandwidth."""
+    limits = MachineLimits(threads=torch.get_num_threads())
+    for dtype in dict.fromkeys(["float32", *dtypes]):
+        detail = measure_gemm_peak(dtype, repeat=repeat)
+        limits.gemm_detail[dtype] = detail
+        limits.gemm_flops[dtype] = max(detail.values())
+    limits.read_detail = measure_read_bandwidth(repeat=max(repeat, 5))
+    limits.read_bytes_per_s = max(limits.read_detail.values())
+    return limits

@@ -1,0 +1,349 @@
+"""The benchmark's measurement loop: kernels, the configured stack and peers, side by side.
+
+For each dtype and token count T:
+
+1. seeded hidden states in several batches (enough that consecutive calls touch different
+   experts, so that decode reads its weights from memory, not from the last-level cache),
+   routed by the configured router;
+2. every implementation's output on the first batch is checked against the reference
+   (the ``torch`` kernel, or the reference stack for the stack); one that disagrees is
+   reported and not timed;
+3. timed rounds: in each round every implementation runs once on the same batch, so that
+   noise from other processes falls on all of them; the median is reported;
+4. derived figures: tokens/s, GFLOP/s (the three expert GEMMs: ``2 * T * K * 3 * H * I``),
+   GB/s of expert weights actually read (the distinct local experts a batch touches, times
+   one expert's bytes), and their fractions of this machine's limits.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import attrs
+import torch
+
+from moeframe.bench.limits import MachineLimits, measure_limits
+from moeframe.config import Config
+from moeframe.errors import InputError
+from moeframe.kernels import ExpertWeights
+from moeframe.numerics import compare, tolerance_for
+
+__all__ = ["BenchOptions", "Progress", "default_kernels", "run_benchmark"]
+
+#: bytes of expert weights the batches of one token count should touch together, so that
+#: each call finds its experts evicted from the last-level cache
+COLD_BYTES = 256 * 1024**2
+
+
+@attrs.frozen
+class BenchOptions:
+    """What ``moeframe bench`` measures (see ``moeframe bench --help``)."""
+
+    kernels: tuple[str, ...] | None = None
+    tokens: tuple[int, ...] = (1, 16, 64, 256, 1024, 4096)
+    dtypes: tuple[str, ...] | None = None
+    repeat: int = 7
+    #: seconds one implementation may spend at one token count before it stops at 3 samples
+    budget_s: float = 20.0
+    peers: bool = True
+    overhead: bool = False
+    memory: bool = False
+    memory_tokens: int = 32768
+    chunk: int = 1024
+
+
+class Progress:
+    """Progress reporting: ``total`` steps; :meth:`step` advances with a description."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+
+    def step(self, n: int = 1, desc: str = "") -> None:  # pragma: no cover - interface
+        pass
+
+    def close(self) -> None:  # pragma: no cover - interface
+        pass
+
+
+def default_kernels() -> list[str]:
+    """Every registered kernel except interpreter variants (Triton without a GPU)."""
+    from moeframe.plugins import get_registry
+
+    return [e.name for e in get_registry().entries("kernel") if e.strategy.variant != "interpreter"]
+
+
+@attrs.define
+class _Impl:
+    name: str
+    kind: str  # "kernel" | "stack" | "peer"
+    run: Callable[[int], torch.Tensor]
+    check: Callable[[], dict[str, Any]]
+    skip: Callable[[int], str | None] = lambda t: None
+
+
+def _expert_bytes(tensors: dict[str, torch.Tensor]) -> int:
+    total = 0
+    for name in ("experts.w13", "experts.w2", "experts.b13", "experts.b2"):
+        t = tensors.get(name)
+        if t is not None:
+            total += t[0].numel() * t.element_size()
+    return total
+
+
+def _routing(layer: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the runner hands the kernel for ``x``: (hidden states, weights, ids)."""
+    tensors = layer.tensors
+    router = layer.stack.router
+    weights, ids, on_input = router.select(router.logits(x, tensors), tensors)
+    if on_input:
+        x = x * weights.to(x.dtype)
+        weights = torch.ones_like(weights, dtype=torch.float32)
+    return x, weights, ids
+
+
+def _time_rounds(impls: Sequence[_Impl], batches: int, rounds: int, budget_s: float) -> dict[str, list[float]]:
+    times: dict[str, list[float]] = {i.name: [] for i in impls}
+    spent = {i.name: 0.0 for i in impls}
+    for r in range(rounds):
+        b = r % batches
+        for impl in impls:
+            if spent[impl.name] > budget_s and len(times[impl.name]) >= 3:
+                continue
+            start = time.perf_counter()
+            impl.run(b)
+            elapsed = time.perf_counter() - start
+            times[impl.name].append(elapsed)
+            spent[impl.name] += elapsed
+    return times
+
+
+def _measure_dtype(config: Config, dtype: str, kernels: Sequence[str], options: BenchOptions,
+                   progress: Progress, peer_report: dict[str, Any]) -> list[dict[str, Any]]:
+    from moeframe.bench.peers import BATCHED_MM_BUDGET, build_peers, full_block_comparable
+    from moeframe.conformance import kernel_context
+    from moeframe.kernels.torch_reference import TorchReferenceKernel
+    from moeframe.layer import MoELayer
+    from moeframe.plugins import get_registry
+
+    cfg = config.evolve({"model.dtype": dtype})
+    model = cfg.model
+    layer = MoELayer(cfg)
+    reference_layer = layer.reference()
+    tensors = dict(layer.tensors)
+    experts = ExpertWeights(tensors["experts.w13"], tensors["experts.w2"], tensors.get("experts.b13"), tensors.get("experts.b2"))
+    context = kernel_context(model)
+    registry = get_registry()
+    kernel_objs: dict[str, Any] = {}
+    for name in kernels:
+        entry = registry.get("kernel", name)
+        cls = entry.load()
+        params = cfg.stack.kernel.params if name == cfg.stack.kernel.name else getattr(cls, "Params", None)
+        params = params() if isinstance(params, type) else params
+        kernel_objs[name] = cls(context, params)
+    reference = TorchReferenceKernel(context, None)
+
+    peers: list[Any] = []
+    if options.peers:
+        peers, why = build_peers(cfg, tensors)
+        peer_report.setdefault("skipped", why)
+        if peers and full_block_comparable(cfg):
+            # transformers' whole block (its router too) against our reference stack
+            x = torch.randn(8, model.hidden_size, generator=torch.Generator().manual_seed(3)).to(model.torch_dtype)
+            with torch.inference_mode():
+                expected = reference_layer(x)
+                for peer in peers:
+                    if peer.implementation == "eager":
+                        cmp = compare(peer.forward(x), expected, tolerance_for(dtype))
+                        peer_report.setdefault("full_block", {})[dtype] = cmp.as_dict()
+
+    expert_bytes = _expert_bytes(tensors)
+    rows: list[dict[str, Any]] = []
+    g = torch.Generator().manual_seed(cfg.seed + 7)
+    for T in options.tokens:
+        probe = torch.randn(T, model.hidden_size, generator=g).to(model.torch_dtype)
+        with torch.inference_mode():
+            _, _, probe_ids = _routing(layer, probe)
+        touched = max(1, torch.unique(probe_ids).numel())
+        batches = max(2, min(16, math.ceil(COLD_BYTES / (touched * expert_bytes))))
+        xs = [probe] + [torch.randn(T, model.hidden_size, generator=g).to(model.torch_dtype) for _ in range(batches - 1)]
+        with torch.inference_mode():
+            routed = [_routing(layer, x) for x in xs]
+        touched_per_batch = [torch.unique(ids).numel() for _, _, ids in routed]
+        with torch.inference_mode():
+            expected_kernel = reference(*routed[0], experts)
+            expected_stack = reference_layer(xs[0])
+
+        impls: list[_Impl] = []
+
+        def kernel_impl(name: str, fn: Any) -> _Impl:
+            return _Impl(
+                name, "kernel",
+                run=lambda b, fn=fn: fn(*routed[b], experts),
+                check=lambda fn=fn: compare(fn(*routed[0], experts), expected_kernel, tolerance_for(dtype)).as_dict(),
+            )
+
+        for name, fn in kernel_objs.items():
+            impls.append(kernel_impl(name, fn))
+        impls.append(_Impl(
+            "stack", "stack",
+            run=lambda b: layer(xs[b]),
+            check=lambda: compare(layer(xs[0]), expected_stack, tolerance_for(dtype)).as_dict(),
+        ))
+        for peer in peers:
+            impls.append(_Impl(
+                peer.name, "peer",
+                run=lambda b, p=peer: p.experts(*routed[b]),
+                check=lambda p=peer: compare(p.experts(*routed[0]), expected_kernel, tolerance_for(dtype)).as_dict(),
+                skip=lambda t, p=peer: (f"needs {p.memory_needed(t) / 1024**3:.1f} GiB for gathered weights"
+                                        if p.memory_needed(t) > BATCHED_MM_BUDGET else None),
+            ))
+
+        progress.step(0, f"{dtype} T={T}")
+        timed: list[_Impl] = []
+        results: dict[str, dict[str, Any]] = {}
+        with torch.inference_mode():
+            for impl in impls:
+                row: dict[str, Any] = {"dtype": dtype, "tokens": T, "impl": impl.name, "kind": impl.kind, "skipped": None}
+                reason = impl.skip(T)
+                if reason:
+                    row.update(skipped=reason, ok=None)
+                else:
+                    try:
+                        row["error"] = impl.check()
+                        row["ok"] = bool(row["error"]["ok"])
+                    except Exception as exc:  # a peer or plugin kernel failing is a result
+                        row.update(ok=False, failure=f"{type(exc).__name__}: {exc}")
+                    if row["ok"]:
+                        timed.append(impl)
+                    elif "failure" not in row:
+                        row["skipped"] = "disagrees with the reference: not timed"
+                    else:
+                        row["skipped"] = f"failed: {row['failure']}"
+                results[impl.name] = row
+            # one warm-up call per batch for the cheap ones
+            for impl in timed:
+                if T <= 64:
+                    for b in range(1, batches):
+                        impl.run(b)
+            times = _time_rounds(timed, batches, options.repeat, options.budget_s)
+        flops = 2.0 * T * model.top_k * 3 * model.hidden_size * model.intermediate_size
+        for impl in impls:
+            row = results[impl.name]
+            samples = times.get(impl.name, [])
+            if samples:
+                median = statistics.median(samples)
+                used = [touched_per_batch[r % batches] for r in range(len(samples))]
+                read = statistics.mean(used) * expert_bytes
+                row.update(
+                    samples=len(samples), median_s=median, min_s=min(samples), times_s=samples,
+                    tokens_per_s=T / median if median > 0 else None,
+                    flops_per_s=flops / median, bytes_per_s=read / median,
+                    experts_touched=statistics.mean(used), batches=batches,
+                )
+            rows.append(row)
+        progress.step(len(impls), f"{dtype} T={T}")
+    return rows
+
+
+def _attach_fractions(rows: list[dict[str, Any]], limits: MachineLimits) -> None:
+    for row in rows:
+        if "flops_per_s" not in row:
+            continue
+        peak = limits.gemm_flops.get(row["dtype"])
+        row["flops_fraction"] = row["flops_per_s"] / peak if peak else None
+        fp32 = limits.gemm_flops.get("float32")
+        row["flops_fraction_fp32"] = row["flops_per_s"] / fp32 if fp32 else None
+        row["bandwidth_fraction"] = row["bytes_per_s"] / limits.read_bytes_per_s if limits.read_bytes_per_s else None
+
+
+def run_benchmark(config: Config, options: BenchOptions, progress: Progress | None = None) -> dict[str, Any]:
+    """Measure ``config``'s kernels, stack and peers; return the results as plain data.
+
+    The result's ``ok`` is False when a moeframe kernel or the stack disagreed with the
+    reference (peers that disagree are reported but do not fail the run).
+    """
+    from moeframe import __version__
+    from moeframe.bench import overhead as ov
+    from moeframe.bench.peers import transformers_version
+    from moeframe.plugins import get_registry
+
+    p = config.parallel
+    if p.dp_size > 1 or p.tp_size > 1 or (p.ep_size or 1) > 1:
+        raise InputError("moeframe bench runs in one process: leave parallel.dp_size, ep_size and tp_size at 1")
+    if any(t < 0 for t in options.tokens):
+        raise InputError("--tokens must be >= 0")
+    if options.repeat < 1:
+        raise InputError(f"--repeat must be >= 1, got {options.repeat}")
+    registry = get_registry()
+    kernels = list(options.kernels) if options.kernels else default_kernels()
+    for name in kernels:
+        registry.get("kernel", name)  # unknown names fail before any work
+    dtypes = list(options.dtypes or [config.model.dtype])
+    progress = progress or Progress(0)
+    peer_report: dict[str, Any] = {"transformers": transformers_version()}
+
+    limits_before = measure_limits(dtypes)
+    progress.step(1, "limits")
+    rows: list[dict[str, Any]] = []
+    for dtype in dtypes:
+        rows.extend(_measure_dtype(config, dtype, kernels, options, progress, peer_report))
+    limits = limits_before.merge(measure_limits(dtypes))
+    progress.step(1, "limits")
+    _attach_fractions(rows, limits)
+
+    result: dict[str, Any] = {
+        "moeframe": __version__,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "source": config.source,
+        "config": config.to_dict(),
+        "kernels": kernels,
+        "stack": " > ".join([*(w.name for w in config.stack.wrappers), config.stack.runner.name,
+                             config.stack.dispatcher.name, config.stack.kernel.name]),
+        "tokens": list(options.tokens),
+        "dtypes": dtypes,
+        "repeat": options.repeat,
+        "limits": limits.as_dict(),
+        "limits_runs": [limits_before.as_dict()],
+        "results": rows,
+        "peers": peer_report,
+    }
+    if options.overhead:
+        main_dtype = dtypes[0]
+        cfg = config.evolve({"model.dtype": main_dtype})
+        result["overhead"] = {
+            "runner": ov.runner_overhead(cfg, num_tokens=1),
+        }
+        progress.step(1, "overhead: runner")
+        result["overhead"]["chunking"] = ov.chunking_overhead(
+            cfg, options.chunk, [1, options.chunk], rounds=lambda t: 300 if t <= 16 else max(5, options.repeat))
+        progress.step(1, "overhead: chunking")
+        result["overhead"]["import"] = ov.import_overhead()
+        result["overhead"]["triton"] = ov.triton_laziness()
+        progress.step(1, "overhead: import")
+    if options.memory:
+        from moeframe.bench.memory import forward_memory
+
+        result["memory"] = [forward_memory(config.evolve({"model.dtype": d}), options.memory_tokens, options.chunk)
+                            for d in dtypes]
+        progress.step(1, "memory")
+    from moeframe.bench.targets import evaluate_targets
+
+    result["targets"] = evaluate_targets(result)
+    result["ok"] = all(r.get("ok") is not False for r in rows if r["kind"] in ("kernel", "stack"))
+    return result
+
+
+def total_steps(options: BenchOptions, kernels: int, peers: int) -> int:
+    """Progress steps :func:`run_benchmark` will report."""
+    dtypes = len(options.dtypes or [None])
+    steps = 2 + dtypes * len(options.tokens) * (kernels + 1 + peers)
+    if options.overhead:
+        steps += 3
+    if options.memory:
+        steps += 1
+    return steps

@@ -1,0 +1,137 @@
+"""``moeframe bench CONFIG``: kernels, the stack and peers side by side against this
+machine's limits.
+
+For each dtype, token count and implementation (every non-interpreter kernel, or
+``--kernels``; the full configured stack; transformers' experts implementations when
+transformers is installed) it checks the output against the reference, then reports the
+median of ``--repeat`` timed rounds, tokens/s, GFLOP/s, GB/s of expert weights read and
+their fractions of the peak GEMM rate and read bandwidth measured in the same run.
+Tables go to stdout, a progress bar to stderr.  Exit status 1 when a kernel or the stack
+disagrees with the reference, 2 on bad input.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any
+
+from moeframe.cli.common import add_config_arguments, load_from_args
+from moeframe.errors import InputError
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("bench", help="benchmark kernels, the stack and transformers' implementations against this machine's limits")
+    add_config_arguments(p)
+    p.add_argument("--kernels", metavar="A,B", help="comma-separated kernels (default: every registered kernel but interpreter variants)")
+    p.add_argument("--tokens", default="1,16,64,256,1024,4096", metavar="T,...", help="comma-separated token counts (default 1,16,64,256,1024,4096)")
+    p.add_argument("--dtype", metavar="D,...", help="comma-separated dtypes: float32, bfloat16, float16 (default: the config's)")
+    p.add_argument("--repeat", type=int, default=7, metavar="R", help="timed rounds per token count; the median is reported (default 7)")
+    p.add_argument("--budget", type=float, default=20.0, metavar="S",
+                   help="seconds one implementation may take at one token count before stopping at 3 samples (default 20)")
+    p.add_argument("--no-peers", action="store_true", help="leave out transformers' implementations")
+    p.add_argument("--overhead", action="store_true", help="also measure the framework's overhead (runner, chunking, import time)")
+    p.add_argument("--memory", action="store_true", help="also measure peak extra memory of a forward with and without chunking")
+    p.add_argument("--memory-tokens", type=int, default=32768, metavar="T", help="tokens of the --memory forward (default 32768)")
+    p.add_argument("--chunk", type=int, default=1024, metavar="N", help="chunking's max_num_tokens for --overhead and --memory (default 1024)")
+    p.add_argument("--json", type=Path, metavar="FILE", help="write the full results as JSON to FILE (atomically)")
+    p.add_argument("--plot", type=Path, metavar="FILE.png", help="plot GFLOP/s and GB/s against T to FILE.png (needs matplotlib)")
+    p.add_argument("--markdown", type=Path, metavar="FILE.md", help="replace the bench section of FILE.md with the tables")
+    p.set_defaults(func=run)
+
+
+def _int_list(option: str, text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise InputError(f"{option} expects comma-separated integers, got {text!r}") from None
+    if not values:
+        raise InputError(f"{option} expects at least one integer")
+    if any(v < 0 for v in values):
+        raise InputError(f"{option} expects integers >= 0, got {text!r}")
+    return values
+
+
+def _names(text: str | None) -> tuple[str, ...] | None:
+    if text is None:
+        return None
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    return names or None
+
+
+class _Bar:
+    """tqdm on stderr when installed (it stays silent off a terminal), else nothing."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            self._bar: Any = None
+        else:
+            self._bar = tqdm(total=total, file=sys.stderr, unit="step", leave=False, dynamic_ncols=True, disable=None)
+
+    def step(self, n: int = 1, desc: str = "") -> None:
+        if self._bar is not None:
+            if desc:
+                self._bar.set_description(desc, refresh=False)
+            self._bar.update(n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+
+
+def run(args: argparse.Namespace) -> int:
+    from moeframe.bench import BenchOptions, default_kernels, run_benchmark
+    from moeframe.bench.measure import total_steps
+    from moeframe.bench.peers import transformers_version, unsupported_reason
+    from moeframe.bench.report import plot, text_report, update_markdown, write_json
+    from moeframe.config import DTYPE_NAMES
+    from moeframe.plugins import get_registry
+
+    tokens = _int_list("--tokens", args.tokens)
+    dtypes = _names(args.dtype)
+    for d in dtypes or ():
+        if d not in DTYPE_NAMES:
+            raise InputError(f"--dtype: unknown dtype {d!r}; choose from {', '.join(DTYPE_NAMES)}")
+    if args.repeat < 1:
+        raise InputError(f"--repeat must be >= 1, got {args.repeat}")
+    if args.chunk < 1 or args.memory_tokens < 1:
+        raise InputError("--chunk and --memory-tokens must be >= 1")
+    kernels = _names(args.kernels)
+    for name in kernels or ():
+        get_registry().get("kernel", name)  # unknown names: exit 2 before any work
+    for path, what in ((args.json, "--json"), (args.plot, "--plot")):
+        if path is not None and not path.parent.is_dir():
+            raise InputError(f"{what}: directory {str(path.parent)!r} does not exist")
+    if args.plot is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise InputError("--plot needs matplotlib (pip install 'moeframe[bench]')") from None
+    if args.markdown is not None and not args.markdown.is_file():
+        raise InputError(f"--markdown: file {str(args.markdown)!r} not found")
+    config = load_from_args(args)
+    options = BenchOptions(
+        kernels=kernels, tokens=tokens, dtypes=dtypes, repeat=args.repeat, budget_s=args.budget,
+        peers=not args.no_peers, overhead=args.overhead, memory=args.memory,
+        memory_tokens=args.memory_tokens, chunk=args.chunk,
+    )
+    peers = 0 if args.no_peers or transformers_version() is None or unsupported_reason(config) else 3
+    bar = _Bar(total_steps(options, len(kernels or default_kernels()), peers))
+    try:
+        result = run_benchmark(config, options, bar)
+    finally:
+        bar.close()
+    sys.stdout.write(text_report(result))
+    if args.json is not None:
+        write_json(result, args.json)
+    if args.plot is not None:
+        plot(result, args.plot)
+    if args.markdown is not None:
+        update_markdown(args.markdown, result)
+    if not result["ok"]:
+        sys.stderr.write("moeframe bench: a kernel or the stack disagrees with the reference (see the check column)\n")
+    return 0 if result["ok"] else 1

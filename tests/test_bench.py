@@ -1,0 +1,305 @@
+"""``moeframe bench``: the command on a tiny config, its JSON, its refusals, and the pieces
+(memory accounting, targets, Markdown, peers).  No timing is asserted."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from moeframe.bench.limits import MachineLimits
+from moeframe.cli.main import main
+
+TINY = """
+seed = 0
+[model]
+num_experts = 8
+top_k = 2
+hidden_size = 32
+intermediate_size = 16
+[router]
+name = "softmax_topk"
+weights_dtype = "activation"
+[stack]
+kernel = "fused_cpu"
+"""
+
+WRONG_KERNEL = """
+import torch
+from moeframe import hookimpl, Strategy, Kernel
+
+class HalfKernel(Kernel):
+    def __call__(self, hidden_states, topk_weights, topk_ids, experts):
+        from moeframe.kernels.torch_reference import TorchReferenceKernel
+        return 0.5 * TorchReferenceKernel.__call__(self, hidden_states, topk_weights, topk_ids, experts)
+
+@hookimpl
+def register_kernels():
+    return [Strategy("half", HalfKernel, "computes half of the right answer")]
+"""
+
+
+@pytest.fixture
+def tiny(tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY)
+    return path
+
+
+@pytest.fixture
+def fixed_limits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Skip the limit measurements (seconds each) where a test does not look at them."""
+    def fake(dtypes, repeat=3):
+        return MachineLimits({d: 1e11 for d in ["float32", *dtypes]}, {}, 2e10, {"float32": 2e10}, 1)
+
+    monkeypatch.setattr("moeframe.bench.measure.measure_limits", fake)
+
+
+def run(capsys, *argv: str) -> tuple[int, str, str]:
+    code = main(["bench", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(err: str) -> str:
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("moeframe: error: ") and "Traceback" not in err, err
+    return lines[0]
+
+
+def test_bench_smoke_json_shape(capsys, tiny, tmp_path):
+    out_json = tmp_path / "bench.json"
+    code, out, _ = run(capsys, str(tiny), "--tokens", "1,4", "--repeat", "2", "--dtype", "float32",
+                       "--kernels", "fused_cpu,torch", "--no-peers", "--json", str(out_json))
+    assert code == 0, out
+    assert "Results, float32" in out and "Targets" in out
+    data = json.loads(out_json.read_text())
+    assert data["ok"] is True and data["dtypes"] == ["float32"] and data["tokens"] == [1, 4]
+    assert set(data["limits"]["gemm_flops"]) == {"float32"} and data["limits"]["read_bytes_per_s"] > 0
+    rows = {(r["tokens"], r["impl"]): r for r in data["results"]}
+    assert set(rows) == {(t, i) for t in (1, 4) for i in ("fused_cpu", "torch", "stack")}
+    for row in rows.values():
+        assert row["ok"] is True and row["error"]["ok"] is True and row["samples"] == 2
+        assert row["median_s"] > 0 and row["flops_per_s"] > 0 and row["bytes_per_s"] > 0
+        assert 0 < row["flops_fraction"] and 0 < row["bandwidth_fraction"]
+        assert row["flops_per_s"] == pytest.approx(2 * row["tokens"] * 2 * 3 * 32 * 16 / row["median_s"])
+    names = [t["name"] for t in data["targets"]]
+    assert "fused_cpu decode float32" in names and "fused_cpu prefill float32" in names
+    prefill = next(t for t in data["targets"] if t["name"] == "fused_cpu prefill float32")
+    assert prefill["met"] is None  # no T >= 512 measured
+    assert not list(tmp_path.glob(".bench.json*"))  # the atomic write left no temp file
+
+
+def test_bench_refuses_a_kernel_that_disagrees(capsys, tiny, tmp_path, fake_dists, fixed_limits):
+    fake_dists.add("moeframe-half", "0.1", {"half_kernel": WRONG_KERNEL}, {"half": "half_kernel"})
+    out_json = tmp_path / "bench.json"
+    code, out, err = run(capsys, str(tiny), "--tokens", "2", "--repeat", "1", "--kernels", "half,fused_cpu",
+                         "--no-peers", "--json", str(out_json))
+    assert code == 1
+    assert "disagrees" in err and "DISAGREES" not in out  # not timed, so no timed row claims a check
+    data = json.loads(out_json.read_text())
+    half = next(r for r in data["results"] if r["impl"] == "half")
+    assert half["ok"] is False and "median_s" not in half and "disagrees" in half["skipped"]
+    assert data["ok"] is False
+    assert next(r for r in data["results"] if r["impl"] == "fused_cpu")["ok"] is True
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tokens", "abc"], "--tokens expects comma-separated integers"),
+    (["--tokens", "1,-4"], "--tokens expects integers >= 0"),
+    (["--kernels", "nosuch"], "unknown kernel 'nosuch'"),
+    (["--dtype", "float64"], "--dtype: unknown dtype 'float64'"),
+    (["--repeat", "0"], "--repeat must be >= 1"),
+    (["--json", "/nonexistent/dir/x.json"], "--json: directory"),
+    (["--markdown", "/nonexistent.md"], "--markdown: file"),
+])
+def test_bench_bad_input_is_one_line_and_status_2(capsys, tiny, argv, message):
+    code, out, err = run(capsys, str(tiny), *argv)
+    assert code == 2
+    assert message in one_line_error(err)
+    assert out == ""
+
+
+def test_bench_unknown_config_is_status_2(capsys):
+    code, _, err = run(capsys, "no-such-preset")
+    assert code == 2 and "no config file or preset" in one_line_error(err)
+
+
+def test_interpreter_kernels_are_left_out_by_default(fake_dists):
+    from moeframe.bench import default_kernels
+
+    fake_dists.add("moeframe-slow", "0.1", {"slow_kernel": """
+from moeframe import hookimpl, Strategy
+@hookimpl
+def register_kernels():
+    return [Strategy("slowpoke", "moeframe.kernels.torch_reference:TorchReferenceKernel", "", variant="interpreter")]
+"""}, {"slow": "slow_kernel"})
+    names = default_kernels()
+    assert "fused_cpu" in names and "torch" in names and "slowpoke" not in names
+
+
+def test_markdown_section_is_replaced(capsys, tiny, tmp_path, fixed_limits):
+    doc = tmp_path / "perf.md"
+    doc.write_text("# Perf\n\nbefore\n\n<!-- bench:begin -->\nold table\n<!-- bench:end -->\n\nafter\n")
+    code, _, _ = run(capsys, str(tiny), "--tokens", "1", "--repeat", "1", "--no-peers", "--markdown", str(doc))
+    assert code == 0
+    text = doc.read_text()
+    assert "old table" not in text and text.startswith("# Perf\n\nbefore") and text.endswith("after\n")
+    assert "| T | implementation |" in text and "### Targets" in text
+    doc.write_text("no markers here\n")
+    code, _, err = run(capsys, str(tiny), "--tokens", "1", "--repeat", "1", "--no-peers", "--markdown", str(doc))
+    assert code == 2 and "no '<!-- bench:begin -->'" in one_line_error(err)
+
+
+def test_plot_is_written(capsys, tiny, tmp_path, fixed_limits):
+    pytest.importorskip("matplotlib")
+    png = tmp_path / "plot.png"
+    code, _, _ = run(capsys, str(tiny), "--tokens", "0,1,2", "--repeat", "1", "--no-peers", "--plot", str(png))
+    assert code == 0 and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_peak_extra_bytes_integrates_allocations_and_frees():
+    from moeframe.bench.memory import peak_extra_bytes
+
+    def work():
+        a = torch.empty(1000, 1000)  # 4 MB
+        b = torch.empty(2000, 1000)  # 8 MB: 12 MB held here, the peak
+        del a
+        c = torch.empty(500, 1000)   # 2 MB: 10 MB held
+        return b, c
+
+    work()
+    peak, net, (b, c) = peak_extra_bytes(work)
+    assert peak == 12_000_000 and net == 10_000_000
+
+
+def _result(kernel_rows, peer_rows=(), overhead=None):
+    base = {"config": {"stack": {"kernel": "k"}}, "dtypes": ["float32"], "peers": {}}
+    rows = [{"dtype": "float32", "impl": "k", "kind": "kernel", "ok": True, **r} for r in kernel_rows]
+    rows += [{"dtype": "float32", "impl": "hf-eager", "kind": "peer", "ok": True, **r} for r in peer_rows]
+    return {**base, "results": rows, **({"overhead": overhead} if overhead else {})}
+
+
+def test_targets_met_and_not_met():
+    from moeframe.bench.targets import evaluate_targets
+
+    result = _result(
+        [{"tokens": 1, "median_s": 1.0, "bandwidth_fraction": 0.7, "flops_fraction": 0.01},
+         {"tokens": 16, "median_s": 2.0, "bandwidth_fraction": 0.6, "flops_fraction": 0.1},
+         {"tokens": 512, "median_s": 3.0, "bandwidth_fraction": 0.1, "flops_fraction": 0.9},
+         {"tokens": 1024, "median_s": 4.0, "bandwidth_fraction": 0.1, "flops_fraction": 0.84}],
+        [{"tokens": t, "median_s": s} for t, s in ((1, 2.0), (16, 2.5), (512, 2.9), (1024, 9.0))],
+    )
+    targets = {t["name"]: t for t in evaluate_targets(result)}
+    assert targets["k prefill float32"]["met"] is False and targets["k prefill float32"]["measured"] == "0.84"
+    assert targets["k decode float32"]["met"] is False and targets["k decode float32"]["measured"] == "0.60"
+    assert targets["k vs transformers float32"]["met"] is False  # 3.0 / 2.9 at T=512
+    result["results"][2]["median_s"] = 2.0
+    result["results"][1]["bandwidth_fraction"] = 0.66
+    result["results"][3]["flops_fraction"] = 0.86
+    targets = {t["name"]: t for t in evaluate_targets(result)}
+    assert all(targets[n]["met"] for n in ("k prefill float32", "k decode float32", "k vs transformers float32"))
+
+
+def test_overhead_targets():
+    from moeframe.bench.targets import evaluate_targets
+
+    overhead = {
+        "runner": {"ratio": 1.01, "paired_ratio": 1.0, "median_s": [1.01e-3, 1e-3]},
+        "chunking": {"chunk": 1024, "points": [{"tokens": 1, "ratio": 1.02}, {"tokens": 1024, "ratio": 1.04}]},
+        "import": {"ratio": 0.02, "registry_ratio": 0.05, "median_s": {"import moeframe": 0.05, "import torch": 2.5}},
+        "triton": {"registered": True, "imported_on_register": False, "imported_on_first_use": True},
+    }
+    targets = {t["name"]: t for t in evaluate_targets(_result([], overhead=overhead))}
+    assert targets["runner overhead (T=1)"]["met"] is True
+    assert targets["chunking (1024) overhead"]["met"] is False and targets["chunking (1024) overhead"]["measured"] == "1.040"
+    assert targets["import time"]["met"] is True
+    assert targets["triton plugin registration"]["met"] is True
+
+
+def test_compare_alternating_reports_both_sides():
+    from moeframe.bench.overhead import compare_alternating
+
+    calls = []
+    result = compare_alternating(lambda i: calls.append(("a", i)), lambda i: calls.append(("b", i)), rounds=6, batches=3, warmup=1)
+    assert result["rounds"] == 6 and len(result["median_s"]) == 2 and result["ratio"] > 0
+    assert calls[6:8] == [("a", 0), ("b", 0)] and calls[8:10] == [("b", 1), ("a", 1)]
+
+
+def test_runner_overhead_checks_equality_and_reports(tmp_path):
+    from moeframe.bench.overhead import runner_overhead
+    from moeframe.config import load_config
+
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY)
+    result = runner_overhead(load_config(path), rounds=4, batches=2)
+    assert result["tokens"] == 1 and result["kernel"] == "fused_cpu" and result["ratio"] > 0
+
+
+def test_chunking_memory_is_measured_with_and_without_wrapper(tmp_path):
+    from moeframe.bench.memory import forward_memory
+    from moeframe.config import load_config
+
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY)
+    report = forward_memory(load_config(path), num_tokens=512, chunk=64)
+    stacks = {v["stack"]: v for v in report["variants"]}
+    assert set(stacks) == {"no wrappers", "chunking (64)"}
+    for v in stacks.values():
+        assert v["peak_extra_bytes"] >= report["output_bytes"]  # the output is allocated during the forward
+    assert stacks["chunking (64)"]["workspace_bytes"] > 0 and stacks["no wrappers"]["workspace_bytes"] == 0
+
+
+class TestPeers:
+    @pytest.fixture(autouse=True)
+    def _needs_transformers(self):
+        pytest.importorskip("transformers")
+
+    @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+    def test_peers_agree_with_the_reference(self, dtype):
+        from moeframe.bench.peers import build_peers
+        from moeframe.layer import MoELayer
+        from moeframe.numerics import compare, tolerance_for
+
+        layer = MoELayer(TINY_CONFIG(dtype))
+        peers, why = build_peers(layer.config, layer.tensors)
+        assert why is None and [p.name for p in peers] == ["hf-eager", "hf-grouped_mm", "hf-batched_mm"]
+        x = torch.randn(9, 32).to(layer.config.model.torch_dtype)
+        reference = layer.reference()
+        with torch.inference_mode():
+            expected = reference(x)
+            for peer in peers:
+                assert peer.block.experts.gate_up_proj.data_ptr() == layer.tensors["experts.w13"].data_ptr()
+                assert compare(peer.forward(x), expected, tolerance_for(dtype)).ok, peer.name
+                router = layer.stack.router
+                w, ids, _ = router.select(router.logits(x, layer.tensors), layer.tensors)
+                assert compare(peer.experts(x, w, ids), expected, tolerance_for(dtype)).ok, peer.name
+
+    def test_unsupported_configs_say_why(self):
+        from moeframe.bench.peers import build_peers
+        from moeframe.config import load_config
+
+        config = load_config("gpt-oss")
+        peers, why = build_peers(config, {})
+        assert peers == [] and "swigluoai" in why
+
+
+def TINY_CONFIG(dtype: str):
+    import tomllib
+
+    from moeframe.config import load_config
+
+    data = tomllib.loads(TINY)
+    data["model"]["dtype"] = dtype
+    return load_config(data)
+
+
+def test_bench_without_transformers_says_so(capsys, tiny, monkeypatch, fixed_limits):
+    import moeframe.bench.peers as peers
+
+    monkeypatch.setattr(peers, "transformers_version", lambda: None)
+    code, out, _ = run(capsys, str(tiny), "--tokens", "1", "--repeat", "1")
+    assert code == 0 and "peers skipped: transformers is not installed" in out
+    assert not any(line.split()[1:2] == ["hf-eager"] for line in out.splitlines() if line.strip())

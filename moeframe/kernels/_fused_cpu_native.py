@@ -28,7 +28,7 @@ from pathlib import Path
 
 __all__ = ["SOURCE", "CFLAGS", "NativeUnavailable", "NativeLibrary", "load_native", "cache_dir"]
 
-CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
+CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fno-tree-loop-distribute-patterns", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
 
 SOURCE = r"""
 /* moeframe fused_cpu: the routed experts of a MoE layer on x86-64 CPUs with AVX2 and FMA.
@@ -62,7 +62,9 @@ SOURCE = r"""
 
 enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
 enum { ACT_SILU = 0, ACT_GELU = 1, ACT_SWIGLUOAI = 2 };
-enum { PANEL = 16, ITEM = 64, MAXR = 8 };
+enum { PANEL = 16, ITEM = 64, ITEM_MAX = ITEM + PANEL, MAXR = 8 };
+/* Work items: an expert's pairs are cut into items of ITEM tokens, the last one taking up
+   to ITEM_MAX (so that no item is left with a handful of tokens). */
 
 /* ------------------------------------------------------------------ element conversion */
 AI __m256 load8(const void *p, long i, const int dt) {
@@ -173,22 +175,45 @@ static void act_rows(float *h, const float *g, const float *u, long n, act_t act
 }
 
 /* ------------------------------------------------------------------ micro-kernels */
-/* panel: acc[r][0..15] = sum_k w[r][k] * xp[k][0..15], R <= 6 fp32 weight rows */
-AI void panel_kernel(const int R, const float *const *w, const float *xp, long K, __m256 *out) {
-    __m256 acc[12]; /* a local array with constant indices only, so that it lives in registers */
-    const float *row[6];
-    for (int r = 0; r < R; r++) row[r] = w[r];
-    for (int r = 0; r < 2 * R; r++) acc[r] = _mm256_setzero_ps();
-    for (long k = 0; k < K; k++) {
-        const __m256 x0 = _mm256_loadu_ps(xp + PANEL * k), x1 = _mm256_loadu_ps(xp + PANEL * k + 8);
-        for (int r = 0; r < R; r++) {
-            const __m256 b = _mm256_broadcast_ss(row[r] + k);
-            acc[2 * r] = _mm256_fmadd_ps(b, x0, acc[2 * r]);
-            acc[2 * r + 1] = _mm256_fmadd_ps(b, x1, acc[2 * r + 1]);
-        }
+/* panel: out[2r + i] = sum_k wp[k][r] * xp[k][8i .. 8i+8) for R <= 6 weight rows packed as
+   [K][R] (fp32) and a [K][16] token panel.  The 12 accumulators are named variables (an
+   array would be kept in memory by the compiler). */
+#define PK_STEP(r)                                                  \
+    if (R > r) {                                                    \
+        const __m256 b = _mm256_broadcast_ss(wp + r * rs + k * ks);  \
+        a##r##0 = _mm256_fmadd_ps(b, x0, a##r##0);                  \
+        a##r##1 = _mm256_fmadd_ps(b, x1, a##r##1);                  \
     }
-    for (int r = 0; r < 2 * R; r++) out[r] = acc[r];
-}
+#define PK_OUT(r)                   \
+    if (R > r) {                    \
+        out[2 * r] = a##r##0;       \
+        out[2 * r + 1] = a##r##1;   \
+    }
+#define PANEL_DEF(RR)                                                                                      \
+    static __attribute__((noinline)) void panel_##RR(const float *wp, long rs, long ks, const float *xp, long K,  \
+                                                     __m256 *out, const char *const *pf, long pf_bytes) {      \
+        enum { R = RR };                                                                                  \
+        const __m256 z = _mm256_setzero_ps();                                                             \
+        __m256 a00 = z, a01 = z, a10 = z, a11 = z, a20 = z, a21 = z, a30 = z, a31 = z, a40 = z, a41 = z;   \
+        __m256 a50 = z, a51 = z;                                                                          \
+        for (long k0 = 0; k0 < K; k0 += 16) {                                                             \
+            if (pf) { /* the next tile's weight rows: one line of each per 16 steps */                    \
+                const long off = k0 * pf_bytes / K;                                                       \
+                for (int r = 0; r < R; r++) _mm_prefetch(pf[r] + off, _MM_HINT_T0);                       \
+            }                                                                                             \
+            const long k1 = k0 + 16 < K ? k0 + 16 : K;                                                    \
+            for (long k = k0; k < k1; k++) {                                                              \
+                const __m256 x0 = _mm256_loadu_ps(xp + PANEL * k), x1 = _mm256_loadu_ps(xp + PANEL * k + 8); \
+                PK_STEP(0) PK_STEP(1) PK_STEP(2) PK_STEP(3) PK_STEP(4) PK_STEP(5)                         \
+            }                                                                                             \
+        }                                                                                                 \
+        PK_OUT(0) PK_OUT(1) PK_OUT(2) PK_OUT(3) PK_OUT(4) PK_OUT(5)                                       \
+    }
+typedef void (*panel_fn)(const float *wp, long rs, long ks, const float *xp, long K, __m256 *out, const char *const *pf,
+                         long pf_bytes);
+PANEL_DEF(1) PANEL_DEF(2) PANEL_DEF(3) PANEL_DEF(4) PANEL_DEF(5) PANEL_DEF(6)
+static const panel_fn PANELS[7] = {0, panel_1, panel_2, panel_3, panel_4, panel_5, panel_6};
+
 
 AI float hsum8(__m256 v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -209,31 +234,43 @@ AI long perm16(long i, long K) {
 
 /* dot: res[r*M + m] = sum_k w[r][k] * x[m][k] for R weight rows (dtype dt) and M fp32 rows
    (in bf16 order when dt is bf16).  Each weight element is loaded once, 16 at a time. */
+AI void dot_block(const int R, const int M, const void *const *w, const int dt, const float *x, long K, long k,
+                  __m256 *acc) {
+    const __m256i hi16 = _mm256_set1_epi32((int)0xffff0000u);
+    for (int r = 0; r < R; r++) {
+        __m256 wa, wb;
+        if (dt == DT_F32) {
+            wa = _mm256_loadu_ps((const float *)w[r] + k);
+            wb = _mm256_loadu_ps((const float *)w[r] + k + 8);
+        } else if (dt == DT_BF16) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)((const uint16_t *)w[r] + k));
+            wa = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+            wb = _mm256_castsi256_ps(_mm256_and_si256(v, hi16));
+        } else {
+            wa = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)w[r] + k)));
+            wb = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)w[r] + k + 8)));
+        }
+        for (int m = 0; m < M; m++) {
+            acc[r * M + m] = _mm256_fmadd_ps(wa, _mm256_loadu_ps(x + m * K + k), acc[r * M + m]);
+            acc[r * M + m] = _mm256_fmadd_ps(wb, _mm256_loadu_ps(x + m * K + k + 8), acc[r * M + m]);
+        }
+    }
+}
+
+/* dot: res[r*M + m] = sum_k w[r][k] * x[m][k] for R weight rows (dtype dt) and M fp32 rows
+   (in bf16 order when dt is bf16).  Each weight element is loaded once, 16 at a time;
+   16-bit rows go 32 at a time (a whole cache line of each row per step, so that as many
+   lines are in flight as for fp32 rows). */
 AI void dot_kernel(const int R, const int M, const void *const *w, const int dt, const float *x, long K, float *res) {
     __m256 acc[12];
     for (int i = 0; i < R * M; i++) acc[i] = _mm256_setzero_ps();
-    const __m256i hi16 = _mm256_set1_epi32((int)0xffff0000u);
     long k = 0;
-    for (; k + 16 <= K; k += 16) {
-        for (int r = 0; r < R; r++) {
-            __m256 wa, wb;
-            if (dt == DT_F32) {
-                wa = _mm256_loadu_ps((const float *)w[r] + k);
-                wb = _mm256_loadu_ps((const float *)w[r] + k + 8);
-            } else if (dt == DT_BF16) {
-                const __m256i v = _mm256_loadu_si256((const __m256i *)((const uint16_t *)w[r] + k));
-                wa = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
-                wb = _mm256_castsi256_ps(_mm256_and_si256(v, hi16));
-            } else {
-                wa = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)w[r] + k)));
-                wb = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)w[r] + k + 8)));
-            }
-            for (int m = 0; m < M; m++) {
-                acc[r * M + m] = _mm256_fmadd_ps(wa, _mm256_loadu_ps(x + m * K + k), acc[r * M + m]);
-                acc[r * M + m] = _mm256_fmadd_ps(wb, _mm256_loadu_ps(x + m * K + k + 8), acc[r * M + m]);
-            }
+    if (dt != DT_F32)
+        for (; k + 32 <= K; k += 32) {
+            dot_block(R, M, w, dt, x, K, k, acc);
+            dot_block(R, M, w, dt, x, K, k + 16, acc);
         }
-    }
+    for (; k + 16 <= K; k += 16) dot_block(R, M, w, dt, x, K, k, acc);
     for (; k + 8 <= K; k += 8)
         for (int r = 0; r < R; r++) {
             const __m256 wa = load8(w[r], k, dt);
@@ -291,6 +328,27 @@ static void dot_any(int dt, int R, int M, const void *const *w, const float *x, 
 }
 
 /* ------------------------------------------------------------------ packing */
+/* in-place transpose of an 8x8 block held in 8 vectors */
+AI void transpose8(__m256 *v) {
+    __m256 t0 = _mm256_unpacklo_ps(v[0], v[1]), t1 = _mm256_unpackhi_ps(v[0], v[1]);
+    __m256 t2 = _mm256_unpacklo_ps(v[2], v[3]), t3 = _mm256_unpackhi_ps(v[2], v[3]);
+    __m256 t4 = _mm256_unpacklo_ps(v[4], v[5]), t5 = _mm256_unpackhi_ps(v[4], v[5]);
+    __m256 t6 = _mm256_unpacklo_ps(v[6], v[7]), t7 = _mm256_unpackhi_ps(v[6], v[7]);
+    __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    v[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+    v[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+    v[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+    v[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+    v[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+    v[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+    v[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+    v[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+
+
 /* xp[k][j] = x[tok[j]][k] for j < 16 (a [K][16] panel, fp32) */
 AI void pack_panel(const void *x, const int dt, long K, const int32_t *tok, float *xp) {
     long k = 0;
@@ -344,15 +402,37 @@ AI void pack_rows(const void *x, const int dt, long K, const int32_t *tok, int m
     }
 }
 
-/* fp32 copies of n weight rows of length K (for the panel kernel on bf16/fp16 weights) */
-AI void widen_rows(const void *const *src, int n, const int dt, long K, float *dst, const float **rows) {
-    for (int r = 0; r < n; r++) {
-        float *d = dst + r * K;
-        long k = 0;
-        for (; k + 8 <= K; k += 8) _mm256_storeu_ps(d + k, load8(src[r], k, dt));
-        for (; k < K; k++) d[k] = load1(src[r], k, dt);
-        rows[r] = d;
+/* wp[k][r] = w[r][k] as fp32, for R <= 6 rows of length K (the panel kernel's operand).
+   Writes up to 2 floats past wp[K * R] (the caller leaves room). */
+AI void pack_w(const void *const *w, const int R, const int dt, long K, float *wp) {
+    long k = 0;
+    if (R == 6) {
+        const __m256 z = _mm256_setzero_ps();
+        for (; k + 8 <= K; k += 8) {
+            const __m256 r0 = load8(w[0], k, dt), r1 = load8(w[1], k, dt), r2 = load8(w[2], k, dt);
+            const __m256 r3 = load8(w[3], k, dt), r4 = load8(w[4], k, dt), r5 = load8(w[5], k, dt);
+            /* 8x8 transpose of rows r0..r5 and two zero rows; column q = (w0..w5)[k+q], 0, 0 */
+            __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
+            __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
+            __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
+            __m256 t6 = _mm256_unpacklo_ps(z, z), t7 = t6;
+            __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+            __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+            __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+            __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+            float *d = wp + k * 6;
+            _mm256_storeu_ps(d + 0 * 6, _mm256_permute2f128_ps(s0, s4, 0x20));
+            _mm256_storeu_ps(d + 1 * 6, _mm256_permute2f128_ps(s1, s5, 0x20));
+            _mm256_storeu_ps(d + 2 * 6, _mm256_permute2f128_ps(s2, s6, 0x20));
+            _mm256_storeu_ps(d + 3 * 6, _mm256_permute2f128_ps(s3, s7, 0x20));
+            _mm256_storeu_ps(d + 4 * 6, _mm256_permute2f128_ps(s0, s4, 0x31));
+            _mm256_storeu_ps(d + 5 * 6, _mm256_permute2f128_ps(s1, s5, 0x31));
+            _mm256_storeu_ps(d + 6 * 6, _mm256_permute2f128_ps(s2, s6, 0x31));
+            _mm256_storeu_ps(d + 7 * 6, _mm256_permute2f128_ps(s3, s7, 0x31));
+        }
     }
+    for (; k < K; k++)
+        for (int r = 0; r < R; r++) wp[k * R + r] = load1(w[r], k, dt);
 }
 
 /* ------------------------------------------------------------------ one call */
@@ -371,166 +451,223 @@ typedef struct {
     float *hbuf;
 } ctx_t;
 
-/* Phase 1 of one item for neurons [n0, n1): h (item layout: panels [I][16], then rows [I]). */
+/* How an item is computed.  Tile mode (m >= TILE_MIN tokens): for each tile of weight rows
+   (read from memory once), the full 16-token panels go through the panel kernel and the
+   m % 16 tail tokens through the dot kernel, in chunks of at most 6, while the tile is
+   still in cache.  Stream mode (fewer tokens, decode): the dot kernel over long contiguous
+   runs of rows. */
+enum { TILE_MIN = 7, TAIL_CHUNK = 6 };
+
+/* Layout of an item's rows of h: the full panels ([I][16] each), then the tail tokens' rows
+   ([I] each, in bf16 order for bf16 weights). */
+AI int item_panels(int m) { return m >= TILE_MIN ? m / PANEL : 0; }
+AI long item_slots(int m) { return m; }
+
+/* Phase 1 of one item for neurons [n0, n1): h = act(x W_gate^T + b) * (x W_up^T + b). */
 AI void phase1(const ctx_t *c, const int dt, const item_t *it, float *h, long n0, long n1, float *scr, float *wsc,
                float *usc) {
     const long H = c->H, I = c->I;
-    const int m = it->m, npan = m / PANEL, rem = m % PANEL;
-    int32_t tok[ITEM];
-    for (int j = 0; j < m; j++) tok[j] = c->pairs[it->start + j] / (int32_t)c->topk;
-    const char *w13 = (const char *)c->w13 + (long)it->expert * 2 * I * H * (dt == DT_F32 ? 4 : 2);
+    const int m = it->m, npan = item_panels(m), tail = m - npan * PANEL;
     const long esz = dt == DT_F32 ? 4 : 2;
+    int32_t tok[ITEM_MAX];
+    for (int j = 0; j < m; j++) tok[j] = c->pairs[it->start + j] / (int32_t)c->topk;
+    const char *w13 = (const char *)c->w13 + (long)it->expert * 2 * I * H * esz;
     const void *b13 = c->b13 ? (const char *)c->b13 + (long)it->expert * 2 * I * esz : NULL;
-    if (npan) {
-        for (int p = 0; p < npan; p++) pack_panel(c->x, dt, H, tok + p * PANEL, scr + (long)p * H * PANEL);
-        for (long n = n0; n < n1; n += 3) {
-            const int nn = (int)(n1 - n < 3 ? n1 - n : 3);
-            const void *src[6];
-            const float *rows[6];
-            for (int j = 0; j < nn; j++) {
-                src[j] = w13 + (n + j) * H * esz;
-                src[nn + j] = w13 + (I + n + j) * H * esz;
+    float *xr = scr + (long)npan * PANEL * H; /* the tail tokens' rows */
+    float *hr = h + (long)npan * PANEL * I;
+    for (int p = 0; p < npan; p++) pack_panel(c->x, dt, H, tok + p * PANEL, scr + (long)p * H * PANEL);
+    if (tail) pack_rows(c->x, dt, H, tok + npan * PANEL, tail, xr);
+    if (m >= TILE_MIN) {
+        /* tiles of 6 neurons: their 6 gate rows, then their 6 up rows */
+        for (long n = n0; n < n1; n += 6) {
+            const int nn = (int)(n1 - n < 6 ? n1 - n : 6);
+            const char *gate = w13 + n * H * esz, *up = w13 + (I + n) * H * esz;
+            const int more = n + 12 <= n1;
+            const char *next[6], *next_up[6];
+            for (int j = 0; more && j < 6; j++) {
+                next[j] = gate + (6 + j) * H * esz;
+                next_up[j] = up + (6 + j) * H * esz;
             }
-            if (dt == DT_F32) {
-                for (int j = 0; j < 2 * nn; j++) rows[j] = (const float *)src[j];
-            } else {
-                widen_rows(src, 2 * nn, dt, H, wsc, rows);
-            }
-            for (int p = 0; p < npan; p++) {
-                __m256 acc[12];
-                const float *xp = scr + (long)p * H * PANEL;
-                if (nn == 3) panel_kernel(6, rows, xp, H, acc);
-                else if (nn == 2) panel_kernel(4, rows, xp, H, acc);
-                else panel_kernel(2, rows, xp, H, acc);
-                for (int j = 0; j < nn; j++) {
-                    __m256 g0 = acc[2 * j], g1 = acc[2 * j + 1], u0 = acc[2 * (nn + j)], u1 = acc[2 * (nn + j) + 1];
-                    if (b13) {
-                        const __m256 bg = _mm256_set1_ps(load1(b13, n + j, dt)), bu = _mm256_set1_ps(load1(b13, I + n + j, dt));
-                        g0 = _mm256_add_ps(g0, bg); g1 = _mm256_add_ps(g1, bg);
-                        u0 = _mm256_add_ps(u0, bu); u1 = _mm256_add_ps(u1, bu);
+            if (npan) {
+                const float *wg, *wu;
+                long rs, ks;
+                if (dt == DT_F32) { /* broadcast straight from the rows */
+                    wg = (const float *)gate, wu = (const float *)up, rs = H, ks = 1;
+                } else { /* widened to fp32, packed [K][nn] */
+                    const void *src[6];
+                    for (int j = 0; j < nn; j++) src[j] = gate + j * H * esz;
+                    pack_w(src, nn, dt, H, wsc);
+                    for (int j = 0; j < nn; j++) src[j] = up + j * H * esz;
+                    pack_w(src, nn, dt, H, wsc + 6 * H + 8);
+                    wg = wsc, wu = wsc + 6 * H + 8, rs = 1, ks = nn;
+                }
+                for (int p = 0; p < npan; p++) {
+                    __m256 ga[12], ua[12];
+                    const float *xp = scr + (long)p * H * PANEL;
+                    /* while the first panel computes, prefetch the next tile's rows */
+                    PANELS[nn](wg, rs, ks, xp, H, ga, p == 0 && more ? next : NULL, H * esz);
+                    PANELS[nn](wu, rs, ks, xp, H, ua, p == 0 && more ? next_up : NULL, H * esz);
+                    for (int j = 0; j < nn; j++) {
+                        __m256 g0 = ga[2 * j], g1 = ga[2 * j + 1], u0 = ua[2 * j], u1 = ua[2 * j + 1];
+                        if (b13) {
+                            const __m256 bg = _mm256_set1_ps(load1(b13, n + j, dt)), bu = _mm256_set1_ps(load1(b13, I + n + j, dt));
+                            g0 = _mm256_add_ps(g0, bg); g1 = _mm256_add_ps(g1, bg);
+                            u0 = _mm256_add_ps(u0, bu); u1 = _mm256_add_ps(u1, bu);
+                        }
+                        float *hp = h + (long)p * I * PANEL + (n + j) * PANEL;
+                        _mm256_storeu_ps(hp, act8(g0, u0, c->act));
+                        _mm256_storeu_ps(hp + 8, act8(g1, u1, c->act));
                     }
-                    float *hp = h + (long)p * I * PANEL + (n + j) * PANEL;
-                    _mm256_storeu_ps(hp, act8(g0, u0, c->act));
-                    _mm256_storeu_ps(hp + 8, act8(g1, u1, c->act));
+                }
+            }
+            /* the tail tokens against the same 12 rows, still in cache */
+            for (int t0 = 0; t0 < tail; t0 += TAIL_CHUNK) {
+                const int mm = tail - t0 < TAIL_CHUNK ? tail - t0 : TAIL_CHUNK;
+                const int rows = DOT_ROWS[mm];
+                const void *src[12];
+                for (int j = 0; j < nn; j++) {
+                    src[j] = gate + j * H * esz;
+                    src[nn + j] = up + j * H * esz;
+                }
+                float res[12 * TAIL_CHUNK];
+                for (int r = 0; r < 2 * nn; r += rows)
+                    dot_any(dt, 2 * nn - r < rows ? 2 * nn - r : rows, mm, src + r, xr + (long)t0 * H, H, res + r * mm);
+                for (int j = 0; j < nn; j++) {
+                    const long pn = dt == DT_BF16 ? perm16(n + j, I) : n + j;
+                    const float bg = b13 ? load1(b13, n + j, dt) : 0.0f, bu = b13 ? load1(b13, I + n + j, dt) : 0.0f;
+                    for (int t = 0; t < mm; t++) {
+                        hr[(long)(t0 + t) * I + pn] = res[j * mm + t] + bg;
+                        usc[(long)(t0 + t) * I + pn] = res[(nn + j) * mm + t] + bu;
+                    }
+                }
+            }
+        }
+    } else {
+        /* stream mode: nd streams, each a contiguous run of `chunk` neurons (gate rows and
+           up rows); long contiguous streams keep the hardware prefetchers busy */
+        const int nd = DOT_NEURONS[m];
+        const long len = n1 - n0, chunk = (len + nd - 1) / nd;
+        for (long q = 0; q < chunk; q++) {
+            const void *src[2 * 4];
+            long nid[4];
+            int nn = 0;
+            for (int s = 0; s < nd; s++)
+                if (s * chunk + q < len) nid[nn++] = n0 + s * chunk + q;
+            for (int j = 0; j < nn; j++) {
+                src[j] = w13 + nid[j] * H * esz;
+                src[nn + j] = w13 + (I + nid[j]) * H * esz;
+            }
+            float res[12];
+            dot_any(dt, 2 * nn, m, src, xr, H, res);
+            for (int j = 0; j < nn; j++) {
+                const long n = nid[j], pn = dt == DT_BF16 ? perm16(n, I) : n;
+                const float bg = b13 ? load1(b13, n, dt) : 0.0f, bu = b13 ? load1(b13, I + n, dt) : 0.0f;
+                for (int t = 0; t < m; t++) {
+                    hr[(long)t * I + pn] = res[j * m + t] + bg;
+                    usc[(long)t * I + pn] = res[(nn + j) * m + t] + bu;
                 }
             }
         }
     }
-    if (rem) {
-        float *xr = scr + (long)npan * PANEL * H;
-        float *hr = h + (long)npan * PANEL * I;
-        pack_rows(c->x, dt, H, tok + npan * PANEL, rem, xr);
-        for (int m0 = 0; m0 < rem; m0 += 6) {
-            const int mm = rem - m0 < 6 ? rem - m0 : 6;
-            /* nd streams, each a contiguous run of `chunk` neurons (gate rows and up rows):
-               long contiguous streams keep the hardware prefetchers busy */
-            const int nd = DOT_NEURONS[mm];
-            const long len = n1 - n0, chunk = (len + nd - 1) / nd;
-            for (long q = 0; q < chunk; q++) {
-                const void *src[2 * 4];
-                long nid[4];
-                int nn = 0;
-                for (int s = 0; s < nd; s++) {
-                    const long n = n0 + s * chunk + q;
-                    if (n < n1 && s * chunk + q < len) nid[nn++] = n;
-                }
-                for (int j = 0; j < nn; j++) {
-                    src[j] = w13 + nid[j] * H * esz;
-                    src[nn + j] = w13 + (I + nid[j]) * H * esz;
-                }
-                float res[12];
-                dot_any(dt, 2 * nn, mm, src, xr + (long)m0 * H, H, res);
-                for (int j = 0; j < nn; j++) {
-                    const long n = nid[j], pn = dt == DT_BF16 ? perm16(n, I) : n;
-                    const float bg = b13 ? load1(b13, n, dt) : 0.0f, bu = b13 ? load1(b13, I + n, dt) : 0.0f;
-                    for (int t = 0; t < mm; t++) {
-                        hr[(long)(m0 + t) * I + pn] = res[j * mm + t] + bg;
-                        usc[(long)t * I + pn] = res[(nn + j) * mm + t] + bu;
-                    }
-                }
-            }
-            for (int t = 0; t < mm; t++) {
-                float *ht = hr + (long)(m0 + t) * I;
-                act_rows(ht + n0, ht + n0, usc + (long)t * I + n0, n1 - n0, c->act);
-            }
-        }
+    for (int t = 0; t < tail; t++) {
+        float *ht = hr + (long)t * I;
+        act_rows(ht + n0, ht + n0, usc + (long)t * I + n0, n1 - n0, c->act);
     }
 }
 
 /* Phase 2 of one item for hidden rows [r0, r1): acc[t][rows] += w * (h W2^T + b2). */
-AI void phase2(const ctx_t *c, const int dt, const item_t *it, const float *h, long r0, long r1, float *wsc) {
+AI void phase2(const ctx_t *c, const int dt, const item_t *it, const float *h, long r0, long r1, float *wsc,
+               float *ybuf) {
     const long H = c->H, I = c->I;
-    const int m = it->m, npan = m / PANEL, rem = m % PANEL;
+    const int m = it->m, npan = item_panels(m), tail = m - npan * PANEL;
     const long esz = dt == DT_F32 ? 4 : 2;
     const char *w2 = (const char *)c->w2 + (long)it->expert * H * I * esz;
     const void *b2 = c->b2 ? (const char *)c->b2 + (long)it->expert * H * esz : NULL;
-    int32_t tok[ITEM];
-    float tw[ITEM];
+    const float *hr = h + (long)npan * PANEL * I;
+    int32_t tok[ITEM_MAX];
+    float tw[ITEM_MAX];
     for (int j = 0; j < m; j++) {
         const int32_t p = c->pairs[it->start + j];
         tok[j] = p / (int32_t)c->topk;
         tw[j] = c->tw[p];
     }
-    if (npan) {
+    const float *ttw = tw + npan * PANEL;
+    const long ld = r1 - r0 + 8; /* ybuf: this thread's results of the item, [m][ld] */
+    if (m >= TILE_MIN) {
         for (long r = r0; r < r1; r += 6) {
             const int nr = (int)(r1 - r < 6 ? r1 - r : 6);
-            const void *src[6];
-            const float *rows[6];
-            for (int j = 0; j < nr; j++) src[j] = w2 + (r + j) * I * esz;
-            if (dt == DT_F32) {
-                for (int j = 0; j < nr; j++) rows[j] = (const float *)src[j];
-            } else {
-                widen_rows(src, nr, dt, I, wsc, rows);
+            const char *rows = w2 + r * I * esz;
+            const char *next[6];
+            const int more = r + 6 + 6 <= r1;
+            for (int j = 0; more && j < 6; j++) next[j] = w2 + (r + 6 + j) * I * esz;
+            if (npan) {
+                const float *wr;
+                long rs, ks;
+                if (dt == DT_F32) {
+                    wr = (const float *)rows, rs = I, ks = 1;
+                } else {
+                    const void *src[6];
+                    for (int j = 0; j < nr; j++) src[j] = rows + j * I * esz;
+                    pack_w(src, nr, dt, I, wsc);
+                    wr = wsc, rs = 1, ks = nr;
+                }
+                for (int p = 0; p < npan; p++) {
+                    __m256 acc[12];
+                    PANELS[nr](wr, rs, ks, h + (long)p * I * PANEL, I, acc, p == 0 && more ? next : NULL, I * esz);
+                    const __m256 w0 = _mm256_loadu_ps(tw + p * PANEL), w1 = _mm256_loadu_ps(tw + p * PANEL + 8);
+                    __m256 y0[8], y1[8];
+                    for (int j = 0; j < 6; j++) {
+                        const __m256 b = _mm256_set1_ps(b2 && j < nr ? load1(b2, r + j, dt) : 0.0f);
+                        y0[j] = j < nr ? _mm256_mul_ps(_mm256_add_ps(acc[2 * j], b), w0) : _mm256_setzero_ps();
+                        y1[j] = j < nr ? _mm256_mul_ps(_mm256_add_ps(acc[2 * j + 1], b), w1) : _mm256_setzero_ps();
+                    }
+                    y0[6] = y0[7] = y1[6] = y1[7] = _mm256_setzero_ps();
+                    /* rows x tokens -> tokens x rows, then one masked add of the nr values per token */
+                    transpose8(y0);
+                    transpose8(y1);
+                    for (int q = 0; q < PANEL; q++)
+                        _mm256_storeu_ps(ybuf + (long)(p * PANEL + q) * ld + (r - r0), q < 8 ? y0[q] : y1[q - 8]);
+                }
             }
-            for (int p = 0; p < npan; p++) {
-                __m256 acc[12];
-                const float *hp = h + (long)p * I * PANEL;
-                switch (nr) {
-                    case 6: panel_kernel(6, rows, hp, I, acc); break;
-                    case 5: panel_kernel(5, rows, hp, I, acc); break;
-                    case 4: panel_kernel(4, rows, hp, I, acc); break;
-                    case 3: panel_kernel(3, rows, hp, I, acc); break;
-                    case 2: panel_kernel(2, rows, hp, I, acc); break;
-                    default: panel_kernel(1, rows, hp, I, acc);
-                }
-                const __m256 w0 = _mm256_loadu_ps(tw + p * PANEL), w1 = _mm256_loadu_ps(tw + p * PANEL + 8);
-                float y[6][PANEL];
+            for (int t0 = 0; t0 < tail; t0 += TAIL_CHUNK) {
+                const int mm = tail - t0 < TAIL_CHUNK ? tail - t0 : TAIL_CHUNK;
+                const int per = DOT_ROWS[mm];
+                const void *src[6];
+                for (int j = 0; j < nr; j++) src[j] = rows + j * I * esz;
+                float res[6 * TAIL_CHUNK];
+                for (int j = 0; j < nr; j += per)
+                    dot_any(dt, nr - j < per ? nr - j : per, mm, src + j, hr + (long)t0 * I, I, res + j * mm);
                 for (int j = 0; j < nr; j++) {
-                    const __m256 b = _mm256_set1_ps(b2 ? load1(b2, r + j, dt) : 0.0f);
-                    _mm256_storeu_ps(y[j], _mm256_mul_ps(_mm256_add_ps(acc[2 * j], b), w0));
-                    _mm256_storeu_ps(y[j] + 8, _mm256_mul_ps(_mm256_add_ps(acc[2 * j + 1], b), w1));
-                }
-                for (int q = 0; q < PANEL; q++) {
-                    float *o = c->acc + (long)tok[p * PANEL + q] * H + r;
-                    for (int j = 0; j < nr; j++) o[j] += y[j][q];
+                    const float b = b2 ? load1(b2, r + j, dt) : 0.0f;
+                    for (int t = 0; t < mm; t++)
+                        ybuf[(long)(npan * PANEL + t0 + t) * ld + (r - r0) + j] = ttw[t0 + t] * (res[j * mm + t] + b);
                 }
             }
         }
+        /* each token's row of results goes into the output once, contiguously */
+        for (int t = 0; t < m; t++) {
+            float *o = c->acc + (long)tok[t] * H + r0;
+            const float *y = ybuf + (long)t * ld;
+            long j = 0;
+            for (; j + 8 <= r1 - r0; j += 8) _mm256_storeu_ps(o + j, _mm256_add_ps(_mm256_loadu_ps(o + j), _mm256_loadu_ps(y + j)));
+            for (; j < r1 - r0; j++) o[j] += y[j];
+        }
+        return;
     }
-    if (rem) {
-        const float *hr = h + (long)npan * PANEL * I;
-        for (int m0 = 0; m0 < rem; m0 += 6) {
-            const int mm = rem - m0 < 6 ? rem - m0 : 6;
-            const int nd = DOT_ROWS[mm];
-            const long len = r1 - r0, chunk = (len + nd - 1) / nd;
-            for (long q = 0; q < chunk; q++) {
-                const void *src[8];
-                long rid[8];
-                int nr = 0;
-                for (int s = 0; s < nd; s++) {
-                    if (s * chunk + q < len) rid[nr++] = r0 + s * chunk + q;
-                }
-                for (int j = 0; j < nr; j++) src[j] = w2 + rid[j] * I * esz;
-                float res[12];
-                dot_any(dt, nr, mm, src, hr + (long)m0 * I, I, res);
-                for (int j = 0; j < nr; j++) {
-                    const float b = b2 ? load1(b2, rid[j], dt) : 0.0f;
-                    for (int t = 0; t < mm; t++) {
-                        const int i = npan * PANEL + m0 + t;
-                        c->acc[(long)tok[i] * H + rid[j]] += tw[i] * (res[j * mm + t] + b);
-                    }
-                }
-            }
+    const int nd = DOT_ROWS[m];
+    const long len = r1 - r0, chunk = (len + nd - 1) / nd;
+    for (long q = 0; q < chunk; q++) {
+        const void *src[8];
+        long rid[8];
+        int nr = 0;
+        for (int s = 0; s < nd; s++)
+            if (s * chunk + q < len) rid[nr++] = r0 + s * chunk + q;
+        for (int j = 0; j < nr; j++) src[j] = w2 + rid[j] * I * esz;
+        float res[12];
+        dot_any(dt, nr, m, src, hr, I, res);
+        for (int j = 0; j < nr; j++) {
+            const float b = b2 ? load1(b2, rid[j], dt) : 0.0f;
+            for (int t = 0; t < m; t++) c->acc[(long)tok[t] * H + rid[j]] += tw[t] * (res[j * m + t] + b);
         }
     }
 }
@@ -545,7 +682,7 @@ static void split(long n, int parts, int idx, long align, long *a, long *b) {
 AI int run(const int dt, const void *x, long T, long H, const int64_t *ids, const float *tw, long topk,
            const int32_t *expert_map, long num_experts, const void *w13, const void *w2, const void *b13,
            const void *b2, long local_experts, long I, int act_kind, float alpha, float limit, void *out, float *acc,
-           int32_t *ints, float *hbuf, long hbuf_pairs, float *scratch, long scratch_floats, int nthreads) {
+           int32_t *ints, float *hbuf, long hbuf_slots, float *scratch, long scratch_floats, int nthreads) {
     const long P = T * topk;
     int32_t *counts = ints, *pairs = ints + local_experts + 1;
     item_t *items = (item_t *)(pairs + P);
@@ -561,11 +698,13 @@ AI int run(const int dt, const void *x, long T, long H, const int64_t *ids, cons
     for (long e = 0; e < local_experts; e++) counts[e + 1] += counts[e];
     long nitems = 0;
     for (long e = 0; e < local_experts; e++)
-        for (long s = counts[e]; s < counts[e + 1]; s += ITEM) {
+        for (long s = counts[e]; s < counts[e + 1];) {
+            const long left = counts[e + 1] - s, m = left <= ITEM_MAX ? left : ITEM;
             items[nitems].expert = (int32_t)e;
             items[nitems].start = (int32_t)s;
-            items[nitems].m = (int32_t)(counts[e + 1] - s < ITEM ? counts[e + 1] - s : ITEM);
+            items[nitems].m = (int32_t)m;
             nitems++;
+            s += m;
         }
     for (long p = 0; p < P; p++) {
         const int64_t e = ids[p];
@@ -573,14 +712,14 @@ AI int run(const int dt, const void *x, long T, long H, const int64_t *ids, cons
         if (l >= 0) pairs[counts[l]++] = (int32_t)p;
     }
     const ctx_t c = {x, pairs, tw, w13, w2, b13, b2, H, I, topk, {act_kind, alpha, limit}, acc, hbuf};
-    const long wsc_floats = 6 * (H > I ? H : I), usc_floats = 6 * I;
+    const long wsc_floats = 12 * (H > I ? H : I) + 32;
 #pragma omp parallel num_threads(nthreads)
     {
         const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
         float *scr = scratch + (long)tid * scratch_floats;
-        float *wsc = scr + (long)ITEM * H;
+        float *wsc = scr + (long)ITEM_MAX * H;
         float *usc = wsc + wsc_floats;
-        (void)usc_floats;
+        float *ybuf = usc + (long)PANEL * I;
         long n0, n1, r0, r1;
         split(I, nth, tid, 16, &n0, &n1);
         split(H, nth, tid, 8, &r0, &r1);
@@ -588,18 +727,18 @@ AI int run(const int dt, const void *x, long T, long H, const int64_t *ids, cons
         long g0 = 0;
         while (g0 < nitems) {
             long g1 = g0, used = 0;
-            while (g1 < nitems && used + items[g1].m <= hbuf_pairs) used += items[g1++].m;
+            while (g1 < nitems && used + item_slots(items[g1].m) <= hbuf_slots) used += item_slots(items[g1++].m);
             if (g1 == g0) g1++; /* the caller sizes hbuf for at least one item */
             long off = 0;
             for (long i = g0; i < g1; i++) {
                 phase1(&c, dt, &items[i], hbuf + off * I, n0, n1, scr, wsc, usc);
-                off += items[i].m;
+                off += item_slots(items[i].m);
             }
 #pragma omp barrier
             off = 0;
             for (long i = g0; i < g1; i++) {
-                phase2(&c, dt, &items[i], hbuf + off * I, r0, r1, wsc);
-                off += items[i].m;
+                phase2(&c, dt, &items[i], hbuf + off * I, r0, r1, wsc, ybuf);
+                off += item_slots(items[i].m);
             }
             g0 = g1;
             if (g0 < nitems) {
@@ -618,22 +757,26 @@ AI int run(const int dt, const void *x, long T, long H, const int64_t *ids, cons
 int moe_forward(int dtype, const void *x, long T, long H, const int64_t *ids, const float *tw, long topk,
                 const int32_t *expert_map, long num_experts, const void *w13, const void *w2, const void *b13,
                 const void *b2, long local_experts, long I, int act_kind, float alpha, float limit, void *out,
-                float *acc, int32_t *ints, float *hbuf, long hbuf_pairs, float *scratch, long scratch_floats,
+                float *acc, int32_t *ints, float *hbuf, long hbuf_slots, float *scratch, long scratch_floats,
                 int nthreads) {
     if (dtype == DT_F32)
         return run(DT_F32, x, T, H, ids, tw, topk, expert_map, num_experts, w13, w2, b13, b2, local_experts, I,
-                   act_kind, alpha, limit, out, acc, ints, hbuf, hbuf_pairs, scratch, scratch_floats, nthreads);
+                   act_kind, alpha, limit, out, acc, ints, hbuf, hbuf_slots, scratch, scratch_floats, nthreads);
     if (dtype == DT_BF16)
         return run(DT_BF16, x, T, H, ids, tw, topk, expert_map, num_experts, w13, w2, b13, b2, local_experts, I,
-                   act_kind, alpha, limit, out, acc, ints, hbuf, hbuf_pairs, scratch, scratch_floats, nthreads);
+                   act_kind, alpha, limit, out, acc, ints, hbuf, hbuf_slots, scratch, scratch_floats, nthreads);
     return run(DT_F16, x, T, H, ids, tw, topk, expert_map, num_experts, w13, w2, b13, b2, local_experts, I,
-               act_kind, alpha, limit, out, acc, ints, hbuf, hbuf_pairs, scratch, scratch_floats, nthreads);
+               act_kind, alpha, limit, out, acc, ints, hbuf, hbuf_slots, scratch, scratch_floats, nthreads);
 }
 
 /* Sizes the caller allocates. */
 int moe_item_tokens(void) { return ITEM; }
+/* hbuf slots (rows of I floats) that every item of a call takes together, at most */
+long moe_slots_bound(long pairs, long local_experts) { return pairs; }
+/* hbuf slots of the largest item */
+long moe_item_max_slots(void) { return ITEM_MAX; }
 long moe_scratch_floats(long H, long I) {
-    const long n = (long)ITEM * H + 6 * (H > I ? H : I) + 6 * I;
+    const long n = (long)ITEM_MAX * H + 12 * (H > I ? H : I) + 32 + (long)PANEL * I + (long)ITEM_MAX * (H + 8);
     return (n + 15) / 16 * 16;
 }
 """
@@ -731,12 +874,23 @@ class NativeLibrary:
         lib.moe_item_tokens.restype = c_int
         lib.moe_scratch_floats.restype = c_long
         lib.moe_scratch_floats.argtypes = [c_long, c_long]
+        lib.moe_slots_bound.restype = c_long
+        lib.moe_slots_bound.argtypes = [c_long, c_long]
+        lib.moe_item_max_slots.restype = c_long
         self._lib = lib
         self.forward = lib.moe_forward
         self.item_tokens: int = lib.moe_item_tokens()
 
     def scratch_floats(self, hidden: int, intermediate: int) -> int:
+        """Floats of scratch each thread needs."""
         return int(self._lib.moe_scratch_floats(hidden, intermediate))
+
+    def hbuf_slots(self, pairs: int, local_experts: int, cap: int) -> int:
+        """Rows of intermediate activations to allocate: enough for every work item of a
+        call with ``pairs`` (token, k) pairs, but at most ``cap`` (then the call runs in
+        groups), and never less than the largest item."""
+        bound = int(self._lib.moe_slots_bound(pairs, local_experts))
+        return max(min(bound, cap), int(self._lib.moe_item_max_slots()))
 
 
 @functools.lru_cache(maxsize=None)

@@ -38,8 +38,8 @@ __all__ = ["FusedCpuParams", "FusedCpuKernel"]
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _ACTIVATION_CODES = {"silu": 0, "gelu": 1, "swigluoai": 2}
-#: (token, k) pairs whose intermediate activations one native call keeps at once; larger
-#: calls are processed in groups of this many pairs (bounds the call's extra memory).
+#: rows of intermediate activations ([I] floats each) one native call keeps at once;
+#: larger calls are processed in groups (this bounds the call's extra memory).
 GROUP_PAIRS = 8192
 
 
@@ -138,8 +138,8 @@ class FusedCpuKernel(Kernel):
         out = torch.empty(T, H, dtype=x.dtype)
         acc = out if x.dtype == torch.float32 else torch.empty(T, H, dtype=torch.float32)
         ints = torch.empty(E_local + 1 + pairs + 3 * max_items, dtype=torch.int32)
-        hbuf_pairs = min(pairs, max(GROUP_PAIRS, item))
-        hbuf = torch.empty(hbuf_pairs * I, dtype=torch.float32)
+        hbuf_slots = lib.hbuf_slots(pairs, E_local, GROUP_PAIRS)
+        hbuf = torch.empty(hbuf_slots * I, dtype=torch.float32)
         scratch = torch.empty(nthreads * scratch_floats, dtype=torch.float32)
         act = self.activation
 
@@ -150,7 +150,7 @@ class FusedCpuKernel(Kernel):
             _DTYPE_CODES[x.dtype], ptr(x), T, H, ptr(ids), ptr(weights), K, ptr(expert_map), num_experts,
             ptr(experts.w13), ptr(experts.w2), ptr(experts.b13), ptr(experts.b2), E_local, I,
             _ACTIVATION_CODES[act.name], act.alpha, act.limit, ptr(out), ptr(acc), ptr(ints), ptr(hbuf),
-            hbuf_pairs, ptr(scratch), scratch_floats, nthreads,
+            hbuf_slots, ptr(scratch), scratch_floats, nthreads,
         )
         if status == -1:
             raise ValueError(f"topk_ids holds an expert id outside [0, {num_experts})")

@@ -35,23 +35,32 @@ SOURCE = r"""
  *
  * One call computes out[t] = sum_k w[t,k] * f_{ids[t,k]}(x[t]) for the local experts:
  *
- *   group    (one thread)  counting sort of the (token, k) pairs by local expert, deterministic;
- *                          each expert's pairs are cut into work items of at most ITEM tokens;
- *   phase 1  (all threads) per item: h = act(x W_gate^T + b) * (x W_up^T + b), the gate and up
- *                          rows of one neuron computed together; each thread owns a fixed range
- *                          of neurons;
+ *   group    (one thread)  counting sort of the (token, k) pairs by local expert (stable);
+ *                          each expert's pairs are cut into work items of 64 tokens (the
+ *                          last one up to 80);
+ *   phase 1  (all threads) per item: h = act(x W_gate^T + b) * (x W_up^T + b); each thread
+ *                          owns a fixed range of neurons (their gate and up rows);
  *   phase 2  (all threads) per item: out[t, rows] += w[t,k] * (h W2^T + b2)[rows]; each thread
- *                          owns a fixed range of hidden rows, so the sums over experts are done
- *                          by one thread per output element, in expert order (deterministic).
+ *                          owns a fixed range of hidden rows, so every output element is
+ *                          summed by one thread, in expert order: the result does not depend
+ *                          on the number of threads.
+ * A call holds at most `hbuf_slots` rows of h; larger calls run in groups of items, with
+ * one barrier after phase 1 and one after phase 2 of each group.
  *
- * Two micro-kernels, chosen per item by its token count m:
- *   panel  (m >= 16, compute bound): tokens packed 16 wide ([K][16] panels, fp32); each
- *          weight element is broadcast and multiplied into 16 tokens (6 weight rows x 16
- *          tokens in 12 accumulators); bf16/fp16 weight rows are widened to fp32 once per tile;
- *   dot    (m < 16, memory bound): weight rows are streamed once, 8 elements at a time along
- *          the reduction dimension, against up to 6 tokens.
- * Weights stay in the canonical layout (w13 [E, 2I, H], w2 [E, H, I]) and dtype; everything
- * is accumulated in fp32.  All buffers are allocated by the caller.
+ * Two ways through an item, chosen by its token count m:
+ *   tile mode   (m >= 7, compute bound, prefill): weight rows are taken 6 at a time (a tile,
+ *               read from memory once, the next tile prefetched meanwhile); the item's full
+ *               16-token panels (tokens packed [K][16], fp32) go through the panel kernel:
+ *               each weight element is broadcast into 16 fused multiply-adds, 6 rows x 16
+ *               tokens in 12 accumulators; the m % 16 tail tokens go through the dot kernel
+ *               on the same rows while they are in cache (no padding);
+ *   stream mode (m <= 6, memory bound, decode): the dot kernel over a few long contiguous
+ *               runs of rows at once, each weight element loaded once and multiplied into
+ *               all m tokens.
+ * Weights stay in the canonical layout (w13 [E, 2I, H], w2 [E, H, I]) and dtype: fp32 rows
+ * are read in place, bf16/fp16 rows are widened to fp32 in registers (dot) or into a small
+ * per-thread tile (panel).  Everything is accumulated in fp32.  Every buffer is allocated by
+ * the caller (with torch, so that the profiler sees it).
  */
 #include <immintrin.h>
 #include <omp.h>
@@ -62,9 +71,9 @@ SOURCE = r"""
 
 enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
 enum { ACT_SILU = 0, ACT_GELU = 1, ACT_SWIGLUOAI = 2 };
-enum { PANEL = 16, ITEM = 64, ITEM_MAX = ITEM + PANEL, MAXR = 8 };
 /* Work items: an expert's pairs are cut into items of ITEM tokens, the last one taking up
    to ITEM_MAX (so that no item is left with a handful of tokens). */
+enum { PANEL = 16, ITEM = 64, ITEM_MAX = ITEM + PANEL };
 
 /* ------------------------------------------------------------------ element conversion */
 AI __m256 load8(const void *p, long i, const int dt) {

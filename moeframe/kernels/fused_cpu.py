@@ -1,21 +1,24 @@
 """``fused_cpu``: the fast CPU kernel.
 
 Sort-and-group once per call, then every expert's tokens go through two grouped GEMMs
-with gate/up fused and the activation, biases and routed weight applied in the GEMM
-epilogues; weights are read in place in the canonical layout and dtype (no gathered or
-converted copies), and everything is accumulated in fp32.
+with the activation, biases and routed weight applied in the GEMM epilogues; weights are
+read in place, in the canonical layout and dtype (no gathered or converted copies), and
+everything is accumulated in fp32.
 
-Two paths, picked per expert by how many tokens it received (so per call by T):
+Two paths, picked per expert by how many tokens it received (so, per call, by T):
 
-* **decode** (fewer than 16 tokens for an expert): each weight row is streamed once, 8
-  elements at a time, against all of that expert's tokens; memory bound by design;
-* **prefill** (16 tokens or more): tokens are packed 16 wide and every weight element is
-  broadcast into 16 fused multiply-adds (a 6 x 16 register tile); compute bound.
+* **decode** (at most 6 tokens for an expert): the weight rows are streamed once, in a few
+  long contiguous runs, each element multiplied into every token: memory bound by design;
+* **prefill** (7 tokens or more): tokens are packed 16 wide and every weight element is
+  broadcast into 16 fused multiply-adds (6 weight rows x 16 tokens in registers), the
+  tokens beyond the last full 16 taking the decode kernel on the same rows while they are
+  in cache: compute bound.
 
 Both run in a native core (C with AVX2/FMA and OpenMP, compiled on first use; see
-:mod:`moeframe.kernels._fused_cpu_native`).  Where it cannot be built (no compiler, no
-AVX2) the kernel runs the same algorithm with torch operations (``backend = "torch"``),
-which is slower but computes the same thing; ``moeframe explain`` shows which is in use.
+:mod:`moeframe.kernels._fused_cpu_native`), whose result does not depend on the number of
+threads.  Where it cannot be built (no compiler, no AVX2) the kernel runs the same
+sort-and-group algorithm with torch operations (``backend = "torch"``): slower, same
+result; ``moeframe explain`` shows which backend is in use.
 """
 
 from __future__ import annotations

@@ -288,7 +288,8 @@ def ep_rank_layer(rank: int, wrappers: list, collectives: CountingCollectives, p
     cfg = ParallelConfig(ep_size=2, placement=placement)
     ctx = ParallelContext(cfg, rank=rank, world_size=2, collectives=collectives)
     return moeframe.MoELayer("deepseek-v3", overrides={"stack.wrappers": wrappers, "parallel.ep_size": 2,
-                                                       "parallel.placement": placement}, parallel=ctx)
+                                                       "stack.dispatcher": "local", "parallel.placement": placement},
+                             parallel=ctx)
 
 
 SHARED = {"name": "shared_experts", "params": {"intermediate_size": 128}}
@@ -313,7 +314,7 @@ def test_reduce_exactly_once_whatever_the_order(wrappers, placement):
         assert counting.counts == {"all_reduce_sum": 1}
         layer(x)
         assert counting.counts == {"all_reduce_sum": 2}
-    single = moeframe.MoELayer("deepseek-v3", overrides={"stack.wrappers": wrappers})
+    single = moeframe.MoELayer("deepseek-v3", overrides={"stack.wrappers": wrappers, "stack.dispatcher": "local"})
     torch.testing.assert_close(partials[0] + partials[1], single.reference()(x), atol=1e-5, rtol=1e-5)
     assert not torch.allclose(partials[0], partials[1])
 

@@ -782,6 +782,11 @@ int moe_forward(int dtype, const void *x, long T, long H, const int64_t *ids, co
 int moe_item_tokens(void) { return ITEM; }
 /* hbuf slots (rows of I floats) that every item of a call takes together, at most */
 long moe_slots_bound(long pairs, long local_experts) { return pairs; }
+/* int32 elements of the `ints` buffer for a call with `pairs` (token, k) pairs */
+long moe_ints_needed(long pairs, long local_experts) {
+    const long items = local_experts + pairs / ITEM + 1;
+    return local_experts + 1 + pairs + items * (long)(sizeof(item_t) / sizeof(int32_t));
+}
 /* hbuf slots of the largest item */
 long moe_item_max_slots(void) { return ITEM_MAX; }
 long moe_scratch_floats(long H, long I) {
@@ -886,6 +891,8 @@ class NativeLibrary:
         lib.moe_slots_bound.restype = c_long
         lib.moe_slots_bound.argtypes = [c_long, c_long]
         lib.moe_item_max_slots.restype = c_long
+        lib.moe_ints_needed.restype = c_long
+        lib.moe_ints_needed.argtypes = [c_long, c_long]
         self._lib = lib
         self.forward = lib.moe_forward
         self.item_tokens: int = lib.moe_item_tokens()
@@ -893,6 +900,10 @@ class NativeLibrary:
     def scratch_floats(self, hidden: int, intermediate: int) -> int:
         """Floats of scratch each thread needs."""
         return int(self._lib.moe_scratch_floats(hidden, intermediate))
+
+    def ints_needed(self, pairs: int, local_experts: int) -> int:
+        """int32 elements of the index buffer (grouping and work items)."""
+        return int(self._lib.moe_ints_needed(pairs, local_experts))
 
     def hbuf_slots(self, pairs: int, local_experts: int, cap: int) -> int:
         """Rows of intermediate activations to allocate: enough for every work item of a

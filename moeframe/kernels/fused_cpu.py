@@ -41,8 +41,8 @@ __all__ = ["FusedCpuParams", "FusedCpuKernel"]
 
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 _ACTIVATION_CODES = {"silu": 0, "gelu": 1, "swigluoai": 2}
-#: rows of intermediate activations ([I] floats each) one native call keeps at once;
-#: larger calls are processed in groups (this bounds the call's extra memory).
+#: (token, k) pairs whose intermediate activations ([I] floats each) one native call keeps
+#: at once; larger calls run in groups (this bounds the call's extra memory).
 GROUP_PAIRS = 8192
 
 
@@ -133,14 +133,12 @@ class FusedCpuKernel(Kernel):
         expert_map = None if experts.expert_map is None else experts.expert_map.to(torch.int32).contiguous()
         num_experts = E_local if expert_map is None else expert_map.shape[0]
         pairs = T * K
-        item = lib.item_tokens
-        max_items = E_local + pairs // item + 1
         nthreads = torch.get_num_threads()
         scratch_floats = lib.scratch_floats(H, I)
 
         out = torch.empty(T, H, dtype=x.dtype)
         acc = out if x.dtype == torch.float32 else torch.empty(T, H, dtype=torch.float32)
-        ints = torch.empty(E_local + 1 + pairs + 3 * max_items, dtype=torch.int32)
+        ints = torch.empty(lib.ints_needed(pairs, E_local), dtype=torch.int32)
         hbuf_slots = lib.hbuf_slots(pairs, E_local, GROUP_PAIRS)
         hbuf = torch.empty(hbuf_slots * I, dtype=torch.float32)
         scratch = torch.empty(nthreads * scratch_floats, dtype=torch.float32)

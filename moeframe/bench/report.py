@@ -90,6 +90,11 @@ def _sections(result: dict[str, Any], markdown: bool) -> list[str]:
     parts.append(_limits_line(result))
     if result["peers"].get("skipped"):
         parts.append(f"peers skipped: {result['peers']['skipped']}")
+    for dtype, cmp in result["peers"].get("full_block", {}).items():
+        parts.append(
+            f"transformers' whole block ({dtype}, its router + eager experts) against our reference stack: "
+            f"max abs error {cmp['max_abs_error']:.2e}, {'agrees' if cmp['ok'] else 'DISAGREES'}"
+        )
     for dtype in result["dtypes"]:
         parts.append(h(f"Results, {dtype}"))
         parts.append(_table(_results_rows(result, dtype), _RESULT_HEADERS, markdown))

@@ -466,6 +466,8 @@ typedef struct {
    still in cache.  Stream mode (fewer tokens, decode): the dot kernel over long contiguous
    runs of rows. */
 enum { TILE_MIN = 7, TAIL_CHUNK = 6 };
+/* neurons of a phase-1 work unit in prefill (a multiple of 16, the bf16 order's blocks) */
+enum { UNIT = 64 };
 
 /* Layout of an item's rows of h: the full panels ([I][16] each), then the tail tokens' rows
    ([I] each, in bf16 order for bf16 weights). */
@@ -473,19 +475,27 @@ AI int item_panels(int m) { return m >= TILE_MIN ? m / PANEL : 0; }
 AI long item_slots(int m) { return m; }
 
 /* Phase 1 of one item for neurons [n0, n1): h = act(x W_gate^T + b) * (x W_up^T + b). */
-AI void phase1(const ctx_t *c, const int dt, const item_t *it, float *h, long n0, long n1, float *scr, float *wsc,
-               float *usc) {
+/* The item's tokens, as fp32, into this thread's scratch: full panels [H][16], then the
+   tail tokens' rows. */
+AI void pack_item(const ctx_t *c, const int dt, const item_t *it, float *scr) {
+    const long H = c->H;
+    const int m = it->m, npan = item_panels(m), tail = m - npan * PANEL;
+    int32_t tok[ITEM_MAX];
+    for (int j = 0; j < m; j++) tok[j] = c->pairs[it->start + j] / (int32_t)c->topk;
+    for (int p = 0; p < npan; p++) pack_panel(c->x, dt, H, tok + p * PANEL, scr + (long)p * H * PANEL);
+    if (tail) pack_rows(c->x, dt, H, tok + npan * PANEL, tail, scr + (long)npan * PANEL * H);
+}
+
+/* Phase 1 of one item (its tokens packed in scr) for neurons [n0, n1). */
+AI void phase1(const ctx_t *c, const int dt, const item_t *it, float *h, long n0, long n1, const float *scr,
+               float *wsc, float *usc) {
     const long H = c->H, I = c->I;
     const int m = it->m, npan = item_panels(m), tail = m - npan * PANEL;
     const long esz = dt == DT_F32 ? 4 : 2;
-    int32_t tok[ITEM_MAX];
-    for (int j = 0; j < m; j++) tok[j] = c->pairs[it->start + j] / (int32_t)c->topk;
     const char *w13 = (const char *)c->w13 + (long)it->expert * 2 * I * H * esz;
     const void *b13 = c->b13 ? (const char *)c->b13 + (long)it->expert * 2 * I * esz : NULL;
-    float *xr = scr + (long)npan * PANEL * H; /* the tail tokens' rows */
+    const float *xr = scr + (long)npan * PANEL * H; /* the tail tokens' rows */
     float *hr = h + (long)npan * PANEL * I;
-    for (int p = 0; p < npan; p++) pack_panel(c->x, dt, H, tok + p * PANEL, scr + (long)p * H * PANEL);
-    if (tail) pack_rows(c->x, dt, H, tok + npan * PANEL, tail, xr);
     if (m >= TILE_MIN) {
         /* tiles of 6 neurons: their 6 gate rows, then their 6 up rows */
         for (long n = n0; n < n1; n += 6) {
@@ -726,9 +736,10 @@ AI int run(const int dt, const void *x, long T, long H, const int64_t *ids, cons
     {
         const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
         float *scr = scratch + (long)tid * scratch_floats;
-        float *wsc = scr + (long)ITEM_MAX * H;
-        float *usc = wsc + wsc_floats;
-        float *ybuf = usc + (long)PANEL * I;
+        /* the layout moe_scratch_floats sized (decode calls: packed tokens and up values only) */
+        float *wsc = T < TILE_MIN ? NULL : scr + (long)ITEM_MAX * H;
+        float *usc = T < TILE_MIN ? scr + (long)TILE_MIN * H : wsc + wsc_floats;
+        float *ybuf = T < TILE_MIN ? NULL : usc + (long)PANEL * I;
         long n0, n1, r0, r1;
         split(I, nth, tid, 16, &n0, &n1);
         split(H, nth, tid, 8, &r0, &r1);
@@ -738,12 +749,32 @@ AI int run(const int dt, const void *x, long T, long H, const int64_t *ids, cons
             long g1 = g0, used = 0;
             while (g1 < nitems && used + item_slots(items[g1].m) <= hbuf_slots) used += item_slots(items[g1++].m);
             if (g1 == g0) g1++; /* the caller sizes hbuf for at least one item */
+            long slot[g1 - g0];
+            for (long i = g0, o = 0; i < g1; o += item_slots(items[i].m), i++) slot[i - g0] = o;
             long off = 0;
-            for (long i = g0; i < g1; i++) {
-                phase1(&c, dt, &items[i], hbuf + off * I, n0, n1, scr, wsc, usc);
-                off += item_slots(items[i].m);
-            }
+            if (T < TILE_MIN) { /* decode: each thread its half of the rows, as long runs */
+                for (long i = g0; i < g1; i++) {
+                    pack_item(&c, dt, &items[i], scr);
+                    phase1(&c, dt, &items[i], hbuf + off * I, n0, n1, scr, wsc, usc);
+                    off += item_slots(items[i].m);
+                }
 #pragma omp barrier
+            } else {
+                /* units of (item, UNIT neurons) claimed in order: a thread that falls behind
+                   leaves units to the other (h is written once per element either way) */
+                long packed = -1;
+                const long per = (I + UNIT - 1) / UNIT;
+#pragma omp for schedule(dynamic, 1)
+                for (long u = 0; u < (g1 - g0) * per; u++) {
+                    const long i = g0 + u / per, q = u % per;
+                    if (i != packed) {
+                        pack_item(&c, dt, &items[i], scr);
+                        packed = i;
+                    }
+                    const long a = q * UNIT, b = a + UNIT < I ? a + UNIT : I;
+                    phase1(&c, dt, &items[i], hbuf + slot[i - g0] * I, a, b, scr, wsc, usc);
+                }
+            }
             off = 0;
             for (long i = g0; i < g1; i++) {
                 phase2(&c, dt, &items[i], hbuf + off * I, r0, r1, wsc, ybuf);
@@ -789,8 +820,12 @@ long moe_ints_needed(long pairs, long local_experts) {
 }
 /* hbuf slots of the largest item */
 long moe_item_max_slots(void) { return ITEM_MAX; }
-long moe_scratch_floats(long H, long I) {
-    const long n = (long)ITEM_MAX * H + 12 * (H > I ? H : I) + 32 + (long)PANEL * I + (long)ITEM_MAX * (H + 8);
+/* floats of scratch per thread for a call of T tokens: calls of fewer than TILE_MIN tokens
+   (decode) only take stream mode, which needs much less (and small allocations are served
+   without fresh pages, which matters at a millisecond per call) */
+long moe_scratch_floats(long H, long I, long T) {
+    const long n = T < TILE_MIN ? (long)TILE_MIN * H + (long)PANEL * I + 64
+                                : (long)ITEM_MAX * H + 12 * (H > I ? H : I) + 32 + (long)PANEL * I + (long)ITEM_MAX * (H + 8);
     return (n + 15) / 16 * 16;
 }
 """
@@ -887,7 +922,7 @@ class NativeLibrary:
         ]
         lib.moe_item_tokens.restype = c_int
         lib.moe_scratch_floats.restype = c_long
-        lib.moe_scratch_floats.argtypes = [c_long, c_long]
+        lib.moe_scratch_floats.argtypes = [c_long, c_long, c_long]
         lib.moe_slots_bound.restype = c_long
         lib.moe_slots_bound.argtypes = [c_long, c_long]
         lib.moe_item_max_slots.restype = c_long
@@ -897,9 +932,9 @@ class NativeLibrary:
         self.forward = lib.moe_forward
         self.item_tokens: int = lib.moe_item_tokens()
 
-    def scratch_floats(self, hidden: int, intermediate: int) -> int:
-        """Floats of scratch each thread needs."""
-        return int(self._lib.moe_scratch_floats(hidden, intermediate))
+    def scratch_floats(self, hidden: int, intermediate: int, tokens: int) -> int:
+        """Floats of scratch each thread needs for a call of ``tokens`` tokens."""
+        return int(self._lib.moe_scratch_floats(hidden, intermediate, tokens))
 
     def ints_needed(self, pairs: int, local_experts: int) -> int:
         """int32 elements of the index buffer (grouping and work items)."""

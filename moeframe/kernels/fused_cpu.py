@@ -134,7 +134,7 @@ class FusedCpuKernel(Kernel):
         num_experts = E_local if expert_map is None else expert_map.shape[0]
         pairs = T * K
         nthreads = torch.get_num_threads()
-        scratch_floats = lib.scratch_floats(H, I)
+        scratch_floats = lib.scratch_floats(H, I, T)
 
         out = torch.empty(T, H, dtype=x.dtype)
         acc = out if x.dtype == torch.float32 else torch.empty(T, H, dtype=torch.float32)

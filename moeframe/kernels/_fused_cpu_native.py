@@ -38,8 +38,10 @@ SOURCE = r"""
  *   group    (one thread)  counting sort of the (token, k) pairs by local expert (stable);
  *                          each expert's pairs are cut into work items of 64 tokens (the
  *                          last one up to 80);
- *   phase 1  (all threads) per item: h = act(x W_gate^T + b) * (x W_up^T + b); each thread
- *                          owns a fixed range of neurons (their gate and up rows);
+ *   phase 1  (all threads) per item: h = act(x W_gate^T + b) * (x W_up^T + b); in prefill the
+ *                          threads claim (item, 64 neurons) units in order, so that one slowed
+ *                          down by another process leaves work to the others; in decode each
+ *                          thread takes half of the rows, as long contiguous runs;
  *   phase 2  (all threads) per item: out[t, rows] += w[t,k] * (h W2^T + b2)[rows]; each thread
  *                          owns a fixed range of hidden rows, so every output element is
  *                          summed by one thread, in expert order: the result does not depend

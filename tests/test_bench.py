@@ -52,7 +52,9 @@ def tiny(tmp_path: Path) -> Path:
 def fixed_limits(monkeypatch: pytest.MonkeyPatch) -> None:
     """Skip the limit measurements (seconds each) where a test does not look at them."""
     def fake(dtypes, repeat=3):
-        return MachineLimits({d: 1e11 for d in ["float32", *dtypes]}, {}, 2e10, {"float32": 2e10}, 1)
+        names = ["float32", *dtypes]
+        return MachineLimits({d: 1e11 for d in names}, {d: {"256x256x256 a@b": 1e11} for d in names}, 2e10,
+                             {"float32": 2e10}, 1)
 
     monkeypatch.setattr("moeframe.bench.measure.measure_limits", fake)
 
@@ -78,12 +80,17 @@ def test_bench_smoke_json_shape(capsys, tiny, tmp_path):
     data = json.loads(out_json.read_text())
     assert data["ok"] is True and data["dtypes"] == ["float32"] and data["tokens"] == [1, 4]
     assert set(data["limits"]["gemm_flops"]) == {"float32"} and data["limits"]["read_bytes_per_s"] > 0
+    probes = {p["tokens"]: p for p in data["limit_probes"]}
+    assert set(probes) == {1, 4} and all(p["gemm_flops_per_s"] > 0 and p["read_bytes_per_s"] > 0 for p in probes.values())
     rows = {(r["tokens"], r["impl"]): r for r in data["results"]}
     assert set(rows) == {(t, i) for t in (1, 4) for i in ("fused_cpu", "torch", "stack")}
     for row in rows.values():
         assert row["ok"] is True and row["error"]["ok"] is True and row["samples"] == 2
         assert row["median_s"] > 0 and row["flops_per_s"] > 0 and row["bytes_per_s"] > 0
-        assert 0 < row["flops_fraction"] and 0 < row["bandwidth_fraction"]
+        probe = probes[row["tokens"]]
+        assert row["flops_fraction"] == pytest.approx(row["flops_per_s"] / probe["gemm_flops_per_s"])
+        assert row["bandwidth_fraction"] == pytest.approx(row["bytes_per_s"] / probe["read_bytes_per_s"])
+        assert row["flops_fraction_of_best"] == pytest.approx(row["flops_per_s"] / data["limits"]["gemm_flops"]["float32"])
         assert row["flops_per_s"] == pytest.approx(2 * row["tokens"] * 2 * 3 * 32 * 16 / row["median_s"])
     names = [t["name"] for t in data["targets"]]
     assert "fused_cpu decode float32" in names and "fused_cpu prefill float32" in names

@@ -22,7 +22,8 @@ import torch
 
 from moeframe.numerics import DTYPES
 
-__all__ = ["GEMM_SHAPES", "MachineLimits", "measure_gemm_peak", "measure_read_bandwidth", "measure_limits", "median_time"]
+__all__ = ["GEMM_SHAPES", "MachineLimits", "measure_gemm_peak", "measure_read_bandwidth", "measure_limits", "median_time",
+           "LimitProbes"]
 
 #: (M, N, K) of the dense matmuls ``[M, K] @ [K, N]`` whose best rate is the peak.
 GEMM_SHAPES: tuple[tuple[int, int, int], ...] = ((1024, 1024, 1024), (2048, 1024, 1024), (1024, 2048, 2048))
@@ -66,6 +67,13 @@ class MachineLimits:
         out.read_detail = {k: max(self.read_detail.get(k, 0.0), other.read_detail.get(k, 0.0))
                            for k in set(self.read_detail) | set(other.read_detail)}
         return out
+
+    def best_gemm(self, dtype: str) -> tuple[int, int, int, str]:
+        """(M, N, K, layout) of the fastest dense matmul measured for ``dtype``."""
+        key = max(self.gemm_detail[dtype], key=self.gemm_detail[dtype].__getitem__)
+        shape, layout = key.split(" ")
+        m, n, k = (int(v) for v in shape.split("x"))
+        return m, n, k, layout
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -121,3 +129,33 @@ def measure_limits(dtypes: Sequence[str], repeat: int = 3) -> MachineLimits:
     limits.read_detail = measure_read_bandwidth(repeat=max(repeat, 5))
     limits.read_bytes_per_s = max(limits.read_detail.values())
     return limits
+
+
+class LimitProbes:
+    """The limits again, as single operations to time alongside the thing measured.
+
+    ``gemm(dtype)`` runs the dense matmul that was fastest for ``dtype`` in ``limits``;
+    ``read()`` reduces the large tensor of the dtype whose reduction was fastest.  Timed
+    in the same rounds as a kernel, they give the machine's limits at that very moment.
+    """
+
+    def __init__(self, limits: MachineLimits, dtypes: Sequence[str]) -> None:
+        g = torch.Generator().manual_seed(1)
+        self._gemm: dict[str, tuple[Callable[[], Any], float]] = {}
+        for dtype in dict.fromkeys(["float32", *dtypes]):
+            m, n, k, layout = limits.best_gemm(dtype)
+            torch_dtype = DTYPES[dtype]
+            a = torch.randn(m, k, generator=g).to(torch_dtype)
+            b = torch.randn(k, n, generator=g).to(torch_dtype) if layout == "a@b" else torch.randn(n, k, generator=g).to(torch_dtype).T
+            self._gemm[dtype] = ((lambda a=a, b=b: torch.matmul(a, b)), 2.0 * m * n * k)
+        read_dtype = max(limits.read_detail, key=limits.read_detail.__getitem__)
+        dt = DTYPES[read_dtype]
+        self._tensor = torch.ones(READ_BYTES // torch.empty((), dtype=dt).element_size(), dtype=dt)
+        self.read_bytes = READ_BYTES
+
+    def gemm(self, dtype: str) -> tuple[Callable[[], Any], float]:
+        """(a function running the matmul, its FLOPs)."""
+        return self._gemm[dtype]
+
+    def read(self) -> Any:
+        return self._tensor.sum()

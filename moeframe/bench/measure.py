@@ -26,7 +26,7 @@ from typing import Any
 import attrs
 import torch
 
-from moeframe.bench.limits import MachineLimits, measure_limits
+from moeframe.bench.limits import LimitProbes, MachineLimits, measure_limits
 from moeframe.config import Config
 from moeframe.errors import InputError
 from moeframe.kernels import ExpertWeights
@@ -111,7 +111,7 @@ def _time_rounds(impls: Sequence[_Impl], batches: int, rounds: int, budget_s: fl
     for r in range(rounds):
         b = r % batches
         for impl in impls:
-            if spent[impl.name] > budget_s and len(times[impl.name]) >= 3:
+            if impl.kind != "probe" and spent[impl.name] > budget_s and len(times[impl.name]) >= 3:
                 continue
             start = time.perf_counter()
             impl.run(b)
@@ -122,7 +122,8 @@ def _time_rounds(impls: Sequence[_Impl], batches: int, rounds: int, budget_s: fl
 
 
 def _measure_dtype(config: Config, dtype: str, kernels: Sequence[str], options: BenchOptions,
-                   progress: Progress, peer_report: dict[str, Any]) -> list[dict[str, Any]]:
+                   progress: Progress, peer_report: dict[str, Any], probes: LimitProbes,
+                   probe_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     from moeframe.bench.peers import BATCHED_MM_BUDGET, build_peers, full_block_comparable
     from moeframe.conformance import kernel_context
     from moeframe.kernels.torch_reference import TorchReferenceKernel
@@ -229,7 +230,18 @@ def _measure_dtype(config: Config, dtype: str, kernels: Sequence[str], options: 
                 if T <= 64:
                     for b in range(1, batches):
                         impl.run(b)
-            times = _time_rounds(timed, batches, options.repeat, options.budget_s)
+            # this machine's limits, timed in the same rounds
+            gemm, gemm_flops = probes.gemm(dtype)
+            gemm32, gemm32_flops = probes.gemm("float32")
+            limit_impls = [
+                _Impl("probe: peak GEMM", "probe", run=lambda b: gemm(), check=dict),
+                _Impl("probe: read bandwidth", "probe", run=lambda b: probes.read(), check=dict),
+            ]
+            if dtype != "float32":
+                limit_impls.append(_Impl("probe: peak GEMM float32", "probe", run=lambda b: gemm32(), check=dict))
+            for impl in limit_impls:
+                impl.run(0)
+            times = _time_rounds(timed + limit_impls, batches, options.repeat, options.budget_s)
         flops = 2.0 * T * model.top_k * 3 * model.hidden_size * model.intermediate_size
         for impl in impls:
             row = results[impl.name]
@@ -245,19 +257,33 @@ def _measure_dtype(config: Config, dtype: str, kernels: Sequence[str], options: 
                     experts_touched=statistics.mean(used), batches=batches,
                 )
             rows.append(row)
+        probe = {
+            "dtype": dtype, "tokens": T,
+            "gemm_flops_per_s": gemm_flops / statistics.median(times["probe: peak GEMM"]),
+            "read_bytes_per_s": probes.read_bytes / statistics.median(times["probe: read bandwidth"]),
+        }
+        if dtype != "float32":
+            probe["gemm_float32_flops_per_s"] = gemm32_flops / statistics.median(times["probe: peak GEMM float32"])
+        probe_rows.append(probe)
         progress.step(len(impls), f"{dtype} T={T}")
     return rows
 
 
-def _attach_fractions(rows: list[dict[str, Any]], limits: MachineLimits) -> None:
+def _attach_fractions(rows: list[dict[str, Any]], probe_rows: list[dict[str, Any]], limits: MachineLimits) -> None:
+    """Fractions of the limits measured in the same rounds as each row (the contemporaneous
+    probes); the run's best limits give a second, stricter set (``*_of_best``)."""
+    probes = {(p["dtype"], p["tokens"]): p for p in probe_rows}
     for row in rows:
         if "flops_per_s" not in row:
             continue
-        peak = limits.gemm_flops.get(row["dtype"])
-        row["flops_fraction"] = row["flops_per_s"] / peak if peak else None
-        fp32 = limits.gemm_flops.get("float32")
+        probe = probes[(row["dtype"], row["tokens"])]
+        row["flops_fraction"] = row["flops_per_s"] / probe["gemm_flops_per_s"]
+        fp32 = probe.get("gemm_float32_flops_per_s", probe["gemm_flops_per_s"] if row["dtype"] == "float32" else None)
         row["flops_fraction_fp32"] = row["flops_per_s"] / fp32 if fp32 else None
-        row["bandwidth_fraction"] = row["bytes_per_s"] / limits.read_bytes_per_s if limits.read_bytes_per_s else None
+        row["bandwidth_fraction"] = row["bytes_per_s"] / probe["read_bytes_per_s"]
+        best = limits.gemm_flops.get(row["dtype"])
+        row["flops_fraction_of_best"] = row["flops_per_s"] / best if best else None
+        row["bandwidth_fraction_of_best"] = row["bytes_per_s"] / limits.read_bytes_per_s if limits.read_bytes_per_s else None
 
 
 def run_benchmark(config: Config, options: BenchOptions, progress: Progress | None = None) -> dict[str, Any]:
@@ -288,12 +314,15 @@ def run_benchmark(config: Config, options: BenchOptions, progress: Progress | No
 
     limits_before = measure_limits(dtypes)
     progress.step(1, "limits")
+    probes = LimitProbes(limits_before, dtypes)
     rows: list[dict[str, Any]] = []
+    probe_rows: list[dict[str, Any]] = []
     for dtype in dtypes:
-        rows.extend(_measure_dtype(config, dtype, kernels, options, progress, peer_report))
+        rows.extend(_measure_dtype(config, dtype, kernels, options, progress, peer_report, probes, probe_rows))
+    del probes
     limits = limits_before.merge(measure_limits(dtypes))
     progress.step(1, "limits")
-    _attach_fractions(rows, limits)
+    _attach_fractions(rows, probe_rows, limits)
 
     result: dict[str, Any] = {
         "moeframe": __version__,
@@ -309,6 +338,7 @@ def run_benchmark(config: Config, options: BenchOptions, progress: Progress | No
         "repeat": options.repeat,
         "limits": limits.as_dict(),
         "limits_runs": [limits_before.as_dict()],
+        "limit_probes": probe_rows,
         "results": rows,
         "peers": peer_report,
     }

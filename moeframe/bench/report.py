@@ -33,8 +33,8 @@ def _fmt(value: float | None, spec: str) -> str:
 def _limits_line(result: dict[str, Any]) -> str:
     lim = result["limits"]
     peaks = ", ".join(f"{d} {v / 1e9:.1f} GFLOP/s" for d, v in lim["gemm_flops"].items())
-    return (f"machine limits ({result['threads']} threads, best of two measurements in this run): peak GEMM {peaks}; "
-            f"read bandwidth {lim['read_bytes_per_s'] / 1e9:.1f} GB/s")
+    return (f"machine limits ({result['threads']} threads), best of the measurements before and after the sweep: "
+            f"peak GEMM {peaks}; read bandwidth {lim['read_bytes_per_s'] / 1e9:.1f} GB/s")
 
 
 def _results_rows(result: dict[str, Any], dtype: str) -> list[list[str]]:
@@ -97,6 +97,15 @@ def _sections(result: dict[str, Any], markdown: bool) -> list[str]:
         )
     for dtype in result["dtypes"]:
         parts.append(h(f"Results, {dtype}"))
+        probes = [p for p in result.get("limit_probes", []) if p["dtype"] == dtype]
+        if probes:
+            fp32 = any("gemm_float32_flops_per_s" in p for p in probes)
+            parts.append(
+                "limits measured in the same rounds (the fractions use these): "
+                + "; ".join(f"T={p['tokens']}: {p['gemm_flops_per_s'] / 1e9:.1f} GFLOP/s"
+                            + (f" ({p['gemm_float32_flops_per_s'] / 1e9:.1f} in float32)" if fp32 else "")
+                            + f", {p['read_bytes_per_s'] / 1e9:.1f} GB/s" for p in probes)
+            )
         parts.append(_table(_results_rows(result, dtype), _RESULT_HEADERS, markdown))
     if result.get("targets"):
         parts.append(h("Targets"))

@@ -383,3 +383,23 @@ def test_token_exchange_dispatchers_refuse_tensor_parallelism(dispatcher):
     with pytest.raises(StackError, match=rf"^stack.dispatcher: dispatcher '{dispatcher}' moves whole tokens between ranks and "
                                          r"does not combine with tensor parallelism .*; dispatchers that fit: local$"):
         moeframe.MoELayer("qwen3-moe", overrides={"parallel.tp_size": 2, "stack.dispatcher": dispatcher}, parallel=ctx)
+
+
+class ReturnsItsInput(moeframe.Wrapper):
+    """A (wrong-headed) inner runner that hands back the tensor it was given."""
+
+    def forward(self, hidden_states, router_logits):
+        return hidden_states
+
+
+@pytest.mark.parametrize("T", [5, 8, 21])
+def test_chunking_output_never_aliases_staging_even_if_the_inner_returns_its_input(T):
+    ws = Workspace()
+    layer = chunked(chunk=8, workspace=ws)
+    chunking = layer.stack.runner
+    chunking.inner = ReturnsItsInput(chunking.inner, layer._context, None)
+    x = torch.randn(T, 256)
+    out = layer(x)
+    buffer = ws._buffers[torch.device("cpu")]
+    assert out.untyped_storage().data_ptr() != buffer.untyped_storage().data_ptr()
+    torch.testing.assert_close(out, x, rtol=0, atol=0)

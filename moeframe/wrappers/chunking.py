@@ -56,9 +56,20 @@ class ChunkingWrapper(Wrapper):
 
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         num_tokens = hidden_states.shape[0]
-        out = torch.empty_like(hidden_states)
         staged_states, staged_logits = self.workspace.views(self._requests, self.device)
-        for i in range(self.num_iterations(num_tokens)):
+        iterations = self.num_iterations(num_tokens)
+        if iterations == 1 and num_tokens:
+            # one chunk holds every token: its result is the output (no second copy),
+            # unless the inner runner handed back a view of the staging buffer
+            states, logits = staged_states[:num_tokens], staged_logits[:num_tokens]
+            states.copy_(hidden_states)
+            logits.copy_(router_logits)
+            result = self.inner.forward(states, logits)
+            if result.untyped_storage().data_ptr() == staged_states.untyped_storage().data_ptr():
+                result = result.clone()
+            return result
+        out = torch.empty_like(hidden_states)
+        for i in range(iterations):
             start = i * self.chunk
             end = min(start + self.chunk, num_tokens)
             n = max(0, end - start)

@@ -257,16 +257,15 @@ def _measure_dtype(config: Config, dtype: str, kernels: Sequence[str], options: 
                     experts_touched=statistics.mean(used), batches=batches,
                 )
             rows.append(row)
-        # the best a probe did in these rounds: what the machine could do while the rows were
-        # measured (a median would let load from other processes lower the limit too)
+        # the probes' medians over the very rounds of the rows: like against like
         probe = {
             "dtype": dtype, "tokens": T,
-            "gemm_flops_per_s": gemm_flops / min(times["probe: peak GEMM"]),
-            "read_bytes_per_s": probes.read_bytes / min(times["probe: read bandwidth"]),
+            "gemm_flops_per_s": gemm_flops / statistics.median(times["probe: peak GEMM"]),
+            "read_bytes_per_s": probes.read_bytes / statistics.median(times["probe: read bandwidth"]),
             "times_s": {name: times[name] for name in times if name.startswith("probe: ")},
         }
         if dtype != "float32":
-            probe["gemm_float32_flops_per_s"] = gemm32_flops / min(times["probe: peak GEMM float32"])
+            probe["gemm_float32_flops_per_s"] = gemm32_flops / statistics.median(times["probe: peak GEMM float32"])
         probe_rows.append(probe)
         progress.step(len(impls), f"{dtype} T={T}")
     return rows

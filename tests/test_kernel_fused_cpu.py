@@ -176,3 +176,23 @@ def test_layer_with_fused_cpu_matches_reference():
     layer = moeframe.MoELayer(moeframe.load_config("qwen3-moe", overrides={"stack.kernel": "fused_cpu", "model.dtype": "bfloat16"}))
     x = torch.randn(3, 17, 256).to(torch.bfloat16)
     assert moeframe.compare(layer(x), layer.reference()(x)).ok
+
+
+def test_scratch_is_kept_between_calls_and_released():
+    if not native_available():
+        pytest.skip("the native core cannot be built here")
+    from moeframe.kernels import fused_cpu
+
+    case = KernelCase("silu", False, False, "bfloat16", 40, num_experts=8, top_k=2, hidden_size=32, intermediate_size=16)
+    inputs = make_case_inputs(case)
+    kernel = make(case, "native")
+    kernel.release()
+    assert fused_cpu._SCRATCH.kept_bytes == 0
+    first = kernel(**inputs)
+    kept = fused_cpu._SCRATCH.kept_bytes
+    assert kept > 0 and kernel.describe()["kept_scratch_bytes"] == kept
+    assert torch.equal(kernel(**inputs), first) and fused_cpu._SCRATCH.kept_bytes == kept
+    big = fused_cpu._SCRATCH.take("test-big", fused_cpu.KEPT_BYTES // 4 + 1)
+    assert big.numel() == fused_cpu.KEPT_BYTES // 4 + 1 and fused_cpu._SCRATCH.kept_bytes == kept  # not kept
+    kernel.release()
+    assert fused_cpu._SCRATCH.kept_bytes == 0

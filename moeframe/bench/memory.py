@@ -6,7 +6,9 @@ profiler records every allocation and every free of torch's CPU allocator as a
 time order gives the allocated bytes after each event, and the maximum of that running
 sum is the peak memory the forward needed on top of what was allocated before it (the
 inputs and the weights).  Workspace buffers are allocated by a warm-up forward first, so
-they count as held, not as extra; the benchmark reports them separately.
+they count as held, not as extra; the benchmark reports them separately.  Parts that keep
+scratch between calls (``release()``, as ``fused_cpu`` has) are asked to drop it before
+each variant's warm-up, so that every variant's forward pays for its own.
 
 Memory that does not go through torch's allocator (malloc inside a foreign library) is
 not seen: moeframe's kernels allocate every buffer with torch for that reason.
@@ -72,6 +74,10 @@ def forward_memory(config: Any, num_tokens: int, chunk: int) -> dict[str, Any]:
         out["skipped_chunking"] = "wrapper 'chunking' is not registered (see `moeframe list wrapper`)"
     for label, cfg in variants:
         layer = MoELayer(cfg)
+        for part in layer.stack.parts:  # buffers kept from an earlier variant would not be counted
+            release = getattr(part.instance, "release", None)
+            if callable(release):
+                release()
         with torch.inference_mode():
             layer(x[:1])  # allocates the workspace: held memory, not extra
             peak, net, _ = peak_extra_bytes(lambda: layer(x))

@@ -39,7 +39,7 @@ SOURCE = r"""
  *                          each expert's pairs are cut into work items of 64 tokens (the
  *                          last one up to 80);
  *   phase 1  (all threads) per item: h = act(x W_gate^T + b) * (x W_up^T + b); in prefill the
- *                          threads claim (item, 64 neurons) units in order, so that one slowed
+ *                          threads claim (item, 96 neurons) units in order, so that one slowed
  *                          down by another process leaves work to the others; in decode each
  *                          thread takes half of the rows, as long contiguous runs;
  *   phase 2  (all threads) per item: out[t, rows] += w[t,k] * (h W2^T + b2)[rows]; each thread
@@ -468,8 +468,8 @@ typedef struct {
    still in cache.  Stream mode (fewer tokens, decode): the dot kernel over long contiguous
    runs of rows. */
 enum { TILE_MIN = 7, TAIL_CHUNK = 6 };
-/* neurons of a phase-1 work unit in prefill (a multiple of 16, the bf16 order's blocks) */
-enum { UNIT = 64 };
+/* neurons of a phase-1 work unit in prefill: a multiple of 16 (the bf16 order's blocks) and of 6 (the tiles) */
+enum { UNIT = 96 };
 
 /* Layout of an item's rows of h: the full panels ([I][16] each), then the tail tokens' rows
    ([I] each, in bf16 order for bf16 weights). */

@@ -23,6 +23,7 @@ result; ``moeframe explain`` shows which backend is in use.
 
 from __future__ import annotations
 
+import threading
 import warnings
 from typing import TYPE_CHECKING, Any
 
@@ -44,6 +45,42 @@ _ACTIVATION_CODES = {"silu": 0, "gelu": 1, "swigluoai": 2}
 #: (token, k) pairs whose intermediate activations ([I] floats each) one native call keeps
 #: at once; larger calls run in groups (this bounds the call's extra memory).
 GROUP_PAIRS = 8192
+
+
+class _ScratchPool:
+    """The native core's scratch buffers, kept between calls and shared by every
+    ``fused_cpu`` kernel of the process (one call at a time, under :attr:`lock`): fresh
+    pages for megabytes of scratch on every call cost a few percent of a prefill.  A
+    buffer grows on demand; one over :data:`KEPT_BYTES` is allocated for its call only.
+    Everything goes through torch's allocator, so the profiler sees it."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def take(self, name: str, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A buffer of at least ``numel`` elements (contents undefined); hold :attr:`lock`."""
+        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        if nbytes > KEPT_BYTES:
+            return torch.empty(numel, dtype=dtype)
+        kept = self._buffers.get(name)
+        if kept is None or kept.dtype != dtype or kept.numel() < numel:
+            kept = self._buffers[name] = torch.empty(numel, dtype=dtype)
+        return kept
+
+    def release(self) -> None:
+        """Drop the kept buffers (they are allocated again on the next call)."""
+        with self.lock:
+            self._buffers.clear()
+
+    @property
+    def kept_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._buffers.values())
+
+
+#: bytes up to which one scratch buffer is kept between calls
+KEPT_BYTES = 32 * 1024**2
+_SCRATCH = _ScratchPool()
 
 
 @attrs.frozen
@@ -92,8 +129,12 @@ class FusedCpuKernel(Kernel):
 
     def describe(self) -> dict[str, Any]:
         if self._native is not None:
-            return {"backend": "native", "library": str(self._native.path)}
+            return {"backend": "native", "library": str(self._native.path), "kept_scratch_bytes": _SCRATCH.kept_bytes}
         return {"backend": "torch", "why": self._why_not_native}
+
+    def release(self) -> None:
+        """Free the scratch buffers kept between calls (shared by every ``fused_cpu`` kernel)."""
+        _SCRATCH.release()
 
     # -- forward -------------------------------------------------------------------------
     def __call__(
@@ -137,22 +178,24 @@ class FusedCpuKernel(Kernel):
         scratch_floats = lib.scratch_floats(H, I, T)
 
         out = torch.empty(T, H, dtype=x.dtype)
-        acc = out if x.dtype == torch.float32 else torch.empty(T, H, dtype=torch.float32)
-        ints = torch.empty(lib.ints_needed(pairs, E_local), dtype=torch.int32)
         hbuf_slots = lib.hbuf_slots(pairs, E_local, GROUP_PAIRS)
-        hbuf = torch.empty(hbuf_slots * I, dtype=torch.float32)
-        scratch = torch.empty(nthreads * scratch_floats, dtype=torch.float32)
         act = self.activation
 
         def ptr(t: torch.Tensor | None) -> int | None:
             return None if t is None else t.data_ptr()
 
-        status = lib.forward(
-            _DTYPE_CODES[x.dtype], ptr(x), T, H, ptr(ids), ptr(weights), K, ptr(expert_map), num_experts,
-            ptr(experts.w13), ptr(experts.w2), ptr(experts.b13), ptr(experts.b2), E_local, I,
-            _ACTIVATION_CODES[act.name], act.alpha, act.limit, ptr(out), ptr(acc), ptr(ints), ptr(hbuf),
-            hbuf_slots, ptr(scratch), scratch_floats, nthreads,
-        )
+        with _SCRATCH.lock:
+            take = _SCRATCH.take
+            acc = out if x.dtype == torch.float32 else take("acc", T * H)
+            ints = take("ints", lib.ints_needed(pairs, E_local), torch.int32)
+            hbuf = take("hbuf", hbuf_slots * I)
+            scratch = take("scratch", nthreads * scratch_floats)
+            status = lib.forward(
+                _DTYPE_CODES[x.dtype], ptr(x), T, H, ptr(ids), ptr(weights), K, ptr(expert_map), num_experts,
+                ptr(experts.w13), ptr(experts.w2), ptr(experts.b13), ptr(experts.b2), E_local, I,
+                _ACTIVATION_CODES[act.name], act.alpha, act.limit, ptr(out), ptr(acc), ptr(ints), ptr(hbuf),
+                hbuf_slots, ptr(scratch), scratch_floats, nthreads,
+            )
         if status == -1:
             raise ValueError(f"topk_ids holds an expert id outside [0, {num_experts})")
         if status == -2:

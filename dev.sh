@@ -7,7 +7,8 @@
 #                                     benchmark of docs/performance.md and regenerate its tables and plot
 #   ./dev.sh setup                    only set up .venv
 #
-# Set-up: a virtual environment in .venv (or $MOEFRAME_VENV) with the core and every
+# Set-up: a virtual environment in .venv (or $MOEFRAME_VENV) with the core (and its test,
+# bench and peers extras: the tests compare with transformers' MoE experts too) and every
 # plugin under plugins/ installed editable.  Where no NVIDIA GPU is present it installs a
 # CPU build of torch first, so that nothing pulls a multi-GB CUDA build.
 set -euo pipefail
@@ -47,7 +48,7 @@ setup() {
     for p in plugins/*/; do
       [ -f "$p/pyproject.toml" ] && plugins+=(-e "$p")
     done
-    "${pip[@]}" -e ".[test,bench]" "${plugins[@]}"
+    "${pip[@]}" -e ".[test,bench,peers]" "${plugins[@]}"
     touch "$stamp"
   fi
 }

@@ -22,7 +22,7 @@ __all__ = ["WorkspaceRequest", "Workspace", "current_workspace", "ALIGNMENT"]
 ALIGNMENT = 256
 
 
-@attrs.frozen
+@attrs.frozen(cache_hash=True)
 class WorkspaceRequest:
     """A buffer a part needs during a forward: ``shape`` elements of ``dtype``."""
 
@@ -77,7 +77,8 @@ class Workspace:
 
         The same requests get the same views (same ``data_ptr``) on every call.
         """
-        device = torch.device(device)
+        if not isinstance(device, torch.device):
+            device = torch.device(device)
         key = (device, tuple(requests))
         cached = self._views.get(key)
         if cached is not None:

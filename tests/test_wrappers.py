@@ -38,8 +38,9 @@ def allowed_orders(tables: list[dict]) -> list[list[dict]]:
 _reference_cache: dict[tuple, torch.Tensor] = {}
 
 
-def reference_output(preset: str, dtype: str, x: torch.Tensor) -> torch.Tensor:
-    key = (preset, dtype, tuple(x.shape))
+def reference_output(preset: str, dtype: str, x: torch.Tensor, seed: int) -> torch.Tensor:
+    """The reference layer's output for ``x``, drawn with ``seed`` (the cache's key)."""
+    key = (preset, dtype, tuple(x.shape), seed)
     if key not in _reference_cache:
         _reference_cache[key] = moeframe.MoELayer(preset, overrides={"model.dtype": dtype}).reference()(x)
     return _reference_cache[key]
@@ -58,11 +59,12 @@ def test_every_allowed_order_matches_the_reference(preset, chunk, t_kind, order_
     orders = allowed_orders(wrapper_tables(preset, chunk))
     order = orders[order_index % len(orders)]
     layer = moeframe.MoELayer(preset, overrides={"stack.wrappers": order, "model.dtype": dtype})
-    g = torch.Generator().manual_seed(T * 31 + chunk)
+    seed = T * 31 + chunk
+    g = torch.Generator().manual_seed(seed)
     x = torch.randn(T, layer.config.model.hidden_size, generator=g).to(layer.config.model.torch_dtype)
     out = layer(x)
     assert out.shape == x.shape and out.dtype == x.dtype
-    comparison = moeframe.compare(out, reference_output(preset, dtype, x))
+    comparison = moeframe.compare(out, reference_output(preset, dtype, x, seed))
     assert comparison.ok, (preset, [t["name"] for t in order], T, comparison)
 
 

@@ -101,9 +101,11 @@ def chunking_overhead(config: Config, chunk: int, tokens: Sequence[int], rounds:
     chunked = config.evolve({"stack.wrappers": [{"name": "chunking", "params": {"max_num_tokens": chunk}}]})
     layer_plain = MoELayer(plain)
     layer_chunked = MoELayer(chunked)
-    with torch.no_grad():
-        for name, tensor in layer_chunked.tensors.items():
-            tensor.copy_(layer_plain.tensors[name])
+    # one set of weights for both layers (the same memory, not a copy): decode reads its
+    # weights from memory, and two copies could sit in memory that is not equally fast
+    plain_tensors = layer_plain.tensors
+    for name, tensor in layer_chunked.tensors.items():
+        tensor.data = plain_tensors[name].data
     out: dict[str, Any] = {"chunk": chunk, "dtype": plain.model.dtype, "points": []}
     with torch.inference_mode():
         for t in tokens:

@@ -188,7 +188,13 @@ def plot(result: dict[str, Any], path: Path) -> None:
                     style = "-o" if not impl.startswith("hf-") else "--s"
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=impl, markersize=4)
             if limit:
-                ax.axhline(limit / scale, color="black", linestyle=":", label=limit_label)
+                ax.axhline(limit / scale, color="black", linestyle=":", label=f"{limit_label}, best of the run")
+            probe_key = "gemm_flops_per_s" if row == 0 else "read_bytes_per_s"
+            probe = [(p["tokens"], p[probe_key] / scale) for p in result.get("limit_probes", [])
+                     if p["dtype"] == dtype and p["tokens"] > 0]
+            if probe:
+                ax.plot([p[0] for p in probe], [p[1] for p in probe], color="black", linewidth=0.8, linestyle="-.",
+                        label=f"{limit_label}, same rounds")
             if row == 0 and dtype != "float32" and lim["gemm_flops"].get("float32"):
                 ax.axhline(lim["gemm_flops"]["float32"] / scale, color="grey", linestyle=":", label="peak GEMM (float32)")
             ax.set_xscale("log", base=2)

@@ -27,7 +27,6 @@ import argparse
 import datetime
 import json
 import platform
-import statistics
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -43,6 +42,7 @@ from moeframe.kernels import ExpertWeights
 from moeframe.kernels.activations import Activation, apply_activation
 from moeframe.kernels.torch_reference import TorchReferenceKernel
 from moeframe.numerics import compare, tolerance_for
+from moeframe_triton.timing import median_time
 
 TOKENS = (1, 16, 64, 256, 1024, 4096)
 SMOKE_TOKENS = (1, 16)
@@ -84,31 +84,6 @@ def preset_layers() -> list[Layer]:
 
 
 # -- timing -------------------------------------------------------------------------------
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_time(fn: Callable[[], Any], device: torch.device, reps: int, warmup: int = 1) -> float:
-    """Median seconds of ``fn()`` over ``reps`` runs after ``warmup`` runs."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) * 1e-3)
-        else:
-            t0 = time.perf_counter()
-            fn()
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def measure_peaks(device: torch.device, smoke: bool) -> dict[str, float]:
     """This device's dense bf16 matmul rate (FLOP/s) and copy bandwidth (bytes/s)."""
     n = 256 if smoke else 8192

@@ -8,6 +8,7 @@ Importing this package is cheap: it imports neither torch nor triton.  The modul
 ``fused_moe``   the fused grouped GEMMs and the top-k sum (Triton kernels) and their launcher
 ``configs``     block-size configs: heuristic, tuned JSON files, override folder
 ``tune``        the search behind ``moeframe tune``
+``timing``      median time of a call (CUDA events or ``perf_counter``)
 """
 
 __version__ = "0.1.0"

@@ -11,8 +11,6 @@ bug, not a result.
 from __future__ import annotations
 
 import itertools
-import statistics
-import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -33,6 +31,7 @@ from moeframe_triton.configs import (
     write_config_file,
 )
 from moeframe_triton.fused_moe import fused_moe, route_blocks, run_down, run_up
+from moeframe_triton.timing import median_time
 
 __all__ = ["SearchSpace", "DEFAULT_BATCH_SIZES", "tune_layer", "tune_model", "reference_moe"]
 
@@ -87,27 +86,6 @@ def reference_moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.T
     return kernel(x, topk_weights, topk_ids, ExpertWeights(w13, w2))
 
 
-def _timer(device: torch.device, reps: int) -> Callable[[Callable[[], Any]], float]:
-    def measure(fn: Callable[[], Any]) -> float:
-        fn()  # compile / warm up
-        times = []
-        for _ in range(reps):
-            if device.type == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                fn()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end) * 1e-3)
-            else:
-                t0 = time.perf_counter()
-                fn()
-                times.append(time.perf_counter() - t0)
-        return statistics.median(times)
-
-    return measure
-
-
 def _random_layer(E: int, N: int, K: int, dtype: torch.dtype, device: torch.device, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator(device=device).manual_seed(seed)
     w13 = (torch.randn(E, 2 * N, K, generator=g, device=device) * K**-0.5).to(dtype)
@@ -148,9 +126,12 @@ def tune_layer(
     device = torch.device(device)
     torch_dtype = DTYPES[dtype]
     say = log or (lambda _msg: None)
-    measure = _timer(device, reps)
     w13, w2 = _random_layer(E, N, K, torch_dtype, device, seed)
     chosen: dict[int, MoEConfig] = {}
+
+    def measure(fn: Callable[[], Any]) -> float:
+        return median_time(fn, device, reps)
+
     for M in batch_sizes:
         x, weights, ids = _random_routing(M, E, top_k, K, torch_dtype, device, seed + M)
         best: tuple[float, MoEConfig] | None = None

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import re
 from pathlib import Path
 
 import attrs
 import pytest
 
-from moeframe.cli.main import COMMANDS
+from moeframe.cli.main import COMMANDS, build_parser
 from moeframe.config import ModelConfig, ParallelConfig
 from moeframe.plugins import get_registry
 from moeframe.plugins.hookspecs import HOOK_FOR_KIND
@@ -34,6 +35,16 @@ def test_every_command_is_in_the_user_guide():
         assert f"`moeframe {command}" in guide, command
 
 
+def test_every_command_line_option_is_documented():
+    docs = "\n".join(p.read_text(encoding="utf-8") for p in [*DOCS.glob("*.md"), ROOT / "README.md"])
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    for command, parser in sub.choices.items():
+        for action in parser._actions:
+            for flag in action.option_strings:
+                if flag.startswith("--") and flag != "--help":
+                    assert re.search(rf"{re.escape(flag)}\b", docs), f"moeframe {command} {flag}"
+
+
 def test_every_config_key_is_in_the_reference():
     reference = text("config.md")
     for cls in (ModelConfig, ParallelConfig):
@@ -41,10 +52,16 @@ def test_every_config_key_is_in_the_reference():
             assert f"`{field.name}`" in reference, field.name
 
 
+#: where the plugins of this repository document their strategies (third parties: their own docs)
+PLUGIN_PAGES = {"moeframe-expert-stats": "config.md", "moeframe-triton": "triton.md"}
+
+
 @pytest.mark.parametrize("entry", get_registry().entries(), ids=lambda e: f"{e.kind}-{e.name}")
 def test_every_strategy_and_parameter_is_documented(entry):
-    if entry.provider.builtin or entry.provider.name == "moeframe-expert-stats":
+    if entry.provider.builtin:
         page = text("config.md")
+    elif entry.provider.name in PLUGIN_PAGES:
+        page = text(PLUGIN_PAGES[entry.provider.name])
     else:
         pytest.skip(f"{entry.provider} documents its own strategies")
     assert f"`{entry.name}`" in page, entry.name

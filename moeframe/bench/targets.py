@@ -6,7 +6,7 @@ when the run did not measure what the target needs (say, no token count >= 512).
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 __all__ = ["PREFILL_TOKENS", "DECODE_TOKENS", "evaluate_targets"]
@@ -31,39 +31,41 @@ def _target(name: str, goal: str, measured: str | None, met: bool | None, detail
     return {"name": name, "goal": goal, "measured": measured, "met": met, "detail": detail}
 
 
+def _fraction_target(name: str, goal: str, threshold: float, rows: dict[int, dict[str, Any]],
+                     counts: Callable[[int], bool], key: str, limit: str, missing: str,
+                     fp32_key: str | None = None) -> dict[str, Any]:
+    """A "fraction of a machine limit" target: its worst token count among ``counts``
+    (the row's ``key``, against limits measured in the same rounds), with every token
+    count and the worst one against the run's best ``limit`` (``key + "_of_best"``) in
+    the detail."""
+    fractions = {t: r[key] for t, r in rows.items() if counts(t) and r.get(key)}
+    if not fractions:
+        return _target(name, goal, None, None, missing)
+    worst = min(fractions, key=fractions.__getitem__)
+    detail = ", ".join(f"T={t}: {f:.2f}" for t, f in sorted(fractions.items()))
+    fp32 = rows[worst].get(fp32_key) if fp32_key else None
+    if fp32:
+        detail += f" (T={worst}: {fp32:.2f} of the float32 peak)"
+    best = rows[worst].get(f"{key}_of_best")
+    if best:
+        detail += f"; T={worst} against the run's best {limit}: {best:.2f}"
+    return _target(name, goal, f"{fractions[worst]:.2f}", fractions[worst] >= threshold, detail)
+
+
 def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     """Every target, with its measured ratio, for the configured kernel of ``result``."""
     kernel = result["config"]["stack"]["kernel"]
     out: list[dict[str, Any]] = []
     for dtype in result["dtypes"]:
         rows = {r["tokens"]: r for r in _rows(result, dtype=dtype, impl=kernel)}
-        prefill = {t: r["flops_fraction"] for t, r in rows.items() if t >= PREFILL_TOKENS and r.get("flops_fraction")}
-        if prefill:
-            worst = min(prefill, key=prefill.__getitem__)
-            detail = ", ".join(f"T={t}: {f:.2f}" for t, f in sorted(prefill.items()))
-            fp32 = rows[worst].get("flops_fraction_fp32")
-            if dtype != "float32" and fp32:
-                detail += f" (T={worst}: {fp32:.2f} of the float32 peak)"
-            best = rows[worst].get("flops_fraction_of_best")
-            if best:
-                detail += f"; T={worst} against the run's best peak: {best:.2f}"
-            out.append(_target(f"{kernel} prefill {dtype}", f">= {PREFILL_GOAL} of peak GEMM (T >= {PREFILL_TOKENS}, same rounds)",
-                               f"{prefill[worst]:.2f}", prefill[worst] >= PREFILL_GOAL, detail))
-        else:
-            out.append(_target(f"{kernel} prefill {dtype}", f">= {PREFILL_GOAL} of peak GEMM (T >= {PREFILL_TOKENS}, same rounds)",
-                               None, None, "no token count >= 512 measured"))
-        decode = {t: r["bandwidth_fraction"] for t, r in rows.items() if 1 <= t <= DECODE_TOKENS and r.get("bandwidth_fraction")}
-        if decode:
-            worst = min(decode, key=decode.__getitem__)
-            detail = ", ".join(f"T={t}: {f:.2f}" for t, f in sorted(decode.items()))
-            best = rows[worst].get("bandwidth_fraction_of_best")
-            if best:
-                detail += f"; T={worst} against the run's best bandwidth: {best:.2f}"
-            out.append(_target(f"{kernel} decode {dtype}", f">= {DECODE_GOAL} of read bandwidth (T <= {DECODE_TOKENS}, same rounds)",
-                               f"{decode[worst]:.2f}", decode[worst] >= DECODE_GOAL, detail))
-        else:
-            out.append(_target(f"{kernel} decode {dtype}", f">= {DECODE_GOAL} of read bandwidth (T <= {DECODE_TOKENS}, same rounds)",
-                               None, None, "no token count in 1..16 measured"))
+        out.append(_fraction_target(
+            f"{kernel} prefill {dtype}", f">= {PREFILL_GOAL} of peak GEMM (T >= {PREFILL_TOKENS}, same rounds)", PREFILL_GOAL,
+            rows, lambda t: t >= PREFILL_TOKENS, "flops_fraction", "peak", f"no token count >= {PREFILL_TOKENS} measured",
+            fp32_key="flops_fraction_fp32" if dtype != "float32" else None))
+        out.append(_fraction_target(
+            f"{kernel} decode {dtype}", f">= {DECODE_GOAL} of read bandwidth (T <= {DECODE_TOKENS}, same rounds)", DECODE_GOAL,
+            rows, lambda t: 1 <= t <= DECODE_TOKENS, "bandwidth_fraction", "bandwidth",
+            f"no token count in 1..{DECODE_TOKENS} measured"))
         peers = [r for r in result["results"] if r["dtype"] == dtype and r["kind"] == "peer"]
         if peers:
             ratios = {}

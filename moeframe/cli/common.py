@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from moeframe.config import Config, load_config
+from moeframe.errors import InputError
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
@@ -26,6 +27,23 @@ def add_json_argument(parser: argparse.ArgumentParser) -> None:
 def load_from_args(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Config:
     overrides = list(args.overrides)
     return load_config(args.config, overrides + [f"{k}={v}" for k, v in (extra or {}).items()])
+
+
+def parse_int_list(option: str, text: str, *, minimum: int = 0, expects: str = "comma-separated integers",
+                   unique: bool = False) -> list[int]:
+    """``"1,16,64"`` -> ``[1, 16, 64]`` for a command-line option, or one-line
+    :class:`~moeframe.errors.InputError` naming the option and the value."""
+    try:
+        values = [int(t) for t in str(text).split(",") if t.strip()]
+    except ValueError:
+        raise InputError(f"{option} expects {expects}, got {text!r}") from None
+    if not values:
+        raise InputError(f"{option} expects {expects}, got {text!r}")
+    if any(v < minimum for v in values):
+        raise InputError(f"{option} must be >= {minimum}, got {text!r}")
+    if unique and len(set(values)) != len(values):
+        raise InputError(f"{option} lists a value twice, got {text!r}")
+    return values
 
 
 def print_json(obj: Any) -> None:

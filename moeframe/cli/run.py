@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from moeframe.cli.common import add_config_arguments, add_json_argument, load_from_args, print_json, stack_lines
+from moeframe.cli.common import add_config_arguments, add_json_argument, load_from_args, parse_int_list, print_json, stack_lines
 from moeframe.errors import InputError
 
 if TYPE_CHECKING:
@@ -88,13 +88,7 @@ def time_forward(fn: Any, x: torch.Tensor, repeat: int) -> tuple[torch.Tensor, l
 
 
 def parse_tokens(text: str) -> list[int]:
-    try:
-        counts = [int(t) for t in str(text).split(",") if t.strip()]
-    except ValueError:
-        raise InputError(f"--tokens expects a count or comma-separated counts (one per DP rank), got {text!r}") from None
-    if not counts or any(c < 0 for c in counts):
-        raise InputError(f"--tokens must be >= 0, got {text!r}")
-    return counts
+    return parse_int_list("--tokens", text, expects="a count or comma-separated counts (one per DP rank)")
 
 
 class RankFailure(Exception):

@@ -16,7 +16,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from moeframe.cli.common import add_config_arguments, add_json_argument, load_from_args, print_json
+from moeframe.cli.common import add_config_arguments, add_json_argument, load_from_args, parse_int_list, print_json
 from moeframe.errors import InputError, UserError
 
 
@@ -33,15 +33,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _batch_sizes(text: str | None) -> list[int] | None:
-    if text is None:
-        return None
-    try:
-        sizes = [int(t) for t in text.split(",") if t.strip()]
-    except ValueError:
-        raise InputError(f"--batch-sizes expects comma-separated integers, got {text!r}") from None
-    if not sizes or any(m < 1 for m in sizes):
-        raise InputError(f"--batch-sizes expects positive integers, got {text!r}")
-    return sizes
+    return None if text is None else parse_int_list("--batch-sizes", text, minimum=1)
 
 
 def run(args: argparse.Namespace) -> int:

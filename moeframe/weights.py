@@ -16,8 +16,6 @@ under tensor parallelism only its slice of the intermediate dimension.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -27,6 +25,7 @@ import attrs
 import torch
 
 from moeframe.errors import InputError
+from moeframe.files import atomic_output
 
 __all__ = [
     "WeightSpec",
@@ -209,14 +208,8 @@ def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path, meta
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata=dict(metadata or {}))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=dict(metadata or {}))
 
 
 # -- other layouts --------------------------------------------------------------------

@@ -30,6 +30,7 @@ from typing import Any
 import attrs
 
 from moeframe.errors import InputError
+from moeframe.files import atomic_write_text
 
 __all__ = [
     "CONFIG_DIR_ENV",
@@ -216,9 +217,7 @@ def write_config_file(path: str | Path, configs: Mapping[int, MoEConfig], *, E: 
         "configs": {str(m): merged[m].to_json() for m in sorted(merged)},
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
     clear_caches()
     return path
 

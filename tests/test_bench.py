@@ -115,7 +115,18 @@ def test_bench_refuses_a_kernel_that_disagrees(capsys, tiny, tmp_path, fake_dist
 
 @pytest.mark.parametrize("argv, message", [
     (["--tokens", "abc"], "--tokens expects comma-separated integers"),
-    (["--tokens", "1,-4"], "--tokens expects integers >= 0"),
+    (["--tokens", "1,-4"], "--tokens must be >= 0"),
+    (["--tokens", ","], "--tokens expects comma-separated integers"),
+    (["--tokens", "1,16,1"], "--tokens lists a value twice"),
+    (["--kernels", ","], "--kernels expects comma-separated names"),
+    (["--dtype", ","], "--dtype expects comma-separated names"),
+    (["--budget", "-1"], "--budget must be a positive number of seconds"),
+    (["--budget", "nan"], "--budget must be a positive number of seconds"),
+    (["--chunk", "0"], "--chunk must be >= 1, got 0"),
+    (["--memory-tokens", "0"], "--memory-tokens must be >= 1, got 0"),
+    (["--json", "."], "--json: '.' is a directory"),
+    (["--plot", "."], "--plot: '.' is a directory"),
+    (["--plot", "/nonexistent/dir/x.png"], "--plot: directory"),
     (["--kernels", "nosuch"], "unknown kernel 'nosuch'"),
     (["--dtype", "float64"], "--dtype: unknown dtype 'float64'"),
     (["--repeat", "0"], "--repeat must be >= 1"),
@@ -156,8 +167,9 @@ def test_markdown_section_is_replaced(capsys, tiny, tmp_path, fixed_limits):
     assert "old table" not in text and text.startswith("# Perf\n\nbefore") and text.endswith("after\n")
     assert "| T | implementation |" in text and "### Targets" in text
     doc.write_text("no markers here\n")
-    code, _, err = run(capsys, str(tiny), "--tokens", "1", "--repeat", "1", "--no-peers", "--markdown", str(doc))
+    code, out, err = run(capsys, str(tiny), "--tokens", "1", "--repeat", "1", "--no-peers", "--markdown", str(doc))
     assert code == 2 and "no '<!-- bench:begin -->'" in one_line_error(err)
+    assert doc.read_text() == "no markers here\n" and out == ""  # refused before any work
 
 
 def test_plot_is_written(capsys, tiny, tmp_path, fixed_limits):

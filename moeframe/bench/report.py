@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from moeframe.errors import InputError
+from moeframe.files import atomic_output, atomic_write_text
 
 __all__ = ["text_report", "markdown_report", "update_markdown", "plot", "write_json", "BEGIN", "END"]
 
@@ -126,31 +125,17 @@ def markdown_report(result: dict[str, Any]) -> str:
     return "\n\n".join(_sections(result, markdown=True)) + "\n"
 
 
-def _atomic_write(path: Path, data: str | bytes) -> None:
-    path = Path(path)
-    mode = "wb" if isinstance(data, bytes) else "w"
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=str(path.parent or Path(".")))
-    try:
-        with os.fdopen(fd, mode, **({} if isinstance(data, bytes) else {"encoding": "utf-8"})) as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_json(result: dict[str, Any], path: Path) -> None:
     """Write ``result`` as JSON to ``path`` atomically (a temp file, then a rename)."""
     import json
 
     if not Path(path).parent.is_dir():
         raise InputError(f"--json: directory {str(Path(path).parent)!r} does not exist")
-    _atomic_write(Path(path), json.dumps(result, indent=2, default=str) + "\n")
+    atomic_write_text(path, json.dumps(result, indent=2, default=str) + "\n")
 
 
-def update_markdown(path: Path, result: dict[str, Any]) -> None:
-    """Replace the text between ``<!-- bench:begin -->`` and ``<!-- bench:end -->`` in
-    ``path`` with :func:`markdown_report` (atomically)."""
+def _markdown_section(path: Path) -> tuple[str, re.Pattern[str]]:
+    """The text of ``path`` and the pattern of its bench section, or InputError."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"--markdown: file {str(path)!r} not found")
@@ -158,8 +143,33 @@ def update_markdown(path: Path, result: dict[str, Any]) -> None:
     pattern = re.compile(re.escape(BEGIN) + r".*?" + re.escape(END), re.S)
     if not pattern.search(text):
         raise InputError(f"--markdown: {path} has no '{BEGIN}' ... '{END}' section to replace")
+    return text, pattern
+
+
+def check_output_paths(json_path: Path | None, plot_path: Path | None, markdown_path: Path | None) -> None:
+    """Refuse, before any work, output paths that could not be written afterwards."""
+    for path, option in ((json_path, "--json"), (plot_path, "--plot")):
+        if path is None:
+            continue
+        if Path(path).is_dir():
+            raise InputError(f"{option}: {str(path)!r} is a directory; give a file name")
+        if not Path(path).parent.is_dir():
+            raise InputError(f"{option}: directory {str(Path(path).parent)!r} does not exist")
+    if plot_path is not None:
+        try:
+            import matplotlib  # noqa: F401
+        except ImportError:
+            raise InputError("--plot needs matplotlib (pip install 'moeframe[bench]')") from None
+    if markdown_path is not None:
+        _markdown_section(markdown_path)
+
+
+def update_markdown(path: Path, result: dict[str, Any]) -> None:
+    """Replace the text between ``<!-- bench:begin -->`` and ``<!-- bench:end -->`` in
+    ``path`` with :func:`markdown_report` (atomically)."""
+    text, pattern = _markdown_section(path)
     new = pattern.sub(lambda _: f"{BEGIN}\n{markdown_report(result)}\n{END}", text, count=1)
-    _atomic_write(path, new)
+    atomic_write_text(path, new)
 
 
 def plot(result: dict[str, Any], path: Path) -> None:
@@ -215,13 +225,8 @@ def plot(result: dict[str, Any], path: Path) -> None:
     path = Path(path)
     if not path.parent.is_dir():
         raise InputError(f"--plot: directory {str(path.parent)!r} does not exist")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix or ".png", dir=str(path.parent))
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, dpi=110, format=path.suffix.lstrip(".") or "png")
     finally:
         plt.close(fig)

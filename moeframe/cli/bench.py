@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from moeframe.cli.common import add_config_arguments, load_from_args
+from moeframe.cli.common import add_config_arguments, load_from_args, parse_int_list
 from moeframe.errors import InputError
 
 
@@ -41,23 +41,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=run)
 
 
-def _int_list(option: str, text: str) -> tuple[int, ...]:
-    try:
-        values = tuple(int(t) for t in text.split(",") if t.strip())
-    except ValueError:
-        raise InputError(f"{option} expects comma-separated integers, got {text!r}") from None
-    if not values:
-        raise InputError(f"{option} expects at least one integer")
-    if any(v < 0 for v in values):
-        raise InputError(f"{option} expects integers >= 0, got {text!r}")
-    return values
-
-
-def _names(text: str | None) -> tuple[str, ...] | None:
+def _names(option: str, text: str | None) -> tuple[str, ...] | None:
     if text is None:
         return None
     names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
-    return names or None
+    if not names:
+        raise InputError(f"{option} expects comma-separated names, got {text!r}")
+    return names
 
 
 class _Bar:
@@ -87,32 +77,26 @@ def run(args: argparse.Namespace) -> int:
     from moeframe.bench import BenchOptions, default_kernels, run_benchmark
     from moeframe.bench.measure import total_steps
     from moeframe.bench.peers import transformers_version, unsupported_reason
-    from moeframe.bench.report import plot, text_report, update_markdown, write_json
+    from moeframe.bench.report import check_output_paths, plot, text_report, update_markdown, write_json
     from moeframe.config import DTYPE_NAMES
     from moeframe.plugins import get_registry
 
-    tokens = _int_list("--tokens", args.tokens)
-    dtypes = _names(args.dtype)
+    tokens = tuple(parse_int_list("--tokens", args.tokens, unique=True))
+    dtypes = _names("--dtype", args.dtype)
     for d in dtypes or ():
         if d not in DTYPE_NAMES:
             raise InputError(f"--dtype: unknown dtype {d!r}; choose from {', '.join(DTYPE_NAMES)}")
     if args.repeat < 1:
         raise InputError(f"--repeat must be >= 1, got {args.repeat}")
-    if args.chunk < 1 or args.memory_tokens < 1:
-        raise InputError("--chunk and --memory-tokens must be >= 1")
-    kernels = _names(args.kernels)
+    if not args.budget > 0 or args.budget == float("inf"):
+        raise InputError(f"--budget must be a positive number of seconds, got {args.budget}")
+    for option, value in (("--chunk", args.chunk), ("--memory-tokens", args.memory_tokens)):
+        if value < 1:
+            raise InputError(f"{option} must be >= 1, got {value}")
+    kernels = _names("--kernels", args.kernels)
     for name in kernels or ():
         get_registry().get("kernel", name)  # unknown names: exit 2 before any work
-    for path, what in ((args.json, "--json"), (args.plot, "--plot")):
-        if path is not None and not path.parent.is_dir():
-            raise InputError(f"{what}: directory {str(path.parent)!r} does not exist")
-    if args.plot is not None:
-        try:
-            import matplotlib  # noqa: F401
-        except ImportError:
-            raise InputError("--plot needs matplotlib (pip install 'moeframe[bench]')") from None
-    if args.markdown is not None and not args.markdown.is_file():
-        raise InputError(f"--markdown: file {str(args.markdown)!r} not found")
+    check_output_paths(args.json, args.plot, args.markdown)
     config = load_from_args(args)
     options = BenchOptions(
         kernels=kernels, tokens=tokens, dtypes=dtypes, repeat=args.repeat, budget_s=args.budget,

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
@@ -160,11 +159,8 @@ def test_a_raising_rank_makes_the_others_exit_not_hang(tmp_path: Path):
     (info / "entry_points.txt").write_text("[moeframe]\nfailing = failing_plugin\n")
     argv = [sys.executable, "-m", "moeframe", "run", "deepseek-v3", "--tokens", "8", "--repeat", "1",
             "--set", "stack.wrappers=[\"fail_on_rank_1\"]", "--set", "parallel.timeout_s=20"]
-    start = time.monotonic()
     results = launch_processes(2, argv, timeout=60, env={"PYTHONPATH": str(site)})
-    elapsed = time.monotonic() - start
-    assert all(r.returncode is not None for r in results), "a rank hung"
-    assert elapsed < 50
+    assert all(r.returncode is not None for r in results), "a rank hung"  # none was killed at the deadline
     assert results[1].returncode == 1 and "injected failure in a plugin wrapper" in results[1].stderr  # a bug keeps its traceback
     assert results[0].returncode == 1
     line = [ln for ln in results[0].stderr.splitlines() if ln.startswith("moeframe: error:")]
@@ -179,15 +175,40 @@ def test_torchrun_style_run_of_the_deepseek_preset():
     data = json.loads(results[0].stdout)
     assert results[1].stdout == ""  # rank 0 reports for everyone
     assert [r["rank"] for r in data["ranks"]] == [0, 1] and all(r["ok"] for r in data["ranks"])
-    assert data["parallel"]["ep_size"] == 2 and data["stack"][2]["name"] == "all2all" or data["stack"][3]["name"] == "all2all"
+    assert data["parallel"]["ep_size"] == 2 and "all2all" in {part["name"] for part in data["stack"]}
 
 
-def test_nproc_launches_torchrun(capsys):
+def test_nproc_launches_torchrun(capfd):
     from moeframe.cli.main import main
 
-    code = main(["run", "docs/examples/dp2-chunked.toml" if Path("docs/examples/dp2-chunked.toml").exists()
-                 else str(Path(__file__).parents[1] / "docs/examples/dp2-chunked.toml"), "--nproc", "2", "--tokens", "40,0", "--repeat", "1"])
+    code = main(["run", str(Path(__file__).parents[1] / "docs/examples/dp2-chunked.toml"), "--nproc", "2",
+                 "--tokens", "40,0", "--repeat", "1", "--json"])
     assert code == 0
+    data = json.loads(capfd.readouterr().out)  # rank 0's report, for both ranks
+    assert [(r["rank"], r["tokens"], r["ok"]) for r in data["ranks"]] == [(0, 40, True), (1, 0, True)]
+
+
+@pytest.mark.parametrize("argv, env, message", [
+    (["--nproc", "0"], {}, "--nproc must be >= 1, got 0"),
+    (["--nproc", "2", "--tokens", "1,2,3"], {}, "--tokens has 3 counts but there are 2 DP ranks"),
+    (["--nproc", "2", "--repeat", "0"], {}, "--repeat must be >= 1, got 0"),
+    (["--nproc", "2", "--tokens", "4,x"], {}, "--tokens expects a count or comma-separated counts"),
+    (["--nproc", "2"], {"WORLD_SIZE": "2"}, "leave out --nproc under torchrun"),
+    (["--np", "2"], {}, "unrecognized arguments: --np 2"),
+])
+def test_nproc_refuses_bad_options_before_launching(capfd, monkeypatch, argv, env, message):
+    from moeframe.cli.main import main
+
+    for key, value in env.items():
+        monkeypatch.setenv(key, value)
+    try:
+        code = main(["run", str(Path(__file__).parents[1] / "docs/examples/dp2-chunked.toml"), *argv])
+    except SystemExit as exc:  # usage errors from the argument parser
+        code = exc.code
+    assert code == 2
+    out, err = capfd.readouterr()
+    lines = [ln for ln in err.splitlines() if ln.strip()]
+    assert len(lines) == 1 and message in lines[0] and out == "", err  # one line, and no rank was started
 
 
 def test_nproc_validates_before_launching(capsys):

@@ -23,7 +23,12 @@ COMMANDS = (
 
 
 class _Parser(argparse.ArgumentParser):
-    """Usage errors as one line and exit status 2."""
+    """Usage errors as one line and exit status 2; options only by their full names (an
+    abbreviation such as ``--np`` would slip past code that looks for ``--nproc``)."""
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str) -> None:  # type: ignore[override]
         sys.stderr.write(f"{self.prog}: error: {message} (see `{self.prog} --help`)\n")

@@ -91,6 +91,17 @@ def parse_tokens(text: str) -> list[int]:
     return parse_int_list("--tokens", text, expects="a count or comma-separated counts (one per DP rank)")
 
 
+def check_options(args: argparse.Namespace, dp_size: int) -> list[int]:
+    """The checks of ``run``'s own options, made before any process is launched; returns
+    the token counts."""
+    counts = parse_tokens(args.tokens)
+    if len(counts) not in (1, dp_size):
+        raise InputError(f"--tokens has {len(counts)} counts but there are {dp_size} DP ranks; give one count or one per DP rank")
+    if args.repeat < 1:
+        raise InputError(f"--repeat must be >= 1, got {args.repeat}")
+    return counts
+
+
 class RankFailure(Exception):
     """A collective failed on this rank, usually because a peer rank failed first."""
 
@@ -103,18 +114,14 @@ def execute(args: argparse.Namespace) -> dict[str, Any]:
     from moeframe.numerics import compare
     from moeframe.parallel import ParallelContext
 
-    counts = parse_tokens(args.tokens)
-    if args.repeat < 1:
-        raise InputError(f"--repeat must be >= 1, got {args.repeat}")
     config = load_from_args(args, {"seed": args.seed} if args.seed is not None else None)
+    counts = check_options(args, config.parallel.dp_size)
     device = torch.device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise InputError("--device cuda: no CUDA device is available here")
     parallel = ParallelContext.from_config(config.parallel)
     if parallel.distributed and device.type == "cuda":
         device = torch.device("cuda", torch.cuda.current_device())
-    if len(counts) not in (1, parallel.dp_size):
-        raise InputError(f"--tokens has {len(counts)} counts but there are {parallel.dp_size} DP ranks; give one count or one per DP rank")
     model = config.model
     layer = MoELayer(config, device=device, parallel=parallel)
     if args.weights:
@@ -181,6 +188,7 @@ def execute(args: argparse.Namespace) -> dict[str, Any]:
 
 def launch(args: argparse.Namespace, argv: list[str]) -> int:
     """``--nproc N``: validate, then run this same command under torchrun with N processes."""
+    import os
     import subprocess
     import sys
 
@@ -188,8 +196,12 @@ def launch(args: argparse.Namespace, argv: list[str]) -> int:
 
     if args.nproc < 1:
         raise InputError(f"--nproc must be >= 1, got {args.nproc}")
-    config = load_from_args(args)
+    if "WORLD_SIZE" in os.environ:
+        raise InputError("--nproc: this process is already one of a launched group (WORLD_SIZE is set); "
+                         "leave out --nproc under torchrun")
+    config = load_from_args(args, {"seed": args.seed} if args.seed is not None else None)
     validate_world(config.parallel, args.nproc)
+    check_options(args, config.parallel.dp_size)
     rest = []
     skip = False
     for i, a in enumerate(argv):

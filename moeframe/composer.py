@@ -21,7 +21,7 @@ from moeframe.config import Config, StrategyConfig, unstructure
 from moeframe.context import BuildContext
 from moeframe.errors import StackError
 from moeframe.plugins import Entry, Registry, get_registry
-from moeframe.workspace import layout_bytes
+from moeframe.workspace import Workspace, layout_bytes
 
 __all__ = ["Part", "Stack", "check_stack", "build_stack", "check_wrapper_order", "reference_config"]
 
@@ -60,9 +60,15 @@ class Stack:
     dispatcher: Any
     #: outermost first: the wrappers, the runner, then router, dispatcher, kernel
     parts: list[Part]
+    #: the staging buffers the parts use (outputs never alias them)
+    workspace: Workspace
 
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
-        return self.runner.forward(hidden_states, router_logits)
+        out = self.runner.forward(hidden_states, router_logits)
+        if self.workspace.holds(out):
+            # a part handed back a view of a staging buffer, which the next call overwrites
+            out = out.clone()
+        return out
 
     @property
     def output_reduced(self) -> bool:
@@ -237,7 +243,7 @@ def build_stack(context: BuildContext, registry: Registry | None = None) -> Stac
         requests = part.instance.workspace_requests() if hasattr(part.instance, "workspace_requests") else ()
         if requests:
             part.workspace_bytes = context.workspace.reserve(requests, context.device)
-    return Stack(outer, context.router, context.kernel, context.dispatcher, parts)
+    return Stack(outer, context.router, context.kernel, context.dispatcher, parts, context.workspace)
 
 
 def reference_config(config: Config, registry: Registry | None = None) -> Config:

@@ -106,6 +106,11 @@ class Workspace:
             self._views[key] = views
             return views
 
+    def holds(self, tensor: torch.Tensor) -> bool:
+        """Whether ``tensor`` is a view of one of the workspace's buffers."""
+        ptr = tensor.untyped_storage().data_ptr()
+        return any(buf.untyped_storage().data_ptr() == ptr for buf in self._buffers.values())
+
     def release(self) -> None:
         """Free the buffers (they are allocated again on the next :meth:`views`)."""
         with self._lock:

@@ -189,7 +189,7 @@ def read_config_file(path: str | Path) -> dict[int, MoEConfig]:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except OSError as exc:
         raise InputError(f"tuned config {str(path)!r} cannot be read: {exc.strerror}") from None
-    except json.JSONDecodeError as exc:
+    except ValueError as exc:  # not JSON, or not UTF-8 text
         raise InputError(f"tuned config {str(path)!r} is not valid JSON: {exc}") from None
     table = raw.get("configs") if isinstance(raw, dict) else None
     if not isinstance(table, dict) or not table:

@@ -55,10 +55,12 @@ class TritonKernel(Kernel):
     ) -> list[Path]:
         """Search block sizes, warps and stages for ``config``'s layer shape at each batch
         size on the GPU and write the tuned file into ``output_dir``; return its path.
+        The shape is one rank's: ``parallel.ep_size`` (unset: 1) and ``parallel.tp_size``
+        divide the experts and the intermediate size.
 
         Raises :class:`~moeframe.errors.UserError` where no CUDA GPU is available.
         """
         from moeframe_triton.tune import tune_model
 
         return [tune_model(config.model, batch_sizes=batch_sizes, output_dir=Path(output_dir), device=device, log=log,
-                           expert_parallel=config.parallel.ep_size, tensor_parallel=config.parallel.tp_size)]
+                           expert_parallel=config.parallel.ep_size or 1, tensor_parallel=config.parallel.tp_size)]

@@ -28,6 +28,7 @@ from moeframe_triton.configs import (
     GemmConfig,
     MoEConfig,
     config_file_name,
+    read_config_file,
     write_config_file,
 )
 from moeframe_triton.fused_moe import fused_moe, route_blocks, run_down, run_up
@@ -204,16 +205,23 @@ def tune_model(
             f"by parallel.ep_size ({expert_parallel}) and parallel.tp_size ({tensor_parallel}) to tune one rank's shape"
         )
     sizes = list(batch_sizes or DEFAULT_BATCH_SIZES)
-    if not sizes or any(m < 1 for m in sizes):
+    if any(m < 1 for m in sizes):
         raise UserError(f"--batch-sizes must be positive integers, got {sizes}")
     E = model.num_experts // expert_parallel
     N = model.intermediate_size // tensor_parallel
     K = model.hidden_size
     dev = torch.device(device)
     device_name = torch.cuda.get_device_name(dev)
+    path = Path(output_dir) / config_file_name(E, N, K, model.dtype, device_name)
+    # the output is checked before the search (minutes), not after it
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"--output: cannot create the folder {str(path.parent)!r}: {exc.strerror}") from None
+    if path.exists():
+        read_config_file(path)  # a broken file already there: its error now, before the search
     configs = tune_layer(E=E, N=N, K=K, top_k=min(model.top_k, E), dtype=model.dtype,
                          activation=Activation.from_model(model), batch_sizes=sizes, device=dev, space=space, log=log)
-    path = Path(output_dir) / config_file_name(E, N, K, model.dtype, device_name)
     import triton
 
     return write_config_file(path, configs, E=E, N=N, K=K, dtype=model.dtype, device_name=device_name,

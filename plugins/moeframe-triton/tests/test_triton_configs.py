@@ -111,8 +111,17 @@ def test_fallback_warns_once_per_shape_naming_the_file(recwarn):
 def test_shipped_folder_holds_only_real_files():
     """Only measured files may ship: every JSON there must parse (none is shipped yet)."""
     shipped = Path(configs.__file__).parent / "tuned_configs"
-    for path in shipped.glob("*.json"):
+    assert (shipped / "README.md").is_file()
+    files = sorted(shipped.glob("*.json"))
+    guide = (Path(__file__).parents[3] / "docs" / "triton.md").read_text(encoding="utf-8")
+    if not files:  # the guide must say so
+        assert "No tuned file ships yet" in guide
+    for path in files:
         assert read_config_file(path)
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        # named as the lookup expects, from its own contents, and listed in the guide
+        assert path.name == config_file_name(doc["E"], doc["N"], doc["K"], doc["dtype"], doc["device_name"])
+        assert path.name in guide
 
 
 def test_writing_merges_with_existing_entries(tmp_path):

@@ -21,7 +21,7 @@ from moeframe.errors import StackError
 from moeframe.kernels.activations import Activation
 from moeframe.plugins import get_registry
 from moeframe_triton import _device
-from moeframe_triton.configs import MoEConfig, config_file_name, lookup_config, write_config_file
+from moeframe_triton.configs import MoEConfig, config_file_name, default_config, lookup_config, write_config_file
 from moeframe_triton.tune import SearchSpace, tune_layer
 
 PLUGIN_ROOT = Path(__file__).resolve().parent.parent
@@ -185,3 +185,46 @@ def test_kernels_compile_for_sm90_and_gemms_are_pipelined():
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "all kernels compiled for sm_90" in proc.stdout
     assert proc.stdout.count("pipelined") == 2  # up and down
+
+
+@pytest.fixture
+def fake_gpu_tuning(monkeypatch):
+    """`moeframe tune` as on a GPU, with the search replaced by a stub that records the shape."""
+    import moeframe_triton.tune as tune_module
+
+    calls: list[dict] = []
+
+    def search(**kwargs):
+        calls.append(kwargs)
+        return {m: default_config(m, kwargs["E"], kwargs["N"], kwargs["K"], kwargs["dtype"]) for m in kwargs["batch_sizes"]}
+
+    monkeypatch.setattr(tune_module, "INTERPRETER", False)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")
+    monkeypatch.setattr(tune_module, "tune_layer", search)
+    return calls
+
+
+def test_tune_on_a_gpu_tunes_one_ranks_shape_and_writes_the_file(fake_gpu_tuning, tmp_path, capsys):
+    # parallel.ep_size unset: the whole layer (it used to fail dividing by None)
+    assert main(["tune", "qwen3-moe", "--set", "stack.kernel=triton", "--batch-sizes", "1,16", "--output", str(tmp_path)]) == 0
+    model = load_config("qwen3-moe").model
+    assert [(c["E"], c["N"], c["batch_sizes"]) for c in fake_gpu_tuning] == [(model.num_experts, model.intermediate_size, [1, 16])]
+    assert main(["tune", "qwen3-moe", "--set", "stack.kernel=triton", "--set", "parallel.ep_size=2",
+                 "--batch-sizes", "1", "--output", str(tmp_path)]) == 0
+    assert fake_gpu_tuning[-1]["E"] == model.num_experts // 2
+    assert len(list(tmp_path.glob("E=*.json"))) == 2
+
+
+def test_tune_refuses_a_bad_output_before_searching(fake_gpu_tuning, tmp_path, capsys):
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("")
+    assert main(["tune", "qwen3-moe", "--set", "stack.kernel=triton", "--output", str(not_a_folder)]) == 2
+    assert "--output: cannot create the folder" in capsys.readouterr().err
+    model = load_config("qwen3-moe").model
+    broken = tmp_path / config_file_name(model.num_experts, model.intermediate_size, model.hidden_size, model.dtype, "NVIDIA H200")
+    broken.write_bytes(b"\xff\xfe not json")
+    assert main(["tune", "qwen3-moe", "--set", "stack.kernel=triton", "--output", str(tmp_path)]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and "is not valid JSON" in err[0]
+    assert fake_gpu_tuning == []  # no search was started

@@ -144,6 +144,9 @@ def test_run_input_output_and_weights(capsys, tmp_path: Path):
         (["run", "qwen3-moe", "--tokens", "many"], r"--tokens expects a count or comma-separated counts \(one per DP rank\), got 'many'"),
         (["run", "qwen3-moe", "--repeat", "x"], r"argument --repeat: invalid int value: 'x'"),
         (["frobnicate"], r"invalid choice: 'frobnicate'"),
+        (["check", "torch", "--tokens", "-1"], r"--tokens must be >= 0, got '-1'"),
+        (["check", "torch", "--tokens", ","], r"--tokens expects comma-separated integers"),
+        (["check", "torch", "--dtype", "fp16"], r"--dtype: unknown dtype 'fp16'; choose from float32, bfloat16, float16"),
     ],
 )
 def test_user_errors_are_one_line_exit_2(capsys, argv, message):
@@ -175,6 +178,20 @@ def test_check_command(capsys):
     assert data["ok"] and data["kernels"][0]["kernel"] == "torch" and data["kernels"][0]["cases"] == 24
     code, _, err = run_cli(capsys, "check", "torchh")
     assert code == 2 and "did you mean 'torch'?" in one_line_error(err)
+
+
+def test_check_fails_a_kernel_that_no_case_fits(capsys, fake_dists):
+    fake_dists.add("moeframe-bf16only", "0.1", {"bf16only_plugin": """
+import moeframe
+from moeframe.plugins import Capabilities, Strategy
+
+@moeframe.hookimpl
+def register_kernels():
+    return [Strategy("bf16only", "moeframe.kernels.torch_reference:TorchReferenceKernel", "bf16 only",
+                     capabilities=Capabilities(dtypes=frozenset({"bfloat16"})))]
+"""}, {"bf16only": "bf16only_plugin"})
+    code, out, _ = run_cli(capsys, "check", "bf16only", "--dtype", "float32", "--tokens", "1")
+    assert code == 1 and "bf16only: 0/0 cases ok (no case fits the kernel's dtypes; not checked)" in out
 
 
 def test_console_script_and_module_entry_points():

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from moeframe.cli.common import add_json_argument, print_json
+from moeframe.cli.common import add_json_argument, parse_int_list, print_json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -22,10 +22,12 @@ def run(args: argparse.Namespace) -> int:
     from moeframe.errors import InputError
     from moeframe.plugins import get_registry
 
-    try:
-        tokens = [int(t) for t in args.tokens.split(",") if t.strip()]
-    except ValueError:
-        raise InputError(f"--tokens expects comma-separated integers, got {args.tokens!r}") from None
+    from moeframe.config import DTYPE_NAMES
+
+    tokens = parse_int_list("--tokens", args.tokens)
+    for dtype in args.dtypes or ():
+        if dtype not in DTYPE_NAMES:
+            raise InputError(f"--dtype: unknown dtype {dtype!r}; choose from {', '.join(DTYPE_NAMES)}")
     names = args.kernels or get_registry().names("kernel")
     for name in names:
         get_registry().get("kernel", name)  # unknown names fail before any work
@@ -34,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     for name in names:
         results = check_kernel(name, args.device, tokens, args.dtypes)
         bad = [r for r in results if not r.ok]
-        failed += len(bad)
+        failed += len(bad) + (not results)  # a kernel that no case fits has not passed anything
         report.append({
             "kernel": name,
             "cases": len(results),
@@ -43,7 +45,8 @@ def run(args: argparse.Namespace) -> int:
             ],
         })
         if not args.json:
-            print(f"{name}: {len(results) - len(bad)}/{len(results)} cases ok")
+            print(f"{name}: {len(results) - len(bad)}/{len(results)} cases ok"
+                  + ("" if results else " (no case fits the kernel's dtypes; not checked)"))
             for r in bad:
                 detail = r.error or f"max abs error {r.comparison.max_abs_error:.3e}"
                 print(f"  FAIL {r.case.id}: {detail}")

@@ -4,6 +4,8 @@ empty experts, expert maps, threads)."""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -196,3 +198,43 @@ def test_scratch_is_kept_between_calls_and_released():
     assert big.numel() == fused_cpu.KEPT_BYTES // 4 + 1 and fused_cpu._SCRATCH.kept_bytes == kept  # not kept
     kernel.release()
     assert fused_cpu._SCRATCH.kept_bytes == 0
+
+
+@pytest.fixture
+def fresh_native_load():
+    """`_load` remembers its answer for the process: forget it around a test."""
+    from moeframe.kernels import _fused_cpu_native
+
+    _fused_cpu_native._load.cache_clear()
+    yield _fused_cpu_native
+    _fused_cpu_native._load.cache_clear()
+
+
+@pytest.mark.parametrize("env, why", [
+    ({"MOEFRAME_FUSED_CPU_NATIVE": "off"}, "MOEFRAME_FUSED_CPU_NATIVE='off' is neither 0 (off) nor 1 (on, the default)"),
+    ({"CC": "/nonexistent/cc"}, "C compiler '/nonexistent/cc' does not run"),
+    ({"MOEFRAME_CACHE_DIR": "{tmp}/a-file/cache"}, "cannot create the cache directory"),
+])
+def test_native_core_unavailable_says_why_in_one_line(fresh_native_load, monkeypatch, tmp_path, env, why):
+    if "MOEFRAME_FUSED_CPU_NATIVE" not in env and not native_available():
+        pytest.skip("the native core cannot be built here (the CPU check would speak first)")
+    fresh_native_load._load.cache_clear()
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("MOEFRAME_CACHE_DIR", str(tmp_path / "cache"))  # nothing built already
+    for key, value in env.items():
+        monkeypatch.setenv(key, value.format(tmp=tmp_path))
+    with pytest.raises(fresh_native_load.NativeUnavailable, match=re.escape(why)) as info:
+        fresh_native_load.load_native()
+    assert "\n" not in str(info.value)
+    case = KernelCase("silu", False, False, "float32", 3, num_experts=4, top_k=2, hidden_size=32, intermediate_size=16)
+    with pytest.raises(StackError, match="cannot use its native core here"):
+        FusedCpuKernel(kernel_context(case.model()), FusedCpuParams(backend="native"))
+
+
+def test_cache_dir_expands_the_home_folder(monkeypatch):
+    from pathlib import Path
+
+    from moeframe.kernels._fused_cpu_native import cache_dir
+
+    monkeypatch.setenv("MOEFRAME_CACHE_DIR", "~/moeframe-cache")
+    assert cache_dir() == Path.home() / "moeframe-cache"

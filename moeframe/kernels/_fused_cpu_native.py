@@ -812,9 +812,6 @@ int moe_forward(int dtype, const void *x, long T, long H, const int64_t *ids, co
 }
 
 /* Sizes the caller allocates. */
-int moe_item_tokens(void) { return ITEM; }
-/* hbuf slots (rows of I floats) that every item of a call takes together, at most */
-long moe_slots_bound(long pairs, long local_experts) { return pairs; }
 /* int32 elements of the `ints` buffer for a call with `pairs` (token, k) pairs */
 long moe_ints_needed(long pairs, long local_experts) {
     const long items = local_experts + pairs / ITEM + 1;
@@ -841,9 +838,9 @@ def cache_dir() -> Path:
     """Where compiled libraries are kept."""
     env = os.environ.get("MOEFRAME_CACHE_DIR")
     if env:
-        return Path(env)
+        return Path(env).expanduser()
     xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg) if xdg else Path.home() / ".cache") / "moeframe"
+    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "moeframe"
 
 
 def _cpu_flags() -> set[str]:
@@ -903,8 +900,13 @@ def _build(cc: str) -> Path:
             raise NativeUnavailable(f"compiling with {cc!r} failed: {first}")
         # another process may have built the same file meanwhile: rename is atomic either way
         staged = target.with_name(f".{target.name}.{os.getpid()}")
-        shutil.copyfile(out, staged)
-        os.replace(staged, target)
+        try:
+            shutil.copyfile(out, staged)
+            os.replace(staged, target)
+        except OSError as exc:
+            staged.unlink(missing_ok=True)
+            raise NativeUnavailable(f"cannot write to the cache directory {target.parent} "
+                                    f"({exc.strerror}; set MOEFRAME_CACHE_DIR to a writable one)") from None
     return target
 
 
@@ -922,17 +924,14 @@ class NativeLibrary:
             c_int, ptr, c_long, c_long, ptr, ptr, c_long, ptr, c_long, ptr, ptr, ptr, ptr, c_long, c_long,
             c_int, c_float, c_float, ptr, ptr, ptr, ptr, c_long, ptr, c_long, c_int,
         ]
-        lib.moe_item_tokens.restype = c_int
         lib.moe_scratch_floats.restype = c_long
         lib.moe_scratch_floats.argtypes = [c_long, c_long, c_long]
-        lib.moe_slots_bound.restype = c_long
-        lib.moe_slots_bound.argtypes = [c_long, c_long]
         lib.moe_item_max_slots.restype = c_long
         lib.moe_ints_needed.restype = c_long
         lib.moe_ints_needed.argtypes = [c_long, c_long]
         self._lib = lib
         self.forward = lib.moe_forward
-        self.item_tokens: int = lib.moe_item_tokens()
+        self._item_max_slots = int(lib.moe_item_max_slots())
 
     def scratch_floats(self, hidden: int, intermediate: int, tokens: int) -> int:
         """Floats of scratch each thread needs for a call of ``tokens`` tokens."""
@@ -945,9 +944,8 @@ class NativeLibrary:
     def hbuf_slots(self, pairs: int, local_experts: int, cap: int) -> int:
         """Rows of intermediate activations to allocate: enough for every work item of a
         call with ``pairs`` (token, k) pairs, but at most ``cap`` (then the call runs in
-        groups), and never less than the largest item."""
-        bound = int(self._lib.moe_slots_bound(pairs, local_experts))
-        return max(min(bound, cap), int(self._lib.moe_item_max_slots()))
+        groups), and never less than the largest item (items take one slot per pair)."""
+        return max(min(pairs, cap), self._item_max_slots)
 
 
 @functools.lru_cache(maxsize=None)
@@ -963,8 +961,11 @@ def _load() -> NativeLibrary | str:
 
 def load_native() -> NativeLibrary:
     """The native library, built on first use; :class:`NativeUnavailable` says why not."""
-    if os.environ.get("MOEFRAME_FUSED_CPU_NATIVE", "1") == "0":
+    setting = os.environ.get("MOEFRAME_FUSED_CPU_NATIVE", "1").strip()
+    if setting == "0":
         raise NativeUnavailable("disabled by MOEFRAME_FUSED_CPU_NATIVE=0")
+    if setting not in ("", "1"):
+        raise NativeUnavailable(f"MOEFRAME_FUSED_CPU_NATIVE={setting!r} is neither 0 (off) nor 1 (on, the default)")
     result = _load()
     if isinstance(result, str):
         raise NativeUnavailable(result)

@@ -31,6 +31,7 @@ from moeframe.config import Config
 from moeframe.errors import InputError
 from moeframe.kernels import ExpertWeights
 from moeframe.numerics import compare, tolerance_for
+from moeframe.runners.default import route
 
 __all__ = ["BenchOptions", "Progress", "default_kernels", "run_benchmark"]
 
@@ -98,11 +99,7 @@ def _routing(layer: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     """What the runner hands the kernel for ``x``: (hidden states, weights, ids)."""
     tensors = layer.tensors
     router = layer.stack.router
-    weights, ids, on_input = router.select(router.logits(x, tensors), tensors)
-    if on_input:
-        x = x * weights.to(x.dtype)
-        weights = torch.ones_like(weights, dtype=torch.float32)
-    return x, weights, ids
+    return route(router, x, router.logits(x, tensors), tensors)
 
 
 def _time_rounds(impls: Sequence[_Impl], batches: int, rounds: int, budget_s: float) -> dict[str, list[float]]:

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from moeframe.config import Config
-from moeframe.kernels import ExpertWeights
+from moeframe.runners.default import route
 
 __all__ = ["compare_alternating", "runner_overhead", "chunking_overhead", "import_overhead", "triton_laziness"]
 
@@ -66,18 +66,13 @@ def runner_overhead(config: Config, num_tokens: int = 1, rounds: int = 400, batc
     layer = MoELayer(plain)
     tensors = layer.tensors
     router, kernel = layer.stack.router, layer.stack.kernel
-    experts = ExpertWeights(tensors["experts.w13"], tensors["experts.w2"], tensors.get("experts.b13"), tensors.get("experts.b2"))
+    experts = layer.stack.runner.experts()  # the default runner's, as it hands them to the kernel
     xs = _seeded(num_tokens, plain.model.hidden_size, plain.model.torch_dtype, batches, plain.seed + 1)
     with torch.inference_mode():
         logits = [router.logits(x, tensors) for x in xs]
 
         def direct(i: int) -> torch.Tensor:
-            weights, ids, on_input = router.select(logits[i], tensors)
-            x = xs[i]
-            if on_input:
-                x = x * weights.to(x.dtype)
-                weights = torch.ones_like(weights, dtype=torch.float32)
-            return kernel(x, weights, ids, experts)
+            return kernel(*route(router, xs[i], logits[i], tensors), experts)
 
         def through_runner(i: int) -> torch.Tensor:
             return layer.stack.forward(xs[i], logits[i])

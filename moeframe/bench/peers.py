@@ -31,12 +31,14 @@ BATCHED_MM_BUDGET = 2 * 1024**3
 
 
 def transformers_version() -> str | None:
-    """The installed transformers version, or None."""
+    """The installed transformers version, or None (read from its metadata: importing
+    transformers takes a second)."""
+    from importlib.metadata import PackageNotFoundError, version
+
     try:
-        import transformers
-    except ImportError:
+        return version("transformers")
+    except PackageNotFoundError:
         return None
-    return str(transformers.__version__)
 
 
 @attrs.define

@@ -11,6 +11,20 @@ from moeframe.kernels import ExpertWeights
 from moeframe.runners import Runner
 
 
+def route(router: Any, hidden_states: torch.Tensor, router_logits: torch.Tensor,
+          tensors: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """What the kernel gets for these tokens: ``(hidden_states, topk_weights, topk_ids)``.
+
+    A router with ``weight_on_input`` (Llama-4) has its weight multiply the tokens, and
+    every expert output is then weighed by one.
+    """
+    topk_weights, topk_ids, on_input = router.select(router_logits, tensors)
+    if on_input:
+        hidden_states = hidden_states * topk_weights.to(hidden_states.dtype)
+        topk_weights = torch.ones_like(topk_weights, dtype=torch.float32)
+    return hidden_states, topk_weights, topk_ids
+
+
 class DefaultRunner(Runner):
     """The plain path: ``combine(kernel(dispatch(x, router.select(logits))))``.
 
@@ -35,10 +49,7 @@ class DefaultRunner(Runner):
         return ExpertWeights(w["experts.w13"], w["experts.w2"], w.get("experts.b13"), w.get("experts.b2"), self.expert_map)
 
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
-        topk_weights, topk_ids, on_input = self.router.select(router_logits, self.weights)
-        if on_input:
-            hidden_states = hidden_states * topk_weights.to(hidden_states.dtype)
-            topk_weights = torch.ones_like(topk_weights, dtype=torch.float32)
+        hidden_states, topk_weights, topk_ids = route(self.router, hidden_states, router_logits, self.weights)
         dispatched = self.dispatcher.dispatch(hidden_states, topk_weights, topk_ids)
         expert_output = self.kernel(dispatched.hidden_states, dispatched.topk_weights, dispatched.topk_ids, self.experts())
         return self.dispatcher.combine(expert_output, dispatched)

@@ -70,18 +70,36 @@ class TokenExchangeDispatcher(Dispatcher):
     output is reduced; they need every expert whole on its rank (no tensor parallelism).
     """
 
-    #: the strategy's name, for messages
-    name: ClassVar[str] = ""
-
     @classmethod
     def check_stack(cls, config: Config) -> str | None:
         if config.parallel.tp_size > 1:
             return (
-                f"dispatcher {cls.name!r} moves whole tokens between ranks and does not combine with "
-                "tensor parallelism (parallel.tp_size must be 1)"
+                f"dispatcher {config.stack.dispatcher.name!r} moves whole tokens between ranks and does not combine "
+                "with tensor parallelism (parallel.tp_size must be 1)"
             )
         return None
 
     @property
     def output_reduced(self) -> bool:
         return True
+
+    def dispatch(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> Dispatched:
+        if not self.parallel.distributed:  # one process: nothing to move
+            return Dispatched(hidden_states, topk_weights, topk_ids)
+        return self._send(hidden_states, topk_weights, topk_ids)
+
+    def combine(self, expert_output: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
+        if dispatched.state is None:
+            return expert_output
+        return self._return(expert_output, dispatched.state)
+
+    @abc.abstractmethod
+    def _send(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> Dispatched:
+        """Move the tokens to the ranks that compute them (in a distributed run)."""
+
+    @abc.abstractmethod
+    def _return(self, expert_output: torch.Tensor, state: Any) -> torch.Tensor:
+        """Bring this rank's shares back to the tokens' own ranks and sum them there."""
+
+    def describe(self) -> dict[str, Any]:
+        return {"ranks": self.parallel.world_size}

@@ -18,8 +18,6 @@ from moeframe.dispatchers import Dispatched, TokenExchangeDispatcher
 
 
 class AllToAllDispatcher(TokenExchangeDispatcher):
-    name = "all2all"
-
     def __init__(self, context: BuildContext, params: Any) -> None:
         super().__init__(context, params)
         self.owner = self.parallel.expert_owner(context.model.num_experts).to(context.device)
@@ -29,10 +27,8 @@ class AllToAllDispatcher(TokenExchangeDispatcher):
         out = torch.empty((sum(recv_counts), *send.shape[1:]), dtype=send.dtype, device=send.device)
         return par.collectives.all_to_all_single(out, send, recv_counts, send_counts, par.groups.get("ep"))
 
-    def dispatch(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> Dispatched:
+    def _send(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> Dispatched:
         par = self.parallel
-        if not par.distributed:
-            return Dispatched(hidden_states, topk_weights, topk_ids)
         world = par.world_size
         num_tokens = hidden_states.shape[0]
         dest = torch.zeros(num_tokens, world, dtype=torch.bool, device=hidden_states.device)
@@ -48,15 +44,16 @@ class AllToAllDispatcher(TokenExchangeDispatcher):
         ids = self._exchange(topk_ids.index_select(0, token_idx), send_counts, recv_counts)
         return Dispatched(x, w, ids, (rank_idx, token_idx, send_counts, recv_counts, num_tokens))
 
-    def combine(self, expert_output: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
-        if dispatched.state is None:
-            return expert_output
-        rank_idx, token_idx, send_counts, recv_counts, num_tokens = dispatched.state
+    def _return(self, expert_output: torch.Tensor, state: Any) -> torch.Tensor:
+        _rank_idx, token_idx, send_counts, recv_counts, num_tokens = state
         back = self._exchange(expert_output.float(), recv_counts, send_counts)
-        hidden = expert_output.shape[-1]
-        per_rank = torch.zeros(num_tokens, self.parallel.world_size, hidden, dtype=torch.float32, device=back.device)
-        per_rank[token_idx, rank_idx] = back
-        return per_rank.sum(dim=1).to(expert_output.dtype)
-
-    def describe(self) -> dict[str, Any]:
-        return {"ranks": self.parallel.world_size}
+        # `back` is in send order: by rank, then token, each token at most once per rank;
+        # summing rank by rank fixes the order of the sum (deterministic, no atomics)
+        out = torch.zeros(num_tokens, expert_output.shape[-1], dtype=torch.float32, device=back.device)
+        start = 0
+        for n in send_counts:
+            if n:
+                rows = token_idx[start : start + n]
+                out[rows] += back[start : start + n]
+            start += n
+        return out.to(expert_output.dtype)

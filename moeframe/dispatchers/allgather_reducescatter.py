@@ -25,15 +25,11 @@ def _pad_rows(t: torch.Tensor, rows: int) -> torch.Tensor:
 
 
 class AllGatherReduceScatterDispatcher(TokenExchangeDispatcher):
-    name = "allgather_reducescatter"
-
-    def dispatch(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> Dispatched:
+    def _send(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> Dispatched:
         par = self.parallel
-        if not par.distributed:
-            return Dispatched(hidden_states, topk_weights, topk_ids)
         coll, group = par.collectives, par.groups.get("ep")
         num_tokens = hidden_states.shape[0]
-        counts = [int(c) for c in coll.all_gather(torch.tensor([num_tokens], device=hidden_states.device), group)]
+        counts = torch.cat(coll.all_gather(torch.tensor([num_tokens], device=hidden_states.device), group)).tolist()
         rows = max(counts)
         gathered = []
         for t in (hidden_states, topk_weights.float(), topk_ids):
@@ -42,11 +38,9 @@ class AllGatherReduceScatterDispatcher(TokenExchangeDispatcher):
         x, w, ids = (g.index_select(0, valid) for g in gathered)
         return Dispatched(x, w, ids, (counts, rows, valid))
 
-    def combine(self, expert_output: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
-        if dispatched.state is None:
-            return expert_output
+    def _return(self, expert_output: torch.Tensor, state: Any) -> torch.Tensor:
         par = self.parallel
-        counts, rows, valid = dispatched.state
+        counts, rows, valid = state
         world = len(counts)
         hidden = expert_output.shape[-1]
         padded = torch.zeros(world * rows, hidden, dtype=torch.float32, device=expert_output.device)
@@ -54,6 +48,3 @@ class AllGatherReduceScatterDispatcher(TokenExchangeDispatcher):
         mine = torch.empty(rows, hidden, dtype=torch.float32, device=expert_output.device)
         par.collectives.reduce_scatter(mine, list(padded.chunk(world)), par.groups.get("ep"))
         return mine[: counts[par.rank]].to(expert_output.dtype)
-
-    def describe(self) -> dict[str, Any]:
-        return {"ranks": self.parallel.world_size}

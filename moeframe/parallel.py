@@ -237,12 +237,14 @@ class ParallelContext:
         """Raise the same :class:`ConfigError` on every rank when the ranks' configs differ."""
         if not self.distributed:
             return
-        mine = config.to_dict()
-        everyone = self.collectives.all_gather_object((config.fingerprint(), mine))
-        first_fp, first = everyone[0]
-        for rank, (fp, other) in enumerate(everyone):
-            if fp != first_fp:
-                path, a, b = _first_difference(first, other)
+        fingerprints = self.collectives.all_gather_object(config.fingerprint())
+        if len(set(fingerprints)) == 1:
+            return
+        # every rank saw the same fingerprints, so every rank gathers the whole configs
+        everyone = self.collectives.all_gather_object(config.to_dict())
+        for rank, fp in enumerate(fingerprints):
+            if fp != fingerprints[0]:
+                path, a, b = _first_difference(everyone[0], everyone[rank])
                 raise ConfigError(
                     "",
                     f"the config differs between ranks: {path} is {a!r} on rank 0 but {b!r} on rank {rank}; "

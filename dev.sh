@@ -3,7 +3,7 @@
 #
 #   ./dev.sh run [CONFIG] [ARGS...]   set up .venv, then `moeframe run CONFIG` (default: qwen3-moe)
 #   ./dev.sh test [PYTEST ARGS...]    set up .venv, then run the whole test suite
-#   ./dev.sh bench [ARGS...]          set up .venv with the bench and peers extras, then run the
+#   ./dev.sh bench [ARGS...]          set up .venv (the bench and peers extras included), then run the
 #                                     benchmark of docs/performance.md and regenerate its tables and plot
 #   ./dev.sh setup                    only set up .venv
 #
@@ -68,10 +68,6 @@ case "$cmd" in
     exec "$VENV/bin/python" -m pytest "$@" ;;
   bench)
     setup
-    if ! "$VENV/bin/python" -c "import transformers, tqdm, matplotlib" >/dev/null 2>&1; then
-      log "installing the bench and peers extras (tqdm, matplotlib, transformers)"
-      "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check -e ".[bench,peers]"
-    fi
     exec "$VENV/bin/moeframe" bench docs/bench-e64.toml --dtype float32,bfloat16 \
       --tokens 1,16,64,256,512,1024,4096 --overhead --memory \
       --json docs/performance.json --plot docs/performance.png --markdown docs/performance.md "$@" ;;

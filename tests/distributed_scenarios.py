@@ -5,7 +5,6 @@ Each function runs inside an initialised gloo process group and returns JSON-abl
 
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
@@ -67,16 +66,3 @@ def config_mismatch(key: str, values: list[Any]) -> str:
     except ConfigError as exc:
         return str(exc)
     return "no error"
-
-
-def timed_failure(fail_rank: int, timeout_s: float) -> dict[str, Any]:
-    """Unused by the CLI test; kept for direct checks of a peer failing mid-collective."""
-    rank = dist.get_rank()
-    start = time.monotonic()
-    if rank == fail_rank:
-        raise RuntimeError("injected failure")
-    try:
-        dist.all_reduce(torch.ones(1))
-    except RuntimeError as exc:
-        return {"error": str(exc)[:200], "seconds": time.monotonic() - start}
-    return {"error": None, "seconds": time.monotonic() - start}

@@ -229,7 +229,8 @@ def _nearest(configs: Mapping[int, MoEConfig], M: int) -> MoEConfig:
 
 _lock = threading.Lock()
 _file_cache: dict[tuple[str, float], dict[int, MoEConfig]] = {}
-_choice_cache: dict[tuple[Any, ...], tuple[MoEConfig, str | None]] = {}
+#: per shape and search folders: the tuned table found (and its file), or None
+_table_cache: dict[tuple[Any, ...], tuple[dict[int, MoEConfig], Path] | None] = {}
 _warned: set[tuple[Any, ...]] = set()
 
 
@@ -261,12 +262,16 @@ def lookup_config(M: int, E: int, N: int, K: int, dtype: str, device_name: str, 
                   override_dir: str | Path | None = None) -> tuple[MoEConfig, Path] | None:
     """The tuned config for ``M`` tokens (nearest batch size) and the file it came from,
     or None when neither the override folder nor the shipped files have the shape."""
-    name = config_file_name(E, N, K, dtype, device_name)
-    for folder in _search_dirs(override_dir):
-        path = folder / name
-        configs = _load(path)
-        if configs:
-            return _nearest(configs, M), path
+    found = _find_table(config_file_name(E, N, K, dtype, device_name), _search_dirs(override_dir))
+    return None if found is None else (_nearest(found[0], M), found[1])
+
+
+def _find_table(name: str, dirs: list[Path]) -> tuple[dict[int, MoEConfig], Path] | None:
+    """The first tuned table named ``name`` in ``dirs`` and its file."""
+    for folder in dirs:
+        table = _load(folder / name)
+        if table:
+            return table, folder / name
     return None
 
 
@@ -275,21 +280,19 @@ def get_config(M: int, E: int, N: int, K: int, dtype: str, device_name: str, *,
     """The config the kernel uses on a GPU: a tuned one if a file has the shape, else
     :func:`default_config`, warning once per shape (naming the missing file)."""
     dirs = _search_dirs(override_dir)
-    key = (M, E, N, K, dtype, device_name, tuple(str(d) for d in dirs))
+    key = (E, N, K, dtype, device_name, tuple(str(d) for d in dirs))
     with _lock:
-        cached = _choice_cache.get(key)
-    if cached is not None:
-        return cached[0]
-    found = lookup_config(M, E, N, K, dtype, device_name, override_dir=override_dir)
-    if found is not None:
-        config, source = found
+        known = key in _table_cache
+        found = _table_cache.get(key)
+    if not known:  # the files are read once per shape, not once per batch size
+        found = _find_table(config_file_name(E, N, K, dtype, device_name), dirs)
         with _lock:
-            _choice_cache[key] = (config, str(source))
-        return config
+            _table_cache[key] = found
+    if found is not None:
+        return _nearest(found[0], M)
     config = default_config(M, E, N, K, dtype)
     shape = (E, N, K, dtype, device_name)
     with _lock:
-        _choice_cache[key] = (config, None)
         first = shape not in _warned
         _warned.add(shape)
     if first:
@@ -306,8 +309,8 @@ def get_config(M: int, E: int, N: int, K: int, dtype: str, device_name: str, *,
 
 
 def clear_caches() -> None:
-    """Forget loaded files, chosen configs and which shapes were warned about."""
+    """Forget loaded files, the tables found per shape and which shapes were warned about."""
     with _lock:
         _file_cache.clear()
-        _choice_cache.clear()
+        _table_cache.clear()
         _warned.clear()

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from moeframe.config import ModelConfig
     from moeframe.context import BuildContext
 
-__all__ = ["Activation", "apply_activation", "ExpertWeights", "Kernel"]
+__all__ = ["Activation", "apply_activation", "ExpertWeights", "Kernel", "expert_mlp"]
 
 
 class ExpertWeights(NamedTuple):
@@ -38,6 +38,17 @@ class ExpertWeights(NamedTuple):
     b13: torch.Tensor | None = None
     b2: torch.Tensor | None = None
     expert_map: torch.Tensor | None = None
+
+
+def expert_mlp(x: torch.Tensor, experts: ExpertWeights, local: int, activation: Activation) -> torch.Tensor:
+    """Local expert ``local`` on the fp32 rows ``x``, in fp32 (the formula every kernel
+    computes): ``w2 . act(w13 . x + b13) + b2``."""
+    import torch.nn.functional as F
+
+    b13 = None if experts.b13 is None else experts.b13[local].float()
+    b2 = None if experts.b2 is None else experts.b2[local].float()
+    h = apply_activation(F.linear(x, experts.w13[local].float(), b13), activation)
+    return F.linear(h, experts.w2[local].float(), b2)
 
 
 class Kernel(abc.ABC):

@@ -29,10 +29,9 @@ from typing import TYPE_CHECKING, Any
 
 import attrs
 import torch
-import torch.nn.functional as F
 
 from moeframe.config import option
-from moeframe.kernels import ExpertWeights, Kernel, apply_activation
+from moeframe.kernels import ExpertWeights, Kernel, expert_mlp
 
 if TYPE_CHECKING:
     from moeframe.config import ModelConfig
@@ -223,10 +222,7 @@ class FusedCpuKernel(Kernel):
                 continue
             rows = slice(start, start + count)
             start += count
-            b13 = None if experts.b13 is None else experts.b13[e].float()
-            b2 = None if experts.b2 is None else experts.b2[e].float()
-            h = apply_activation(F.linear(xs[rows], experts.w13[e].float(), b13), self.activation)
-            ys[rows] = F.linear(h, experts.w2[e].float(), b2)
+            ys[rows] = expert_mlp(xs[rows], experts, e, self.activation)
         ys *= topk_weights.reshape(-1)[pair].float().unsqueeze(1)
         out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
         out.index_add_(0, token, ys)

@@ -7,9 +7,33 @@ against the formula, not fast.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
-from moeframe.kernels import ExpertWeights, Kernel, apply_activation
+from moeframe.kernels import Activation, ExpertWeights, Kernel, expert_mlp
+
+
+def reference_moe(
+    hidden_states: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    experts: ExpertWeights,
+    activation: Activation,
+) -> torch.Tensor:
+    """What the ``torch`` kernel computes, for callers that have an activation but no
+    model config (a tuner, a benchmark script)."""
+    num_tokens, hidden = hidden_states.shape
+    out = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=hidden_states.device)
+    if num_tokens == 0:
+        return out.to(hidden_states.dtype)
+    x = hidden_states.float()
+    weights = topk_weights.float()
+    for expert in torch.unique(topk_ids).tolist():
+        local = expert if experts.expert_map is None else int(experts.expert_map[expert])
+        if local < 0:
+            continue
+        token_idx, k_idx = torch.where(topk_ids == expert)
+        y = expert_mlp(x[token_idx], experts, local, activation)
+        out.index_add_(0, token_idx, y * weights[token_idx, k_idx].unsqueeze(-1))
+    return out.to(hidden_states.dtype)
 
 
 class TorchReferenceKernel(Kernel):
@@ -22,20 +46,4 @@ class TorchReferenceKernel(Kernel):
         topk_ids: torch.Tensor,
         experts: ExpertWeights,
     ) -> torch.Tensor:
-        num_tokens, hidden = hidden_states.shape
-        out = torch.zeros(num_tokens, hidden, dtype=torch.float32, device=hidden_states.device)
-        if num_tokens == 0:
-            return out.to(hidden_states.dtype)
-        x = hidden_states.float()
-        weights = topk_weights.float()
-        for expert in torch.unique(topk_ids).tolist():
-            local = expert if experts.expert_map is None else int(experts.expert_map[expert])
-            if local < 0:
-                continue
-            token_idx, k_idx = torch.where(topk_ids == expert)
-            gate_up = F.linear(x[token_idx], experts.w13[local].float(),
-                               None if experts.b13 is None else experts.b13[local].float())
-            h = apply_activation(gate_up, self.activation)
-            y = F.linear(h, experts.w2[local].float(), None if experts.b2 is None else experts.b2[local].float())
-            out.index_add_(0, token_idx, y * weights[token_idx, k_idx].unsqueeze(-1))
-        return out.to(hidden_states.dtype)
+        return reference_moe(hidden_states, topk_weights, topk_ids, experts, self.activation)

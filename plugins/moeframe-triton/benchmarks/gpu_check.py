@@ -31,16 +31,15 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from types import SimpleNamespace
 from typing import Any
 
 import attrs
 import torch
 
-from moeframe.config import NoParams, list_presets, load_config
+from moeframe.config import list_presets, load_config
 from moeframe.kernels import ExpertWeights
 from moeframe.kernels.activations import Activation, apply_activation
-from moeframe.kernels.torch_reference import TorchReferenceKernel
+from moeframe.kernels.torch_reference import reference_moe
 from moeframe.numerics import compare, tolerance_for
 from moeframe_triton.timing import median_time
 
@@ -165,18 +164,16 @@ def run_layer(layer: Layer, tokens: Sequence[int], device: torch.device, peaks: 
     tol = tolerance_for("bfloat16")
     experts = make_layer_tensors(layer, device)
     act = Activation(layer.activation, layer.alpha, layer.limit)
-    reference = TorchReferenceKernel(SimpleNamespace(model=SimpleNamespace(  # type: ignore[arg-type]
-        activation=layer.activation, swiglu_alpha=layer.alpha, swiglu_limit=layer.limit)), NoParams())
     impls: dict[str, Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]] = {
         "triton": lambda x, w, i: fused_moe(x, w, i, experts.w13, experts.w2, experts.b13, experts.b2, activation=act),
-        "torch": lambda x, w, i: reference(x, w, i, experts),
+        "torch": lambda x, w, i: reference_moe(x, w, i, experts, act),
     }
     if hasattr(torch, "_grouped_mm"):
         impls["grouped_mm"] = lambda x, w, i: grouped_mm_moe(x, w, i, experts, act)
     rows: list[dict[str, Any]] = []
     for M in tokens:
         x, w, ids = make_routing(layer, M, device, seed=M)
-        expected = reference(x, w, ids, experts)
+        expected = reference_moe(x, w, ids, experts, act)
         flops, bytes_ = work(layer, M, ids)
         for name in ("triton", "grouped_mm", "torch"):
             row: dict[str, Any] = {"layer": layer.name, "E": layer.num_experts, "top_k": layer.top_k,

@@ -76,15 +76,10 @@ class SearchSpace:
 def reference_moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor,
                   w2: torch.Tensor, activation: Activation) -> torch.Tensor:
     """The ``torch`` reference kernel's result (fp32 loop over experts), for checking."""
-    from types import SimpleNamespace
-
-    from moeframe.config import NoParams
     from moeframe.kernels import ExpertWeights
-    from moeframe.kernels.torch_reference import TorchReferenceKernel
+    from moeframe.kernels.torch_reference import reference_moe as torch_reference
 
-    model = SimpleNamespace(activation=activation.name, swiglu_alpha=activation.alpha, swiglu_limit=activation.limit)
-    kernel = TorchReferenceKernel(SimpleNamespace(model=model), NoParams())  # type: ignore[arg-type]
-    return kernel(x, topk_weights, topk_ids, ExpertWeights(w13, w2))
+    return torch_reference(x, topk_weights, topk_ids, ExpertWeights(w13, w2), activation)
 
 
 def _random_layer(E: int, N: int, K: int, dtype: torch.dtype, device: torch.device, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

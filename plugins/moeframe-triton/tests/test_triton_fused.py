@@ -3,15 +3,13 @@
 from __future__ import annotations
 
 import itertools
-from types import SimpleNamespace
 
 import pytest
 import torch
 
-from moeframe.config import NoParams
 from moeframe.conformance import KernelCase, make_case_inputs
 from moeframe.kernels.activations import Activation
-from moeframe.kernels.torch_reference import TorchReferenceKernel
+from moeframe.kernels.torch_reference import reference_moe
 from moeframe.numerics import compare, tolerance_for
 from moeframe_triton import _triton as rt
 from moeframe_triton.configs import GemmConfig, MoEConfig
@@ -34,7 +32,7 @@ def run_case(case: KernelCase, seed: int = 0, config: MoEConfig | None = None,
     if transform is not None:
         inputs = transform(inputs)
     model = case.model()
-    expected = TorchReferenceKernel(SimpleNamespace(model=model), NoParams())(**inputs)
+    expected = reference_moe(**inputs, activation=Activation.from_model(model))
     e = inputs["experts"]
     out = fused_moe(inputs["hidden_states"], inputs["topk_weights"], inputs["topk_ids"], e.w13, e.w2, e.b13, e.b2,
                     activation=Activation.from_model(model), expert_map=e.expert_map, config=config)

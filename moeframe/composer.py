@@ -89,6 +89,14 @@ class Stack:
     def describe(self) -> list[dict[str, Any]]:
         return [p.describe() for p in self.parts]
 
+    def release(self) -> None:
+        """Ask every part that keeps memory between calls (a ``release()`` method, as
+        kernels have) to free it."""
+        for part in self.parts:
+            release = getattr(part.instance, "release", None)
+            if callable(release):
+                release()
+
 
 # -- checks -------------------------------------------------------------------------------
 def _device_type(device: torch.device | str | None) -> str:

@@ -50,10 +50,6 @@ def peak_extra_bytes(fn: Callable[[], Any]) -> tuple[int, int, Any]:
     return peak, running, result
 
 
-def tensor_bytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 def forward_memory(config: Any, num_tokens: int, chunk: int) -> dict[str, Any]:
     """Peak extra memory of one forward of ``config``'s layer at ``num_tokens`` tokens,
     without wrappers and with ``chunking`` (``max_num_tokens = chunk``)."""
@@ -67,24 +63,21 @@ def forward_memory(config: Any, num_tokens: int, chunk: int) -> dict[str, Any]:
             {"stack.wrappers": [{"name": "chunking", "params": {"max_num_tokens": chunk}}]})))
     x = torch.randn(num_tokens, model.hidden_size, generator=torch.Generator().manual_seed(11)).to(model.torch_dtype)
     out: dict[str, Any] = {
-        "dtype": model.dtype, "tokens": num_tokens, "input_bytes": tensor_bytes(x),
-        "output_bytes": tensor_bytes(x), "variants": [],
+        "dtype": model.dtype, "tokens": num_tokens, "input_bytes": x.nbytes,
+        "output_bytes": x.nbytes, "variants": [],
     }
     if len(variants) == 1:
         out["skipped_chunking"] = "wrapper 'chunking' is not registered (see `moeframe list wrapper`)"
     for label, cfg in variants:
         layer = MoELayer(cfg)
-        for part in layer.stack.parts:  # buffers kept from an earlier variant would not be counted
-            release = getattr(part.instance, "release", None)
-            if callable(release):
-                release()
+        layer.stack.release()  # buffers kept from an earlier variant would not be counted
         with torch.inference_mode():
             layer(x[:1])  # allocates the workspace: held memory, not extra
             peak, net, _ = peak_extra_bytes(lambda: layer(x))
         out["variants"].append({
             "stack": label, "peak_extra_bytes": peak, "net_bytes": net,
             "workspace_bytes": layer.stack.workspace_bytes,
-            "weight_bytes": sum(t.numel() * t.element_size() for t in layer.tensors.values()),
+            "weight_bytes": sum(t.nbytes for t in layer.tensors.values()),
         })
         del layer
     return out

@@ -77,3 +77,7 @@ class Kernel(abc.ABC):
 
     def describe(self) -> dict[str, Any]:
         return {}
+
+    def release(self) -> None:
+        """Free memory the kernel keeps between calls (scratch buffers, say); it is taken
+        again on the next call.  Nothing by default."""

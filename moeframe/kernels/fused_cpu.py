@@ -59,7 +59,7 @@ class _ScratchPool:
 
     def take(self, name: str, numel: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """A buffer of at least ``numel`` elements (contents undefined); hold :attr:`lock`."""
-        nbytes = numel * torch.empty((), dtype=dtype).element_size()
+        nbytes = numel * dtype.itemsize
         if nbytes > KEPT_BYTES:
             return torch.empty(numel, dtype=dtype)
         kept = self._buffers.get(name)
@@ -74,7 +74,7 @@ class _ScratchPool:
 
     @property
     def kept_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._buffers.values())
+        return sum(t.nbytes for t in self._buffers.values())
 
 
 #: bytes up to which one scratch buffer is kept between calls

@@ -19,6 +19,16 @@ if not os.environ.get(INTERPRET_ENV, "").strip() and interpreter_mode():
 
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+import triton.language.standard as _standard  # noqa: E402
+from triton.runtime.interpreter import InterpretedFunction as _Interpreted  # noqa: E402
+
+if interpreter_mode() and not isinstance(_standard.cdiv, _Interpreted):
+    # triton was imported earlier (torch.profiler and torch.compile import it) with the
+    # interpreter off: its own library is compiled-only and our kernels could not run
+    raise ImportError(
+        "triton was imported before moeframe-triton selected its interpreter (no CUDA device here); "
+        f"set {INTERPRET_ENV}=1 before starting Python"
+    )
 
 __all__ = ["triton", "tl", "INTERPRETER", "launch", "next_power_of_2"]
 

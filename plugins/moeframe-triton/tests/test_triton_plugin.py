@@ -228,3 +228,28 @@ def test_tune_refuses_a_bad_output_before_searching(fake_gpu_tuning, tmp_path, c
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(err) == 1 and "is not valid JSON" in err[0]
     assert fake_gpu_tuning == []  # no search was started
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter is chosen only without a CUDA device")
+def test_the_interpreter_survives_torch_profiler_importing_triton_first():
+    """torch.profiler imports triton; registering the kernel first makes that import the
+    interpreter's, and a triton imported without it is a clear error, not a broken kernel."""
+    script = """
+import os, sys, torch
+from torch.profiler import ProfilerActivity, profile
+import moeframe
+if sys.argv[1] == "registry first":
+    moeframe.get_registry()
+with profile(activities=[ProfilerActivity.CPU], profile_memory=True):
+    torch.randn(3)
+assert "triton" in sys.modules
+layer = moeframe.MoELayer({"model": {"num_experts": 4, "top_k": 2, "hidden_size": 32, "intermediate_size": 16},
+                           "router": {"name": "softmax_topk"}, "stack": {"kernel": "triton"}})
+x = torch.randn(3, 32)
+print(moeframe.compare(layer(x), layer.reference()(x)).ok)
+"""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    first = subprocess.run([sys.executable, "-c", script, "registry first"], capture_output=True, text=True, env=env)
+    assert first.returncode == 0 and first.stdout.strip() == "True", first.stderr[-2000:]
+    late = subprocess.run([sys.executable, "-c", script, "profiler first"], capture_output=True, text=True, env=env)
+    assert late.returncode != 0 and "triton was imported before moeframe-triton selected its interpreter" in late.stderr

@@ -248,7 +248,7 @@ def _measure_dtype(config: Config, dtype: str, kernels: Sequence[str], options: 
                 used = [touched_per_batch[r % batches] for r in range(len(samples))]
                 read = statistics.mean(used) * expert_bytes
                 row.update(
-                    samples=len(samples), median_s=median, min_s=min(samples), times_s=samples,
+                    samples=len(samples), median_s=median, times_s=samples,
                     tokens_per_s=T / median if median > 0 else None,
                     flops_per_s=flops / median, bytes_per_s=read / median,
                     experts_touched=statistics.mean(used), batches=batches,
@@ -319,7 +319,8 @@ def run_benchmark(config: Config, options: BenchOptions, progress: Progress | No
     for dtype in dtypes:
         rows.extend(_measure_dtype(config, dtype, kernels, options, progress, peer_report, probes, probe_rows))
     del probes
-    limits = limits_before.merge(measure_limits(dtypes))
+    limits_after = measure_limits(dtypes)
+    limits = limits_before.merge(limits_after)
     progress.step(1, "limits")
     _attach_fractions(rows, probe_rows, limits)
 
@@ -336,7 +337,7 @@ def run_benchmark(config: Config, options: BenchOptions, progress: Progress | No
         "dtypes": dtypes,
         "repeat": options.repeat,
         "limits": limits.as_dict(),
-        "limits_runs": [limits_before.as_dict()],
+        "limits_runs": [limits_before.as_dict(), limits_after.as_dict()],  # before and after the sweep
         "limit_probes": probe_rows,
         "results": rows,
         "peers": peer_report,

@@ -76,7 +76,7 @@ class _Bar:
 def run(args: argparse.Namespace) -> int:
     from moeframe.bench import BenchOptions, default_kernels, run_benchmark
     from moeframe.bench.measure import total_steps
-    from moeframe.bench.peers import transformers_version, unsupported_reason
+    from moeframe.bench.peers import IMPLEMENTATIONS, transformers_version, unsupported_reason
     from moeframe.bench.report import check_output_paths, plot, text_report, update_markdown, write_json
     from moeframe.config import DTYPE_NAMES
     from moeframe.plugins import get_registry
@@ -103,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         peers=not args.no_peers, overhead=args.overhead, memory=args.memory,
         memory_tokens=args.memory_tokens, chunk=args.chunk,
     )
-    peers = 0 if args.no_peers or transformers_version() is None or unsupported_reason(config) else 3
+    peers = 0 if args.no_peers or transformers_version() is None or unsupported_reason(config) else len(IMPLEMENTATIONS)
     bar = _Bar(total_steps(options, len(kernels or default_kernels()), peers))
     try:
         result = run_benchmark(config, options, bar)

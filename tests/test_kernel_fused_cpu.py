@@ -37,6 +37,13 @@ def backend(request) -> str:
     return request.param
 
 
+@pytest.fixture
+def native() -> None:
+    """Skip a test of the native core where it cannot be built."""
+    if not native_available():
+        pytest.skip("the native core cannot be built here")
+
+
 def make(case: KernelCase, backend: str) -> FusedCpuKernel:
     kernel = FusedCpuKernel(kernel_context(case.model()), FusedCpuParams(backend=backend))
     assert kernel.backend == backend
@@ -133,9 +140,7 @@ def test_non_contiguous_hidden_states_and_int32_ids(backend):
     check(case, backend, inputs)
 
 
-def test_native_rejects_ids_out_of_range():
-    if not native_available():
-        pytest.skip("the native core cannot be built here")
+def test_native_rejects_ids_out_of_range(native):
     case = KernelCase("silu", False, False, "float32", 4, num_experts=4, top_k=2, hidden_size=32, intermediate_size=16)
     inputs = make_case_inputs(case)
     inputs["topk_ids"][1, 1] = 9
@@ -143,10 +148,8 @@ def test_native_rejects_ids_out_of_range():
         make(case, "native")(**inputs)
 
 
-def test_native_result_does_not_depend_on_threads():
+def test_native_result_does_not_depend_on_threads(native):
     """Each output element is summed by one thread, in expert order: bitwise reproducible."""
-    if not native_available():
-        pytest.skip("the native core cannot be built here")
     case = KernelCase("silu", True, False, "float32", 200, num_experts=8, top_k=4, hidden_size=64, intermediate_size=48)
     inputs = make_case_inputs(case)
     kernel = make(case, "native")
@@ -180,9 +183,7 @@ def test_layer_with_fused_cpu_matches_reference():
     assert moeframe.compare(layer(x), layer.reference()(x)).ok
 
 
-def test_scratch_is_kept_between_calls_and_released():
-    if not native_available():
-        pytest.skip("the native core cannot be built here")
+def test_scratch_is_kept_between_calls_and_released(native):
     from moeframe.kernels import fused_cpu
 
     case = KernelCase("silu", False, False, "bfloat16", 40, num_experts=8, top_k=2, hidden_size=32, intermediate_size=16)

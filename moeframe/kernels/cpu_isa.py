@@ -1,0 +1,207 @@
+"""Which build of ``fused_cpu``'s native core this CPU runs: ISA variants and their choice.
+
+Every variant is one C file under ``moeframe/kernels/csrc/`` compiled with its own flags;
+all of them export the same C ABI, so the loader builds and binds any of them the same way.
+:func:`detect` picks the best variant this CPU supports (from the flags the kernel reports
+in ``/proc/cpuinfo``), or the one named by the environment variable ``MOEFRAME_CPU_ISA``
+(to compare variants, or to test a lesser one on a bigger CPU); a name that is unknown, or
+that this CPU cannot run, is a :class:`CpuIsaError` with one line saying why.
+
+Nothing here imports torch or compiles anything.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import attrs
+
+from moeframe.errors import UserError, did_you_mean
+
+__all__ = [
+    "Variant",
+    "VARIANTS",
+    "ENV_VAR",
+    "CpuIsaError",
+    "machine_arch",
+    "cpu_flags",
+    "cpu_model",
+    "supported",
+    "detect",
+    "missing_flags",
+]
+
+#: the environment variable that forces a variant
+ENV_VAR = "MOEFRAME_CPU_ISA"
+
+_COMMON = ("-O3", "-fno-tree-loop-distribute-patterns", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
+
+
+@attrs.frozen
+class Variant:
+    """One build of the native core.
+
+    ``source`` is a file name in ``moeframe/kernels/csrc/``; ``cflags`` the compiler flags
+    (the same ABI whatever they are); ``cpu_flags`` the ``/proc/cpuinfo`` flag names the
+    CPU must report to run it; ``arch`` the machine it is for (``x86_64`` or ``aarch64``).
+    """
+
+    name: str
+    source: str
+    cflags: tuple[str, ...]
+    cpu_flags: frozenset[str]
+    arch: str = attrs.field(validator=attrs.validators.in_(("x86_64", "aarch64")))
+    description: str = ""
+
+    @property
+    def path(self) -> Path:
+        """The C source file."""
+        return Path(__file__).parent / "csrc" / self.source
+
+
+#: every variant, best first within an architecture
+VARIANTS: dict[str, Variant] = {
+    v.name: v
+    for v in (
+        Variant(
+            name="avx2",
+            source="fused_cpu_avx2.c",
+            cflags=("-O3", "-mavx2", "-mfma", "-mf16c", *_COMMON[1:]),
+            cpu_flags=frozenset({"avx2", "fma", "f16c"}),
+            arch="x86_64",
+            description="AVX2 + FMA, 8 fp32 lanes",
+        ),
+    )
+}
+
+
+class CpuIsaError(UserError, ValueError):
+    """``MOEFRAME_CPU_ISA`` names no variant, or one this CPU cannot run; or no variant fits."""
+
+
+def machine_arch() -> str:
+    """``x86_64``, ``aarch64`` or the machine name as Python reports it."""
+    machine = platform.machine().lower()
+    if machine in ("x86_64", "amd64", "x64"):
+        return "x86_64"
+    if machine in ("aarch64", "arm64", "armv8l"):
+        return "aarch64"
+    return machine
+
+
+def _cpuinfo() -> str:
+    try:
+        return Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+def _sysctl(*names: str) -> str:
+    try:
+        proc = subprocess.run(["sysctl", "-n", *names], capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return proc.stdout if proc.returncode == 0 else ""
+
+
+# macOS names its x86 features in capitals (``AVX2``, ``AVX512F``, ``AVX1.0``)
+_DARWIN_X86 = {"avx1.0": "avx", "avx512bf16": "avx512_bf16", "avx512vnni": "avx512_vnni"}
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags, named as Linux's ``/proc/cpuinfo`` names them.
+
+    Linux: the ``flags`` line (x86) or ``Features`` line (aarch64) of the first CPU.
+    macOS: ``sysctl`` (best effort).  Empty when they cannot be read.
+    """
+    text = _cpuinfo()
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return frozenset(value.split())
+    if sys.platform == "darwin":
+        if machine_arch() == "aarch64":  # every Apple CPU has NEON (Linux calls it asimd)
+            return frozenset({"asimd", "fp"})
+        raw = _sysctl("machdep.cpu.features", "machdep.cpu.leaf7_features").lower().split()
+        return frozenset(_DARWIN_X86.get(f, f) for f in raw)
+    return frozenset()
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_model() -> str:
+    """The CPU's name (``Intel(R) Xeon(R) ... (GenuineIntel family 6 model 143)``), best effort."""
+    fields: dict[str, str] = {}
+    for line in _cpuinfo().splitlines():
+        if not line.strip():
+            break  # the first CPU is enough
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name") or fields.get("Model") or fields.get("Hardware")
+    if fields.get("vendor_id") and fields.get("cpu family"):
+        ident = f"{fields['vendor_id']} family {fields['cpu family']} model {fields.get('model', '?')}"
+        return f"{name} ({ident})" if name else ident
+    if fields.get("CPU implementer"):  # aarch64: implementer and part numbers
+        ident = f"implementer {fields['CPU implementer']} part {fields.get('CPU part', '?')}"
+        return f"{name} ({ident})" if name else f"{machine_arch()} CPU ({ident})"
+    if name:
+        return name
+    if sys.platform == "darwin":
+        brand = _sysctl("machdep.cpu.brand_string").strip()
+        if brand:
+            return brand
+    return platform.processor() or machine_arch() or "unknown CPU"
+
+
+def missing_flags(variant: Variant, flags: frozenset[str] | None = None) -> list[str]:
+    """What this CPU lacks to run ``variant`` (its architecture first), sorted; empty if it can."""
+    if variant.arch != machine_arch():
+        return [variant.arch]
+    flags = cpu_flags() if flags is None else flags
+    return sorted(variant.cpu_flags - flags)
+
+
+def supported(flags: frozenset[str] | None = None) -> list[str]:
+    """The variants this CPU can run, best first (``flags`` overrides the CPU's, for tests)."""
+    return [name for name, v in VARIANTS.items() if not missing_flags(v, flags)]
+
+
+def detect(flags: frozenset[str] | None = None) -> str:
+    """The variant to run: ``$MOEFRAME_CPU_ISA`` if set, else the best one this CPU supports.
+
+    Raises :class:`CpuIsaError` when the forced name is unknown or needs what this CPU
+    lacks, or when no variant fits this CPU at all.
+    """
+    forced = os.environ.get(ENV_VAR, "").strip()
+    usable = supported(flags)
+    if forced:
+        variant = VARIANTS.get(forced.lower())
+        if variant is None:
+            raise CpuIsaError(
+                f"{ENV_VAR}={forced!r} is not a CPU variant{did_you_mean(forced.lower(), VARIANTS)}; "
+                f"variants: {', '.join(VARIANTS)} (this CPU runs: {', '.join(usable) or 'none'})"
+            )
+        lacks = missing_flags(variant, flags)
+        if lacks:
+            what = (
+                f"is for {variant.arch} and this is {machine_arch()}"
+                if lacks == [variant.arch]
+                else f"needs {', '.join(lacks)}, which this CPU lacks"
+            )
+            raise CpuIsaError(
+                f"{ENV_VAR}={forced!r}: variant {variant.name!r} {what}; this CPU runs: {', '.join(usable) or 'none'}"
+            )
+        return variant.name
+    if not usable:
+        wanted = "; ".join(
+            f"{v.name} needs {', '.join(missing_flags(v, flags))}" for v in VARIANTS.values() if v.arch == machine_arch()
+        )
+        raise CpuIsaError(
+            f"no native variant runs on this CPU ({cpu_model()}, {machine_arch()})" + (f": {wanted}" if wanted else "")
+        )
+    return usable[0]

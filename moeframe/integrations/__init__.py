@@ -1,0 +1,1 @@
+"""Integrations of moeframe with other libraries (each an optional extra)."""

@@ -1,0 +1,26 @@
+"""moeframe inside Hugging Face transformers models (the ``moeframe[transformers]`` extra).
+
+Two depths (see ``docs/transformers.md``):
+
+* the experts computation only, as a transformers experts implementation
+  (``register_experts``; HF's routing stays);
+* whole MoE blocks replaced by :class:`moeframe.MoELayer` built from the model's config
+  (``config_from_hf``, ``patch_model``, ``unpatch_model``).
+
+Importing this package does not import transformers; the functions do, when called.
+"""
+
+from __future__ import annotations
+
+from moeframe.integrations.transformers.config import SUPPORTED_FAMILIES, config_from_hf, moe_layer_indices
+# patch.py: coming next
+
+__all__ = [
+    "SUPPORTED_FAMILIES",
+    "config_from_hf",
+    "moe_layer_indices",
+    "patch_model",
+    "unpatch_model",
+    "PatchReport",
+    "PatchedLayer",
+]

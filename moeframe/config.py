@@ -27,6 +27,8 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
+import os
 import re
 import sys
 import typing
@@ -63,8 +65,14 @@ __all__ = [
 ACTIVATIONS = ("silu", "gelu", "swigluoai")
 PLACEMENTS = ("linear", "round_robin")
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
+#: the longest collective timeout (a year, in seconds): far below what timedelta and torch hold
+MAX_TIMEOUT_S = 365 * 24 * 3600.0
 
 T = TypeVar("T")
+
+
+class _WrongType(ConfigError):
+    """A value of the wrong type (a union tries its next member on this one only)."""
 
 
 class FieldError(ValueError):
@@ -77,6 +85,26 @@ class FieldError(ValueError):
 
 
 # -- declaring options ------------------------------------------------------------------
+def _number(x: float) -> str:
+    """``0`` for 0.0, ``31536000`` for 31536000.0, ``1.5`` for 1.5."""
+    return str(int(x)) if isinstance(x, float) and x.is_integer() else repr(x)
+
+
+def _range_text(min: float | None, max: float | None, exclusive_min: bool) -> str:
+    parts = []
+    if min is not None:
+        parts.append(f"{'>' if exclusive_min else '>='} {_number(min)}")
+    if max is not None:
+        parts.append(f"<= {_number(max)}")
+    return f" {' and '.join(parts)}" if parts else ""
+
+
+def _not_finite(value: Any, metadata: Mapping[str, Any]) -> str:
+    """The message for a non-finite float in a field with ``metadata``."""
+    rng = _range_text(metadata.get("min"), metadata.get("max"), bool(metadata.get("exclusive_min")))
+    return f"{value!r} is not allowed: expected a finite number{rng}"
+
+
 def option(
     default: Any = attrs.NOTHING,
     *,
@@ -85,12 +113,23 @@ def option(
     min: float | None = None,
     max: float | None = None,
     exclusive_min: bool = False,
+    finite: bool = True,
 ) -> Any:
     """An attrs field for a config table or a strategy's ``Params``.
 
     ``help`` is shown by ``moeframe explain`` and in the config reference; ``choices``,
-    ``min``/``max`` are checked with a message naming the key path.
+    ``min``/``max`` are checked with a message naming the key path.  A float must be
+    finite (NaN and infinities are refused) unless ``finite=False``; NaN never satisfies
+    ``min`` or ``max``.
     """
+    metadata = {
+        "help": help,
+        "choices": tuple(choices) if choices is not None else None,
+        "min": min,
+        "max": max,
+        "exclusive_min": exclusive_min,
+        "finite": finite,
+    }
 
     def validate(_: Any, attribute: attrs.Attribute, value: Any) -> None:
         if value is None:
@@ -101,17 +140,15 @@ def option(
                 f"{value!r} is not allowed{did_you_mean(str(value), [str(c) for c in choices])}; "
                 f"choose one of: {', '.join(repr(c) for c in choices)}",
             )
-        if min is not None and (value <= min if exclusive_min else value < min):
-            raise FieldError(attribute.name, f"{value!r} must be {'>' if exclusive_min else '>='} {min}")
-        if max is not None and value > max:
-            raise FieldError(attribute.name, f"{value!r} must be <= {max}")
+        if finite and isinstance(value, float) and not math.isfinite(value):
+            raise FieldError(attribute.name, _not_finite(value, metadata))
+        # written as "not (in range)" so that NaN, which compares false, is out of range
+        if min is not None and not (value > min if exclusive_min else value >= min):
+            raise FieldError(attribute.name, f"{value!r} must be {'>' if exclusive_min else '>='} {_number(min)}")
+        if max is not None and not value <= max:
+            raise FieldError(attribute.name, f"{value!r} must be <= {_number(max)}")
 
-    return attrs.field(
-        default=default,
-        validator=validate,
-        metadata={"help": help, "choices": tuple(choices) if choices is not None else None},
-        kw_only=True,
-    )
+    return attrs.field(default=default, validator=validate, metadata=metadata, kw_only=True)
 
 
 @attrs.frozen
@@ -130,7 +167,9 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", str(tp))
 
 
-def _convert(tp: Any, value: Any, path: str) -> Any:
+def _convert(tp: Any, value: Any, path: str, metadata: Mapping[str, Any] | None = None) -> Any:
+    """``value`` as type ``tp``; a float must be finite unless ``metadata["finite"]`` is false."""
+    metadata = metadata or {}
     origin = typing.get_origin(tp)
     if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
         options = typing.get_args(tp)
@@ -140,15 +179,15 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             if option_tp is type(None):
                 continue
             try:
-                return _convert(option_tp, value, path)
-            except ConfigError:
+                return _convert(option_tp, value, path, metadata)
+            except _WrongType:
                 continue
-        raise ConfigError(path, f"expected {_type_name(tp)}, got {value!r}")
+        raise _WrongType(path, f"expected {_type_name(tp)}, got {value!r}")
     if origin in (tuple, list):
         (item_tp, *_rest) = typing.get_args(tp) or (Any,)
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(path, f"expected a list, got {value!r}")
-        return tuple(_convert(item_tp, v, f"{path}[{i}]") for i, v in enumerate(value))
+            raise _WrongType(path, f"expected a list, got {value!r}")
+        return tuple(_convert(item_tp, v, f"{path}[{i}]", metadata) for i, v in enumerate(value))
     if tp is Any:
         return value
     if tp is bool:
@@ -159,7 +198,13 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
             return value
     elif tp is float:
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
+            try:
+                number = float(value)
+            except OverflowError:
+                raise ConfigError(path, f"an integer of {len(str(abs(value)))} digits is too large for a number") from None
+            if not math.isfinite(number) and metadata.get("finite", True):
+                raise ConfigError(path, _not_finite(number, metadata))
+            return number
     elif tp is str:
         if isinstance(value, str):
             return value
@@ -167,7 +212,7 @@ def _convert(tp: Any, value: Any, path: str) -> Any:
         return structure(tp, value, path)
     else:
         return value
-    raise ConfigError(path, f"expected {_type_name(tp)}, got {value!r}")
+    raise _WrongType(path, f"expected {_type_name(tp)}, got {value!r}")
 
 
 def _join(path: str, key: str) -> str:
@@ -179,7 +224,7 @@ def structure(cls: type[T], data: Any, path: str = "", *, ignore: typing.Collect
     if isinstance(data, cls):
         return data
     if not isinstance(data, Mapping):
-        raise ConfigError(path, f"expected a table of keys, got {data!r}")
+        raise _WrongType(path, f"expected a table of keys, got {data!r}")
     attrs.resolve_types(cls)
     fields = {f.name: f for f in attrs.fields(cls) if f.init and not f.name.startswith("_")}
     for key in data:
@@ -194,7 +239,7 @@ def structure(cls: type[T], data: Any, path: str = "", *, ignore: typing.Collect
     kwargs: dict[str, Any] = {}
     for name, field in fields.items():
         if name in data:
-            kwargs[name] = _convert(field.type, data[name], _join(path, name))
+            kwargs[name] = _convert(field.type, data[name], _join(path, name), field.metadata)
         elif field.default is attrs.NOTHING:
             raise ConfigError(_join(path, name), "missing required key")
     try:
@@ -224,7 +269,7 @@ class ModelConfig:
     hidden_size: int = option(help="hidden size H", min=1)
     intermediate_size: int = option(help="intermediate size I of each expert", min=1)
     activation: str = option("silu", help="expert activation", choices=ACTIVATIONS)
-    swiglu_alpha: float = option(1.702, help="swigluoai only: sigmoid slope alpha")
+    swiglu_alpha: float = option(1.702, help="swigluoai only: sigmoid slope alpha", min=0.0, exclusive_min=True)
     swiglu_limit: float = option(7.0, help="swigluoai only: clamp limit", min=0.0, exclusive_min=True)
     expert_bias: bool = option(False, help="experts have biases b13 [E, 2I] and b2 [E, H]")
     dtype: str = option("float32", help="weights and activations dtype", choices=DTYPE_NAMES)
@@ -270,7 +315,11 @@ class ParallelConfig:
     tp_size: int = option(1, help="tensor-parallel ranks (each expert's intermediate size split)", min=1)
     placement: str = option("linear", help="how experts are placed on EP ranks", choices=PLACEMENTS)
     timeout_s: float = option(
-        120.0, help="seconds a rank waits on a collective before giving up", min=0.0, exclusive_min=True
+        120.0,
+        help="seconds a rank waits on a collective before giving up (at most a year)",
+        min=0.0,
+        exclusive_min=True,
+        max=MAX_TIMEOUT_S,
     )
 
     def resolved_ep_size(self, world_size: int) -> int:
@@ -332,43 +381,86 @@ def list_presets() -> list[str]:
     return sorted(p.name[: -len(".toml")] for p in root.iterdir() if p.name.endswith(".toml"))
 
 
+#: the longest chain of ``extends`` (a file extending a file ...) that is followed
+MAX_EXTENDS_DEPTH = 32
+
+
+def _looks_like_path(text: str) -> bool:
+    """A source written as a path (``./mixtral``, ``conf/a``, ``a.toml``), not a preset name."""
+    return text.endswith(".toml") or "/" in text or (os.sep != "/" and os.sep in text)
+
+
+def _read_toml_file(path: Path, label: str) -> dict[str, Any]:
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError("", f"cannot read config file: {exc.strerror}", label) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            "", f"not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); TOML files are UTF-8", label
+        ) from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("", f"invalid TOML: {exc}", label) from None
+
+
 def _read_source(source: str | Path, seen: tuple[str, ...] = ()) -> tuple[dict[str, Any], str]:
+    """The raw table of a file or preset, with its ``extends`` chain merged in, and its label.
+
+    A name of a packaged preset is the preset unless it is written as a path (``./mixtral``,
+    ``mixtral.toml``); any other name is a file when one exists.
+    """
     text_source = str(source)
     path = Path(text_source)
-    if path.suffix == ".toml" or path.exists() or "/" in text_source:
+    presets = list_presets()
+    is_preset = text_source in presets and not _looks_like_path(text_source)
+    if not is_preset and (_looks_like_path(text_source) or path.exists()):
+        if path.is_dir():
+            hint = f"; for the preset, give its name alone: {path.name!r}" if path.name in presets else ""
+            raise ConfigError("", f"config file {text_source!r} is a directory, not a TOML file{hint}")
         if not path.is_file():
-            presets = list_presets()
+            suggestion = did_you_mean(path.stem, [p for p in presets if p != text_source])
             raise ConfigError(
                 "",
-                f"config file {text_source!r} not found{did_you_mean(path.stem, presets)}; "
-                f"give a TOML file or a preset: {', '.join(presets)}",
+                f"config file {text_source!r} not found{suggestion}; give a TOML file or a preset: {', '.join(presets)}",
             )
         label = str(path)
-        try:
-            raw = tomllib.loads(path.read_text(encoding="utf-8"))
-        except tomllib.TOMLDecodeError as exc:
-            raise ConfigError("", f"invalid TOML: {exc}", label) from None
-        except OSError as exc:
-            raise ConfigError("", f"cannot read config file: {exc.strerror}", label) from None
-    else:
-        presets = list_presets()
-        if text_source not in presets:
-            raise ConfigError(
-                "",
-                f"no config file or preset named {text_source!r}{did_you_mean(text_source, presets)}; "
-                f"presets: {', '.join(presets)}",
-            )
-        label = f"preset:{text_source}"
+        key = str(path.resolve())
+        raw = _read_toml_file(path, label)
+    elif is_preset:
+        label = key = f"preset:{text_source}"
         raw = tomllib.loads(resources.files(PRESET_PACKAGE).joinpath(f"{text_source}.toml").read_text("utf-8"))
+    else:
+        raise ConfigError(
+            "",
+            f"no config file or preset named {text_source!r}{did_you_mean(text_source, presets)}; "
+            f"presets: {', '.join(presets)}",
+        )
     if "extends" in raw:
         base_name = raw.pop("extends")
         if not isinstance(base_name, str):
             raise ConfigError("extends", f"expected a preset name or file path, got {base_name!r}", label)
-        if label in seen:
+        if key in seen:
             raise ConfigError("extends", f"circular 'extends' through {label}", label)
-        if not Path(base_name).is_absolute() and path.suffix == ".toml" and (path.parent / base_name).is_file():
-            base_name = str(path.parent / base_name)
-        base, _ = _read_source(base_name, seen + (label,))
+        if len(seen) + 1 >= MAX_EXTENDS_DEPTH:
+            raise ConfigError(
+                "extends",
+                f"more than {MAX_EXTENDS_DEPTH} configs in one 'extends' chain (this one extends {base_name!r}); "
+                "make a shorter chain",
+                label,
+            )
+        relative = path.parent / base_name
+        if (
+            not Path(base_name).is_absolute()
+            and path.suffix == ".toml"
+            and (base_name not in presets or _looks_like_path(base_name))
+            and relative.is_file()
+        ):
+            base_name = str(relative)
+        base, _ = _read_source(base_name, seen + (key,))
         raw = _merge(base, raw)
     return raw, label
 
@@ -386,24 +478,37 @@ def _merge(base: dict[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-_PATH_PART = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
+_KEY = re.compile(r"[^.\[\]]+")
+_INDEX = re.compile(r"\[(\d+)\]")
+_KEY_PATH_HINT = "use dotted keys with list indices, such as model.top_k or stack.wrappers[0].name"
 
 
-def _split_path(key: str) -> list[str | int]:
+def _split_path(key: Any) -> list[str | int]:
+    """``"stack.wrappers[0].name"`` -> ``["stack", "wrappers", 0, "name"]``; anything else
+    (an empty key as in ``model..top_k`` or ``.seed``, a bad index) is refused."""
+    if not isinstance(key, str):
+        raise ConfigError("", f"a key path is a string, got {key!r} ({_KEY_PATH_HINT})")
+    key = key.strip()
     parts: list[str | int] = []
     pos = 0
-    key = key.strip()
-    while pos < len(key):
-        if key[pos] == ".":
-            pos += 1
+    while pos < len(key) or not parts:
+        if parts and key[pos] == "[":
+            match = _INDEX.match(key, pos)
+            if not match:
+                raise ConfigError(key, f"not a key path: a list index is a number in brackets ({_KEY_PATH_HINT})")
+            parts.append(int(match.group(1)))
+            pos = match.end()
             continue
-        match = _PATH_PART.match(key, pos)
+        if parts:
+            if key[pos] != ".":
+                raise ConfigError(key, f"not a key path: expected '.' or '[' after {key[:pos]!r} ({_KEY_PATH_HINT})")
+            pos += 1
+        match = _KEY.match(key, pos)
         if not match:
-            raise ConfigError(key, "not a key path (use dotted keys such as stack.kernel or stack.wrappers[0].name)")
-        parts.append(match.group(1) if match.group(1) is not None else int(match.group(2)))
+            where = "at the start" if pos == 0 else f"after {key[:pos]!r}" if pos < len(key) else "at the end"
+            raise ConfigError(key, f"not a key path: empty key {where} ({_KEY_PATH_HINT})")
+        parts.append(match.group(0))
         pos = match.end()
-    if not parts or not isinstance(parts[0], str):
-        raise ConfigError(key, "not a key path (use dotted keys such as stack.kernel)")
     return parts
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -151,3 +152,209 @@ def test_config_is_frozen():
     with pytest.raises(Exception):
         config.seed = 3  # type: ignore[misc]
     assert isinstance(config, Config)
+
+
+# -- numbers: finite unless documented otherwise, documented ranges hold ------------------
+NON_FINITE = ["nan", "inf", "-inf"]
+
+
+@pytest.mark.parametrize("value", NON_FINITE)
+@pytest.mark.parametrize(
+    ("key", "extra"),
+    [
+        ("model.swiglu_limit", ['model.activation="swigluoai"']),
+        ("model.swiglu_alpha", ['model.activation="swigluoai"']),
+        ("router.routed_scaling_factor", ['router.name="sigmoid_grouped_topk"']),
+        ("parallel.timeout_s", []),
+    ],
+)
+def test_float_options_refuse_non_finite_values(key, extra, value):
+    key_re = key.replace(".", r"\.")
+    with pytest.raises(ConfigError, match=rf"^{key_re}: {value} is not allowed: expected a finite number > 0"):
+        load_config(small_config(), [*extra, f"{key}={value}"])
+
+
+def test_non_finite_values_in_a_file_name_the_file(tmp_path: Path):
+    conf = tmp_path / "nan.toml"
+    conf.write_text('extends = "gpt-oss"\n[model]\nswiglu_limit = nan\n')
+    with pytest.raises(ConfigError, match=rf"^{conf}: model.swiglu_limit: nan is not allowed"):
+        load_config(conf)
+    conf.write_text('extends = "deepseek-v3"\n[router]\nrouted_scaling_factor = -inf\n')
+    with pytest.raises(ConfigError, match=r"router.routed_scaling_factor: -inf is not allowed"):
+        load_config(conf)
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ('router.name="sigmoid_grouped_topk"', None),
+        ("router.routed_scaling_factor=-1", r"^router.routed_scaling_factor: -1.0 must be > 0$"),
+        ("router.routed_scaling_factor=0", r"^router.routed_scaling_factor: 0.0 must be > 0$"),
+        ("model.swiglu_alpha=-1.702", r"^model.swiglu_alpha: -1.702 must be > 0$"),
+        ("model.swiglu_limit=0", r"^model.swiglu_limit: 0.0 must be > 0$"),
+        ("parallel.timeout_s=0", r"^parallel.timeout_s: 0.0 must be > 0$"),
+        ("parallel.timeout_s=1e300", r"^parallel.timeout_s: 1e\+300 must be <= 31536000$"),
+    ],
+)
+def test_float_options_hold_their_documented_ranges(override, message):
+    overrides = ['router.name="sigmoid_grouped_topk"', override]
+    if message is None:
+        assert load_config(small_config(), overrides).router.params.routed_scaling_factor == 1.0
+    else:
+        with pytest.raises(ConfigError, match=message):
+            load_config(small_config(), overrides)
+
+
+def test_an_integer_too_large_for_a_float_is_one_line():
+    with pytest.raises(ConfigError, match=r"^model.swiglu_limit: an integer of 401 digits is too large for a number$"):
+        load_config(small_config(), {"model.swiglu_limit": 10**400})
+
+
+def test_direct_construction_is_checked_too():
+    from moeframe.config import ModelConfig
+    from moeframe.routers.sigmoid_grouped_topk import SigmoidGroupedTopKParams
+
+    with pytest.raises(ValueError, match=r"nan is not allowed: expected a finite number > 0"):
+        ModelConfig(num_experts=4, top_k=1, hidden_size=4, intermediate_size=4, swiglu_limit=float("nan"))
+    with pytest.raises(ValueError, match=r"-2.0 must be > 0"):
+        SigmoidGroupedTopKParams(routed_scaling_factor=-2.0)
+
+
+@pytest.fixture
+def third_party_wrapper():
+    """A plugin's wrapper whose parameters use plain attrs fields, option() and finite=False."""
+    import attrs
+
+    import moeframe
+    from moeframe.plugins import manager
+
+    @attrs.frozen
+    class Params:
+        scale: float = 1.0  # a plain attrs field: finite all the same
+        bound: float = moeframe.option(1.0, help="an upper bound", min=0.0)
+        offset: float = moeframe.option(0.0, help="may be infinite (documented)", finite=False)
+        limits: tuple[float, ...] = ()
+
+    class Probe(moeframe.Wrapper):
+        pass
+
+    Probe.Params = Params
+
+    class Plugin:
+        @staticmethod
+        @moeframe.hookimpl
+        def register_wrappers():
+            return [moeframe.Strategy("probe", Probe, "a probe with float parameters")]
+
+    moeframe.register_plugin(Plugin(), "third-party-probe", "0.1")
+    yield "probe"
+    manager.reset()
+
+
+@pytest.mark.parametrize(
+    ("params", "message"),
+    [
+        ("{ scale = nan }", r"^stack.wrappers\[0\].params.scale: nan is not allowed: expected a finite number$"),
+        ("{ bound = inf }", r"^stack.wrappers\[0\].params.bound: inf is not allowed: expected a finite number >= 0$"),
+        ("{ bound = -1.0 }", r"^stack.wrappers\[0\].params.bound: -1.0 must be >= 0$"),
+        ("{ limits = [1.0, nan] }", r"^stack.wrappers\[0\].params.limits\[1\]: nan is not allowed"),
+        ("{ offset = -inf }", None),
+    ],
+)
+def test_third_party_params_get_the_same_checks(third_party_wrapper, params, message):
+    override = f'stack.wrappers=[{{ name = "{third_party_wrapper}", params = {params} }}]'
+    if message is None:
+        assert load_config(small_config(), [override]).stack.wrappers[0].params.offset == float("-inf")
+    else:
+        with pytest.raises(ConfigError, match=message):
+            load_config(small_config(), [override])
+
+
+# -- sources: encodings, extends chains, key paths ---------------------------------------
+def test_a_non_utf8_file_is_one_line(tmp_path: Path):
+    conf = tmp_path / "latin1.toml"
+    conf.write_bytes('# caf\u00e9\nextends = "mixtral"\n'.encode("latin-1"))
+    with pytest.raises(ConfigError, match=rf"^{conf}: not UTF-8 text \(byte 0xe9 at offset 5\); TOML files are UTF-8$"):
+        load_config(conf)
+    child = tmp_path / "child.toml"  # the same through 'extends'
+    child.write_text('extends = "latin1.toml"\n')
+    with pytest.raises(ConfigError, match=r"latin1.toml: not UTF-8 text"):
+        load_config(child)
+
+
+def _chain(tmp_path: Path, depth: int) -> Path:
+    """conf0.toml extends conf1.toml ... extends conf{depth-1}.toml, which extends mixtral."""
+    for i in range(depth):
+        base = f"conf{i + 1}.toml" if i + 1 < depth else "mixtral"
+        (tmp_path / f"conf{i}.toml").write_text(f'extends = "{base}"\nseed = {i}\n')
+    return tmp_path / "conf0.toml"
+
+
+def test_extends_chains_have_a_depth_limit(tmp_path: Path):
+    from moeframe.config import MAX_EXTENDS_DEPTH
+
+    deep = _chain(tmp_path, 1200)
+    with pytest.raises(ConfigError, match=rf"extends: more than {MAX_EXTENDS_DEPTH} configs in one 'extends' chain"):
+        load_config(deep)
+    (tmp_path / "ok").mkdir()
+    longest = load_config(_chain(tmp_path / "ok", MAX_EXTENDS_DEPTH - 1))  # with mixtral: the limit exactly
+    assert longest.seed == 0 and longest.model == load_config("mixtral").model
+
+
+def test_circular_extends_through_different_spellings(tmp_path: Path):
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.toml").write_text('extends = "sub/b.toml"\n')
+    (tmp_path / "sub" / "b.toml").write_text('extends = "../a.toml"\n')
+    with pytest.raises(ConfigError, match=r"extends: circular 'extends' through"):
+        load_config(tmp_path / "a.toml")
+
+
+@pytest.mark.parametrize(
+    ("key", "where"),
+    [
+        ("model..top_k", "after 'model.'"),
+        (".seed", "at the start"),
+        ("seed.", "at the end"),
+        ("stack.wrappers.[0].name", "after 'stack.wrappers.'"),
+    ],
+)
+def test_key_paths_with_empty_keys_are_refused(key, where):
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: not a key path: empty key {re.escape(where)}"):
+        load_config(small_config(), [f"{key}=2"])
+    with pytest.raises(ConfigError, match=r"not a key path"):  # the same as a mapping
+        load_config(small_config(), {key: 2})
+
+
+@pytest.mark.parametrize("key", ["stack.wrappers[x]", "stack.wrappers[-1]", "stack.wrappers[0]name"])
+def test_key_paths_with_bad_indices_are_refused(key):
+    with pytest.raises(ConfigError, match=rf"^{re.escape(key)}: not a key path"):
+        load_config(small_config(), ['stack.wrappers=["chunking"]', f"{key}=2"])
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--set", "model..top_k=2"], r"model\.\.top_k: not a key path: empty key after 'model\.'"),
+        (["--set", ".seed=3"], r"\.seed: not a key path: empty key at the start"),
+    ],
+)
+def test_key_path_errors_on_the_command_line(capsys, argv, message):
+    from moeframe.cli.main import main
+
+    assert main(["explain", "mixtral", *argv]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert len(err) == 1 and re.search(message, err[0]), err
+
+
+def test_a_folder_named_like_a_preset_does_not_hide_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mixtral").mkdir()
+    assert load_config("mixtral").source == "preset:mixtral"
+    with pytest.raises(ConfigError, match=r"^config file './mixtral' is a directory, not a TOML file; for the preset, give its name alone: 'mixtral'$"):
+        load_config("./mixtral")
+    with pytest.raises(ConfigError, match=r"^config file 'mixtral.toml' not found; did you mean 'mixtral'\?"):
+        load_config("mixtral.toml")
+    (tmp_path / "mixtral").rmdir()
+    (tmp_path / "mixtral").write_text('extends = "qwen3-moe"\n')  # a file without .toml: the preset still wins
+    assert load_config("mixtral").source == "preset:mixtral"
+    assert load_config("./mixtral").model == load_config("qwen3-moe").model

@@ -24,7 +24,7 @@ from moeframe.weights import WeightSpec
 class SigmoidGroupedTopKParams:
     n_group: int = option(1, help="number of expert groups (must divide num_experts)", min=1)
     topk_group: int = option(1, help="groups kept per token", min=1)
-    routed_scaling_factor: float = option(1.0, help="multiplies the routing weights")
+    routed_scaling_factor: float = option(1.0, help="multiplies the routing weights", min=0.0, exclusive_min=True)
     renormalize: bool = option(True, help="divide the K weights by their sum + 1e-20 (norm_topk_prob)")
     correction_bias: bool = option(
         True, help="own router.e_score_correction_bias [E] (used to choose experts only); without it a group scores by its best expert"

@@ -1,0 +1,1 @@
+"""moeframe-oldcontract: a plugin written against plugin API 1 (see pyproject.toml)."""

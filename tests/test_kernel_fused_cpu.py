@@ -214,13 +214,15 @@ def fresh_native_load():
 @pytest.mark.parametrize("env, why", [
     ({"MOEFRAME_FUSED_CPU_NATIVE": "off"}, "MOEFRAME_FUSED_CPU_NATIVE='off' is neither 0 (off) nor 1 (on, the default)"),
     ({"CC": "/nonexistent/cc"}, "C compiler '/nonexistent/cc' does not run"),
-    ({"MOEFRAME_CACHE_DIR": "{tmp}/a-file/cache"}, "cannot create the cache directory"),
+    ({"MOEFRAME_CACHE_DIR": "{tmp}/open"}, "is writable by group or others (mode 0o777): another user could plant code"),
+    ({"MOEFRAME_CPU_ISA": "avx9"}, "MOEFRAME_CPU_ISA='avx9' is not a CPU variant"),
 ])
 def test_native_core_unavailable_says_why_in_one_line(fresh_native_load, monkeypatch, tmp_path, env, why):
     if "MOEFRAME_FUSED_CPU_NATIVE" not in env and not native_available():
         pytest.skip("the native core cannot be built here (the CPU check would speak first)")
     fresh_native_load._load.cache_clear()
-    (tmp_path / "a-file").write_text("")
+    (tmp_path / "open").mkdir()
+    (tmp_path / "open").chmod(0o777)
     monkeypatch.setenv("MOEFRAME_CACHE_DIR", str(tmp_path / "cache"))  # nothing built already
     for key, value in env.items():
         monkeypatch.setenv(key, value.format(tmp=tmp_path))

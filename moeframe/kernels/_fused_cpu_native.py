@@ -1,140 +1,109 @@
-"""The native core of the ``fused_cpu`` kernel: C source, build on first use, ctypes binding.
+"""The native core of the ``fused_cpu`` kernel: build, verify, load and bind one ISA variant.
 
-The C code (``csrc/fused_cpu_avx2.c``, read into :data:`SOURCE`) needs AVX2, FMA and F16C, a C compiler with OpenMP
-(``cc``, or ``$CC``) and Linux or macOS on x86-64.  It is compiled once per machine into
-the cache directory (``$MOEFRAME_CACHE_DIR``, else ``$XDG_CACHE_HOME/moeframe``, else
-``~/.cache/moeframe``), under a name that hashes the source, the flags and the compiler, and
-loaded with :mod:`ctypes`; ctypes releases the GIL during the call.  The library shares
-torch's OpenMP runtime (``libgomp.so.1`` is loaded by torch first), so its threads are
-torch's threads and ``torch.set_num_threads`` governs both.
+Each variant (:data:`moeframe.kernels.cpu_isa.VARIANTS`) is one C file in
+``moeframe/kernels/csrc/`` that includes ``fused_cpu_abi.h``, the ABI every variant
+exports; it needs a C compiler with OpenMP (``cc``, or ``$CC``) and Linux or macOS.  It is
+compiled once per machine by :mod:`moeframe.kernels.native_build` (a cache that is checked
+for ownership and permissions, one build under a lock, a content hash verified before
+every load) and loaded with :mod:`ctypes`, which releases the GIL during the call.  The
+library shares torch's OpenMP runtime (torch loads ``libgomp.so.1`` first, and the
+library's dependency on that name resolves to it), so its threads are torch's threads and
+``torch.set_num_threads`` governs both.
 
-:func:`load_native` returns the library, or raises :class:`NativeUnavailable` saying why
-(the kernel then runs its torch path).  Every buffer is allocated by the caller with
-torch, so that ``torch.profiler`` sees all of the kernel's memory.
+:func:`load_native` returns the library for a variant, or raises :class:`NativeUnavailable`
+saying why (the kernel then runs its torch path).  Every buffer is allocated by the
+caller with torch, so that ``torch.profiler`` sees all of the kernel's memory.
 """
 
 from __future__ import annotations
 
 import ctypes
 import functools
-import hashlib
 import os
-import platform
-import shutil
-import subprocess
-import sys
-import tempfile
 from pathlib import Path
+from typing import Any
 
-__all__ = ["SOURCE", "CFLAGS", "NativeUnavailable", "NativeLibrary", "load_native", "cache_dir"]
+from moeframe.kernels.native_build import (
+    LibrarySpec,
+    NativeUnavailable,
+    cache_dir,
+    ensure_library,
+    find_compiler,
+)
 
-CFLAGS = ("-O3", "-mavx2", "-mfma", "-mf16c", "-fno-tree-loop-distribute-patterns", "-fopenmp", "-fPIC", "-shared", "-std=gnu11")
+__all__ = ["ABI_VERSION", "NativeUnavailable", "NativeLibrary", "load_native", "build_native", "library_spec", "cache_dir"]
 
-SOURCE = (Path(__file__).parent / "csrc" / "fused_cpu_avx2.c").read_text()
+#: the ``MOE_ABI_VERSION`` of ``csrc/fused_cpu_abi.h`` this binding speaks
+ABI_VERSION = 1
+CSRC = Path(__file__).parent / "csrc"
+#: warnings on, for every variant (the sources are kept warning-free)
+WARNING_FLAGS = ("-Wall", "-Wextra")
 
-
-class NativeUnavailable(RuntimeError):
-    """The native core cannot be used here; the message says why."""
-
-
-def cache_dir() -> Path:
-    """Where compiled libraries are kept."""
-    env = os.environ.get("MOEFRAME_CACHE_DIR")
-    if env:
-        return Path(env).expanduser()
-    xdg = os.environ.get("XDG_CACHE_HOME")
-    return (Path(xdg).expanduser() if xdg else Path.home() / ".cache") / "moeframe"
-
-
-def _cpu_flags() -> set[str]:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return set()
-    for line in text.splitlines():
-        if line.startswith("flags"):
-            return set(line.split(":", 1)[1].split())
-    return set()
-
-
-def _check_cpu() -> None:
-    if platform.machine().lower() not in ("x86_64", "amd64"):
-        raise NativeUnavailable(f"needs an x86-64 CPU (this is {platform.machine()})")
-    import torch
-
-    capability = torch.backends.cpu.get_cpu_capability()
-    if capability not in ("AVX2", "AVX512"):
-        raise NativeUnavailable(f"needs AVX2 and FMA (torch reports CPU capability {capability})")
-    flags = _cpu_flags()
-    if flags and not {"avx2", "fma", "f16c"} <= flags:
-        raise NativeUnavailable(f"needs AVX2, FMA and F16C (missing: {', '.join(sorted({'avx2', 'fma', 'f16c'} - flags))})")
+_long, _int, _float, _ptr = ctypes.c_long, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
+#: ``moe_forward``'s parameters, in order, named as in ``fused_cpu_abi.h``: the call is
+#: made by name (:meth:`NativeLibrary.forward`), so a missing, extra or misplaced
+#: argument is an error instead of a shifted call
+FORWARD_PARAMS: tuple[tuple[str, Any], ...] = (
+    ("dtype", _int), ("x", _ptr), ("T", _long), ("H", _long), ("ids", _ptr), ("tw", _ptr), ("topk", _long),
+    ("expert_map", _ptr), ("num_experts", _long), ("w13", _ptr), ("w2", _ptr), ("b13", _ptr), ("b2", _ptr),
+    ("local_experts", _long), ("I", _long), ("act_kind", _int), ("alpha", _float), ("limit", _float),
+    ("out", _ptr), ("acc", _ptr), ("ints", _ptr), ("hbuf", _ptr), ("hbuf_slots", _long), ("scratch", _ptr),
+    ("scratch_floats", _long), ("nthreads", _int),
+)  # fmt: skip
 
 
-def _compiler() -> str:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
-    if not cc:
-        raise NativeUnavailable("no C compiler found (install gcc, or set CC)")
-    return cc
+def library_spec(isa: str) -> LibrarySpec:
+    """What the library of variant ``isa`` is built from: its C file, the ABI header, flags."""
+    from moeframe.kernels.cpu_isa import VARIANTS
 
-
-def _build(cc: str) -> Path:
-    try:
-        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60).stdout
-    except (OSError, subprocess.SubprocessError) as exc:
-        raise NativeUnavailable(f"C compiler {cc!r} does not run: {exc}") from None
-    key = hashlib.sha256("\0".join([SOURCE, *CFLAGS, cc, version, sys.platform]).encode()).hexdigest()[:16]
-    target = cache_dir() / f"fused_cpu-{key}.so"
-    if target.is_file():
-        return target
-    try:
-        target.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise NativeUnavailable(f"cannot create the cache directory {target.parent}: {exc}") from None
-    with tempfile.TemporaryDirectory(prefix="moeframe-build-") as tmp:
-        src = Path(tmp) / "fused_cpu.c"
-        src.write_text(SOURCE)
-        out = Path(tmp) / "fused_cpu.so"
-        try:
-            proc = subprocess.run([cc, *CFLAGS, str(src), "-o", str(out)], capture_output=True, text=True, timeout=600)
-        except (OSError, subprocess.SubprocessError) as exc:
-            raise NativeUnavailable(f"compiling with {cc!r} failed: {exc}") from None
-        if proc.returncode != 0:
-            first = (proc.stderr.strip().splitlines() or ["(no output)"])[0]
-            raise NativeUnavailable(f"compiling with {cc!r} failed: {first}")
-        # another process may have built the same file meanwhile: rename is atomic either way
-        staged = target.with_name(f".{target.name}.{os.getpid()}")
-        try:
-            shutil.copyfile(out, staged)
-            os.replace(staged, target)
-        except OSError as exc:
-            staged.unlink(missing_ok=True)
-            raise NativeUnavailable(f"cannot write to the cache directory {target.parent} "
-                                    f"({exc.strerror}; set MOEFRAME_CACHE_DIR to a writable one)") from None
-    return target
+    variant = VARIANTS[isa]
+    headers = sorted(CSRC.glob("*.h"))
+    sources = {variant.source: variant.path.read_text(), **{h.name: h.read_text() for h in headers}}
+    return LibrarySpec(f"fused_cpu-{isa}", sources, (*variant.cflags, *WARNING_FLAGS))
 
 
 class NativeLibrary:
-    """The loaded library: :meth:`forward` and the buffer sizes it needs."""
+    """One loaded variant: :meth:`forward` and the buffer sizes it needs."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, isa: str, load_path: str | None = None, sha256: str = "") -> None:
         import torch  # noqa: F401  -- torch's libgomp must be loaded first
 
         self.path = path
-        lib = ctypes.CDLL(str(path))
-        c_long, c_int, c_float, ptr = ctypes.c_long, ctypes.c_int, ctypes.c_float, ctypes.c_void_p
-        lib.moe_forward.restype = c_int
-        lib.moe_forward.argtypes = [
-            c_int, ptr, c_long, c_long, ptr, ptr, c_long, ptr, c_long, ptr, ptr, ptr, ptr, c_long, c_long,
-            c_int, c_float, c_float, ptr, ptr, ptr, ptr, c_long, ptr, c_long, c_int,
-        ]
-        lib.moe_scratch_floats.restype = c_long
-        lib.moe_scratch_floats.argtypes = [c_long, c_long, c_long]
-        lib.moe_item_max_slots.restype = c_long
-        lib.moe_ints_needed.restype = c_long
-        lib.moe_ints_needed.argtypes = [c_long, c_long]
+        self.isa = isa
+        self.sha256 = sha256
+        try:
+            lib = ctypes.CDLL(load_path or str(path))
+        except OSError as exc:
+            raise NativeUnavailable(f"cannot load the compiled library {path}: {exc}") from None
+        try:
+            lib.moe_abi_version.restype = _int
+            lib.moe_abi_version.argtypes = []
+            version = int(lib.moe_abi_version())
+        except AttributeError:
+            version = 0
+        if version != ABI_VERSION:
+            raise NativeUnavailable(
+                f"the library {path} speaks C ABI version {version}, this moeframe speaks {ABI_VERSION} (rebuild it)"
+            )
+        lib.moe_forward.restype = _int
+        lib.moe_forward.argtypes = [ctype for _, ctype in FORWARD_PARAMS]
+        lib.moe_scratch_floats.restype = _long
+        lib.moe_scratch_floats.argtypes = [_long, _long, _long]
+        lib.moe_item_max_slots.restype = _long
+        lib.moe_item_max_slots.argtypes = []
+        lib.moe_ints_needed.restype = _long
+        lib.moe_ints_needed.argtypes = [_long, _long]
         self._lib = lib
-        self.forward = lib.moe_forward
         self._item_max_slots = int(lib.moe_item_max_slots())
+
+    def forward(self, **args: Any) -> int:
+        """``moe_forward`` with its arguments by name (:data:`FORWARD_PARAMS`): pointers as
+        ints or ``None``.  Returns its status (0, -1 or -2)."""
+        names = [name for name, _ in FORWARD_PARAMS]
+        if args.keys() != set(names):
+            missing, extra = sorted(set(names) - args.keys()), sorted(args.keys() - set(names))
+            raise TypeError(f"moe_forward: missing arguments {missing}, unknown arguments {extra}")
+        return int(self._lib.moe_forward(*(args[name] for name in names)))
 
     def scratch_floats(self, hidden: int, intermediate: int, tokens: int) -> int:
         """Floats of scratch each thread needs for a call of ``tokens`` tokens."""
@@ -151,25 +120,61 @@ class NativeLibrary:
         return max(min(pairs, cap), self._item_max_slots)
 
 
+def build_native(isa: str) -> Path:
+    """Build (or find in the cache) the library of variant ``isa`` without loading it,
+    whatever this CPU runs (to check that every variant compiles)."""
+    found = ensure_library(library_spec(isa), _compiler())
+    found.close()
+    return found.path
+
+
+@functools.lru_cache(maxsize=1)
+def _compiler_cached(cc_env: str | None, path_env: str | None) -> tuple[str, str]:
+    return find_compiler()
+
+
+def _compiler() -> tuple[str, str]:
+    return _compiler_cached(os.environ.get("CC"), os.environ.get("PATH"))
+
+
 @functools.lru_cache(maxsize=None)
-def _load() -> NativeLibrary | str:
+def _load(isa: str) -> NativeLibrary | str:
+    from moeframe.kernels.cpu_isa import VARIANTS, machine_arch, missing_flags
+
+    variant = VARIANTS.get(isa)
+    if variant is None:
+        return f"no native variant {isa!r} (variants: {', '.join(VARIANTS)})"
+    lacks = missing_flags(variant)
+    if lacks:
+        if lacks == [variant.arch]:
+            return f"variant {isa!r} is for {variant.arch} and this is {machine_arch()}"
+        return f"variant {isa!r} needs {', '.join(lacks)}, which this CPU lacks"
     try:
-        _check_cpu()
-        return NativeLibrary(_build(_compiler()))
+        found = ensure_library(library_spec(isa), _compiler())
+        try:
+            return NativeLibrary(found.path, isa, found.load_path, found.sha256)
+        finally:
+            found.close()
     except NativeUnavailable as exc:
         return str(exc)
-    except OSError as exc:  # dlopen failure
-        return f"cannot load the compiled library: {exc}"
 
 
-def load_native() -> NativeLibrary:
-    """The native library, built on first use; :class:`NativeUnavailable` says why not."""
+def load_native(isa: str | None = None) -> NativeLibrary:
+    """The native library of variant ``isa`` (default: the one :func:`cpu_isa.detect`
+    picks), built on first use; :class:`NativeUnavailable` says why not, in one line."""
     setting = os.environ.get("MOEFRAME_FUSED_CPU_NATIVE", "1").strip()
     if setting == "0":
         raise NativeUnavailable("disabled by MOEFRAME_FUSED_CPU_NATIVE=0")
     if setting not in ("", "1"):
         raise NativeUnavailable(f"MOEFRAME_FUSED_CPU_NATIVE={setting!r} is neither 0 (off) nor 1 (on, the default)")
-    result = _load()
+    if isa is None:
+        from moeframe.kernels.cpu_isa import CpuIsaError, detect
+
+        try:
+            isa = detect()
+        except CpuIsaError as exc:
+            raise NativeUnavailable(str(exc)) from None
+    result = _load(isa)
     if isinstance(result, str):
         raise NativeUnavailable(result)
     return result

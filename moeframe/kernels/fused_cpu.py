@@ -190,10 +190,12 @@ class FusedCpuKernel(Kernel):
             hbuf = take("hbuf", hbuf_slots * I)
             scratch = take("scratch", nthreads * scratch_floats)
             status = lib.forward(
-                _DTYPE_CODES[x.dtype], ptr(x), T, H, ptr(ids), ptr(weights), K, ptr(expert_map), num_experts,
-                ptr(experts.w13), ptr(experts.w2), ptr(experts.b13), ptr(experts.b2), E_local, I,
-                _ACTIVATION_CODES[act.name], act.alpha, act.limit, ptr(out), ptr(acc), ptr(ints), ptr(hbuf),
-                hbuf_slots, ptr(scratch), scratch_floats, nthreads,
+                dtype=_DTYPE_CODES[x.dtype], x=ptr(x), T=T, H=H, ids=ptr(ids), tw=ptr(weights), topk=K,
+                expert_map=ptr(expert_map), num_experts=num_experts, w13=ptr(experts.w13), w2=ptr(experts.w2),
+                b13=ptr(experts.b13), b2=ptr(experts.b2), local_experts=E_local, I=I,
+                act_kind=_ACTIVATION_CODES[act.name], alpha=act.alpha, limit=act.limit, out=ptr(out),
+                acc=ptr(acc), ints=ptr(ints), hbuf=ptr(hbuf), hbuf_slots=hbuf_slots, scratch=ptr(scratch),
+                scratch_floats=scratch_floats, nthreads=nthreads,
             )
         if status == -1:
             raise ValueError(f"topk_ids holds an expert id outside [0, {num_experts})")

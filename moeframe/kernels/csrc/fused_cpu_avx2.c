@@ -36,6 +36,8 @@
 #include <stdint.h>
 #include <string.h>
 
+#include "fused_cpu_abi.h"
+
 #define AI static inline __attribute__((always_inline))
 
 enum { DT_F32 = 0, DT_BF16 = 1, DT_F16 = 2 };
@@ -777,6 +779,8 @@ int moe_forward(int dtype, const void *x, long T, long H, const int64_t *ids, co
     return run(DT_F16, x, T, H, ids, tw, topk, expert_map, num_experts, w13, w2, b13, b2, local_experts, I,
                act_kind, alpha, limit, out, acc, ints, hbuf, hbuf_slots, scratch, scratch_floats, nthreads);
 }
+
+int moe_abi_version(void) { return MOE_ABI_VERSION; }
 
 /* Sizes the caller allocates. */
 /* int32 elements of the `ints` buffer for a call with `pairs` (token, k) pairs */

@@ -1,0 +1,467 @@
+"""One MoE layer straight from a transformers checkpoint directory (``MoELayer.load_hf``).
+
+A checkpoint directory holds ``config.json`` and the weights in ``*.safetensors`` files:
+one ``model.safetensors``, or shards listed by ``model.safetensors.index.json``.  The
+weights are stored as ``save_pretrained`` writes them, which is not the in-memory layout:
+
+=====================  ==============================================================
+family                 experts on disk
+=====================  ==============================================================
+Qwen2/3-MoE, DS-V3     ``mlp.experts.{e}.gate_proj/up_proj/down_proj.weight``
+Mixtral                ``block_sparse_moe.experts.{e}.w1/w3/w2.weight``
+GPT-OSS                ``mlp.experts.gate_up_proj [E, H, 2I]`` (gate/up interleaved),
+                       ``gate_up_proj_bias``, ``down_proj [E, I, H]``, ``down_proj_bias``
+Llama-4                ``feed_forward.experts.gate_up_proj [E, H, 2I]``, ``down_proj``
+=====================  ==============================================================
+
+The on-disk names are mapped to the in-memory ones with transformers' own checkpoint
+conversion mapping (``transformers.conversion_mapping``: its renamings, and its
+converters' operations for per-expert tensors), so a family whose mapping changes in
+transformers is read the way transformers reads it.  The in-memory block is then mapped
+to moeframe's tensors by the small table :data:`BLOCKS`.
+
+Only the tensors of the requested layer are read, lazily (safetensors' ``safe_open``),
+and of the experts only this rank's (``parallel.ep_size > 1``).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import ExitStack
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import attrs
+import torch
+
+from moeframe.errors import ConfigError, InputError
+
+if TYPE_CHECKING:
+    from moeframe.config import Config
+    from moeframe.layer import MoELayer
+    from moeframe.parallel import ParallelContext
+    from moeframe.workspace import Workspace
+
+__all__ = ["BLOCKS", "BlockLayout", "is_checkpoint_dir", "read_hf_config", "hf_layer_config", "load_hf", "load_layer_weights"]
+
+INDEX_FILE = "model.safetensors.index.json"
+
+
+@attrs.frozen
+class BlockLayout:
+    """How one family's MoE block holds its tensors in memory (names relative to the block).
+
+    ``tensors``: block tensor -> moeframe tensor, copied as they are.  ``shared_gate_up``:
+    the shared expert's gate and up projections, concatenated into ``shared.w13``.
+    ``experts_transposed``/``experts_interleaved``: ``gate_up_proj`` is ``[E, H, 2I]``
+    (``x @ W``) / has gate and up in alternate columns.
+    """
+
+    block: str
+    tensors: Mapping[str, str]
+    shared_gate_up: tuple[str, str] | None = None
+    experts_transposed: bool = False
+    experts_interleaved: bool = False
+
+
+_QWEN_SHARED = ("shared_expert.gate_proj.weight", "shared_expert.up_proj.weight")
+#: family -> in-memory layout of its MoE block (transformers 5)
+BLOCKS: dict[str, BlockLayout] = {
+    "mixtral": BlockLayout("mlp", {"gate.weight": "router.weight"}),
+    "qwen2_moe": BlockLayout(
+        "mlp",
+        {"gate.weight": "router.weight", "shared_expert.down_proj.weight": "shared.w2",
+         "shared_expert_gate.weight": "shared.gate.weight"},
+        shared_gate_up=_QWEN_SHARED,
+    ),
+    "qwen3_moe": BlockLayout("mlp", {"gate.weight": "router.weight"}),
+    "deepseek_v3": BlockLayout(
+        "mlp",
+        {"gate.weight": "router.weight", "gate.e_score_correction_bias": "router.e_score_correction_bias",
+         "shared_experts.down_proj.weight": "shared.w2"},
+        shared_gate_up=("shared_experts.gate_proj.weight", "shared_experts.up_proj.weight"),
+    ),
+    "gpt_oss": BlockLayout(
+        "mlp", {"router.weight": "router.weight", "router.bias": "router.bias"},
+        experts_transposed=True, experts_interleaved=True,
+    ),
+    "llama4": BlockLayout(
+        "feed_forward",
+        {"router.weight": "router.weight", "shared_expert.down_proj.weight": "shared.w2"},
+        shared_gate_up=("shared_expert.gate_proj.weight", "shared_expert.up_proj.weight"),
+        experts_transposed=True,
+    ),
+}
+#: in-memory experts tensors -> moeframe's
+_EXPERTS = {"gate_up_proj": "experts.w13", "down_proj": "experts.w2",
+            "gate_up_proj_bias": "experts.b13", "down_proj_bias": "experts.b2"}
+
+
+# -- the directory ---------------------------------------------------------------------------
+def is_checkpoint_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a directory with a ``config.json`` (a transformers checkpoint)."""
+    p = Path(path)
+    return p.is_dir() and (p / "config.json").is_file()
+
+
+def read_hf_config(checkpoint_dir: str | Path) -> dict[str, Any]:
+    """``config.json`` of a checkpoint directory as a dict, with one-line errors for a
+    missing directory or file, bad JSON and quantized checkpoints."""
+    root = Path(checkpoint_dir)
+    if not root.is_dir():
+        raise InputError(f"checkpoint directory {str(root)!r} not found")
+    path = root / "config.json"
+    if not path.is_file():
+        raise InputError(
+            f"{root}: no config.json; a transformers checkpoint directory holds config.json and *.safetensors "
+            "(what save_pretrained writes)"
+        )
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(f"{path}: not a readable JSON file ({exc})") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: expected a JSON object")
+    for where, cfg in (("", raw), ("text_config.", raw.get("text_config"))):
+        quantization = cfg.get("quantization_config") if isinstance(cfg, dict) else None
+        if quantization:
+            method = quantization.get("quant_method", "unknown") if isinstance(quantization, dict) else "unknown"
+            raise InputError(
+                f"{path}: the checkpoint is quantized ({where}quantization_config.quant_method = {method!r}); "
+                "moeframe reads unquantized checkpoints (float32, bfloat16, float16) until a kernel supports "
+                f"{method} weights"
+            )
+    return raw
+
+
+def hf_layer_config(
+    checkpoint_dir: str | Path,
+    layer: int | None = None,
+    *,
+    overrides: Mapping[str, Any] | Any = None,
+) -> tuple[Config, int]:
+    """The moeframe config of one MoE layer of a checkpoint, and the layer index (the
+    first MoE layer when ``layer`` is None).  A layer that is not an MoE layer is a
+    one-line error listing the MoE layers."""
+    from moeframe.integrations.transformers.config import config_from_hf, hf_text_config, moe_layer_indices
+
+    raw = read_hf_config(checkpoint_dir)
+    label = str(Path(checkpoint_dir) / "config.json")
+    try:
+        moe_layers = moe_layer_indices(raw)
+        num_layers = int(getattr(hf_text_config(raw), "num_hidden_layers", 0) or 0)
+        config = config_from_hf(raw, overrides=overrides)
+    except ConfigError as exc:
+        raise exc.with_source(label) from None
+    if not moe_layers:
+        raise InputError(f"{label}: the model has no MoE layer (nothing to load)")
+    if layer is None:
+        layer = moe_layers[0]
+    elif isinstance(layer, bool) or not isinstance(layer, int):
+        raise InputError(f"layer must be an integer, got {layer!r}")
+    if layer not in moe_layers:
+        where = f"has {num_layers} decoder layers (0..{num_layers - 1})" if not 0 <= layer < num_layers else "is dense"
+        raise InputError(
+            f"{label}: layer {layer} is not an MoE layer (the model {where}); its MoE layers: {_ranges(moe_layers)}"
+        )
+    return attrs.evolve(config, source=f"{Path(checkpoint_dir)} (layer {layer})"), layer
+
+
+def _ranges(indices: list[int]) -> str:
+    """``[1, 2, 3, 5]`` -> ``"1-3, 5"``"""
+    out: list[str] = []
+    start = prev = indices[0]
+    for i in [*indices[1:], None]:
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        out.append(str(start) if start == prev else f"{start}-{prev}")
+        if i is not None:
+            start = prev = i
+    return ", ".join(out)
+
+
+# -- the files ---------------------------------------------------------------------------------
+class _Files:
+    """The checkpoint's safetensors files, opened lazily, and which file holds which tensor."""
+
+    def __init__(self, root: Path, stack: ExitStack) -> None:
+        from safetensors import SafetensorError, safe_open
+
+        self.root = root
+        self._stack = stack
+        self._open: dict[str, Any] = {}
+        self._safe_open = safe_open
+        self._error = SafetensorError
+        index = root / INDEX_FILE
+        self.where: dict[str, str] = {}
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                if not isinstance(weight_map, dict):
+                    raise TypeError("weight_map is not an object")
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as exc:
+                raise InputError(f"{index}: not a safetensors index ({type(exc).__name__}: {exc})") from None
+            self.where = {str(k): str(v) for k, v in weight_map.items()}
+            self.described = f"the shards of {INDEX_FILE}"
+        else:
+            files = sorted(p.name for p in root.glob("*.safetensors"))
+            if not files:
+                raise InputError(f"{root}: no *.safetensors file (and no {INDEX_FILE})")
+            for name in files:
+                for key in self.file(name).keys():
+                    self.where[key] = name
+            self.described = ", ".join(files)
+
+    def file(self, name: str) -> Any:
+        handle = self._open.get(name)
+        if handle is None:
+            path = self.root / name
+            if not path.is_file():
+                raise InputError(f"{path}: listed in {INDEX_FILE} but not found")
+            try:
+                handle = self._stack.enter_context(self._safe_open(str(path), framework="pt"))
+            except (self._error, OSError) as exc:
+                raise InputError(f"{path}: not a readable safetensors file ({exc})") from None
+            self._open[name] = handle
+        return handle
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.file(self.where[key]).get_slice(key).get_shape())
+
+    def tensor(self, key: str, expected: tuple[int, ...] | None = None) -> torch.Tensor:
+        self.check_shape(key, expected)
+        return self.file(self.where[key]).get_tensor(key)
+
+    def rows(self, key: str, index: int, expected: tuple[int, ...]) -> torch.Tensor:
+        """``tensor[index]`` of a stacked tensor, reading only that slice."""
+        self.check_shape(key, expected)
+        return self.file(self.where[key]).get_slice(key)[index : index + 1][0]
+
+    def check_shape(self, key: str, expected: tuple[int, ...] | None) -> None:
+        if expected is None:
+            return
+        shape = self.shape(key)
+        if shape != tuple(expected):
+            raise InputError(
+                f"{self.root / self.where[key]}: tensor {key!r} has shape {list(shape)}, expected {list(expected)}"
+            )
+
+
+# -- transformers' conversion mapping ---------------------------------------------------------------
+@attrs.define
+class _Source:
+    """How one in-memory tensor is stored: one key as it is, or per expert through a converter."""
+
+    key: str | None = None
+    converter: Any = None
+    #: converter source pattern -> {expert id: on-disk key}
+    per_expert: dict[str, dict[int, str]] = attrs.field(factory=dict)
+
+
+def _conversions(model_type: str) -> tuple[list[Any], list[Any]]:
+    from transformers.conversion_mapping import get_checkpoint_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming
+
+    transforms = get_checkpoint_conversion_mapping(model_type) or []
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    return renamings, converters
+
+
+def _expert_id(pattern: str, key: str) -> int | None:
+    regex = re.escape(pattern).replace(r"\*", r"(\d+)")
+    match = re.search(regex, key)
+    return int(match.group(1)) if match else None
+
+
+def _sources(files: _Files, model_type: str, prefix_re: re.Pattern[str]) -> tuple[str | None, dict[str, _Source]]:
+    """The block prefix and, for each in-memory tensor name of the block (relative to it),
+    where it is on disk."""
+    from transformers.core_model_loading import apply_renamings, rename_source_key
+
+    renamings, converters = _conversions(model_type)
+    by_pattern = {p: c for c in converters for p in c.source_patterns}
+    prefix: str | None = None
+    out: dict[str, _Source] = {}
+    for key in files.where:
+        target, pattern = rename_source_key(key, renamings, converters)
+        match = prefix_re.search(target)
+        if match is None:
+            continue
+        if prefix is None:
+            prefix = target[: match.end()]
+        elif not target.startswith(prefix):
+            continue  # another model's layer of the same index (a vision tower, say)
+        name = target[len(prefix):]
+        source = out.setdefault(name, _Source())
+        if pattern is None:
+            source.key = key
+            continue
+        source.converter = by_pattern[pattern]
+        expert = _expert_id(pattern, apply_renamings(key, renamings))
+        if expert is not None:
+            source.per_expert.setdefault(pattern, {})[expert] = key
+    return prefix, out
+
+
+def _run_ops(converter: Any, tensors: dict[str, list[torch.Tensor]]) -> torch.Tensor:
+    """transformers' own operations of ``converter`` on one expert's tensors."""
+    data: dict[str, Any] = dict(tensors)
+    for op in converter.operations:
+        data = op.convert(data, source_patterns=list(converter.source_patterns),
+                          target_patterns=list(converter.target_patterns))
+    (result,) = data.values()
+    return result[0]
+
+
+_SUPPORTED_OPS = ("MergeModulelist", "Concatenate")
+
+
+# -- reading one layer -------------------------------------------------------------------------------
+@attrs.define
+class _LayerReader:
+    files: _Files
+    layout: BlockLayout
+    block_prefix: str
+    sources: dict[str, _Source]
+    num_experts: int
+    hidden_size: int
+    intermediate_size: int
+
+    def where(self, name: str) -> str:
+        return f"{self.block_prefix}{name}"
+
+    def missing(self, name: str, expert: int | None = None) -> InputError:
+        shown = self.where(name)
+        if expert is not None:
+            shown = f"{shown} of expert {expert}"
+        return InputError(f"{self.files.root}: no tensor for {shown!r} in {self.files.described}")
+
+    def disk_name(self, pattern: str, e: int) -> str:
+        """The on-disk name of expert ``e``'s tensor for a converter's source ``pattern``:
+        another expert's name with the id replaced (the renamed form when none exists)."""
+        for source in self.sources.values():
+            for other, key in source.per_expert.get(pattern, {}).items():
+                return re.sub(rf"(experts\.){other}(\.)", rf"\g<1>{e}\2", key, count=1)
+        return f"{self.block_prefix}{pattern.lstrip('.').replace('*', str(e))}"
+
+    def plain(self, name: str, expected: tuple[int, ...] | None) -> torch.Tensor:
+        source = self.sources.get(name)
+        if source is None or source.key is None:
+            raise self.missing(name)
+        return self.files.tensor(source.key, expected)
+
+    def expert(self, name: str, e: int) -> torch.Tensor:
+        """Expert ``e``'s slice of in-memory ``experts.<name>``, in moeframe's canonical
+        layout (``w13 [2I, H]``, ``w2 [H, I]``, ``b13 [2I]``, ``b2 [H]``)."""
+        E, H, I = self.num_experts, self.hidden_size, self.intermediate_size
+        source = self.sources.get(f"experts.{name}")
+        if source is None:
+            raise self.missing(f"experts.{name}")
+        transposed, interleaved = self.layout.experts_transposed, self.layout.experts_interleaved
+        canonical = {"gate_up_proj": (2 * I, H), "down_proj": (H, I), "gate_up_proj_bias": (2 * I,), "down_proj_bias": (H,)}[name]
+        if source.converter is None:
+            stored = canonical[::-1] if transposed and len(canonical) == 2 else canonical
+            assert source.key is not None
+            t = self.files.rows(source.key, e, (E, *stored))
+            if transposed and t.dim() == 2:
+                t = t.t()
+            if interleaved and name.startswith("gate_up_proj"):
+                t = torch.cat([t[0::2], t[1::2]], dim=0)
+            return t
+        converter = source.converter
+        ops = [type(op).__name__ for op in converter.operations]
+        if any(op not in _SUPPORTED_OPS for op in ops):
+            raise InputError(
+                f"{self.files.root}: transformers converts {self.where('experts.' + name)!r} with {', '.join(ops)}, "
+                f"which moeframe does not read (it reads {', '.join(_SUPPORTED_OPS)})"
+            )
+        patterns = list(converter.source_patterns)
+        per_source = (canonical[0] // len(patterns), *canonical[1:])
+        tensors: dict[str, list[torch.Tensor]] = {}
+        for pattern in patterns:
+            key = source.per_expert.get(pattern, {}).get(e)
+            if key is None:
+                raise InputError(
+                    f"{self.files.root}: missing tensor {self.disk_name(pattern, e)!r} (expert {e} of "
+                    f"{self.where('experts.' + name)!r}) in {self.files.described}"
+                )
+            tensors[pattern] = [self.files.tensor(key, per_source)]
+        return _run_ops(converter, tensors)
+
+
+def _reader(files: _Files, config: Config, hf_raw: Mapping[str, Any], layer: int) -> _LayerReader:
+    from moeframe.integrations.transformers.config import family_of, hf_text_config
+
+    family = family_of(hf_raw).name
+    layout = BLOCKS[family]
+    model_type = str(getattr(hf_text_config(hf_raw), "model_type", family))
+    prefix_re = re.compile(rf"(?:^|\.)layers\.{layer}\.{re.escape(layout.block)}\.")
+    prefix, sources = _sources(files, model_type, prefix_re)
+    if prefix is None:
+        raise InputError(
+            f"{files.root}: no tensor of layer {layer}'s MoE block (names containing 'layers.{layer}.{layout.block}.' "
+            f"once read as transformers reads them) in {files.described}"
+        )
+    m = config.model
+    return _LayerReader(files, layout, prefix, sources, m.num_experts, m.hidden_size, m.intermediate_size)
+
+
+def _iter_specs(layer: MoELayer, reader: _LayerReader) -> Iterator[tuple[str, torch.Tensor]]:
+    """(moeframe name, this rank's part) for every tensor of ``layer``."""
+    by_target = {v: k for k, v in reader.layout.tensors.items()}
+    experts_by_target = {v: k for k, v in _EXPERTS.items()}
+    for spec in layer.weight_specs:
+        shard: Callable[[torch.Tensor], torch.Tensor] = spec.shard or (lambda t: t)
+        if spec.expert_dim:
+            name = experts_by_target.get(spec.name)
+            if name is None:
+                raise InputError(f"{reader.files.root}: moeframe's {spec.name!r} has no counterpart in the checkpoint")
+            ids = range(spec.shape[0]) if spec.local_experts is None else spec.local_experts
+            parts = [shard(reader.expert(name, e)) for e in ids]
+            value = torch.stack(parts) if parts else torch.empty(spec.local_shape())
+        elif spec.name == "shared.w13" and reader.layout.shared_gate_up is not None:
+            Is = spec.shape[0] // 2
+            gate, up = (reader.plain(n, (Is, spec.shape[1])) for n in reader.layout.shared_gate_up)
+            value = shard(torch.cat([gate, up], dim=0))
+        else:
+            name = by_target.get(spec.name)
+            if name is None:
+                raise InputError(f"{reader.files.root}: moeframe's {spec.name!r} has no counterpart in the checkpoint")
+            value = shard(reader.plain(name, spec.shape))
+        yield spec.name, value.to(dtype=spec.dtype)
+
+
+def load_layer_weights(layer: MoELayer, checkpoint_dir: str | Path, layer_index: int) -> None:
+    """Fill ``layer``'s tensors (this rank's part) with decoder layer ``layer_index``'s
+    MoE block of the checkpoint.  Missing or mis-shaped tensors are one-line
+    :class:`~moeframe.errors.InputError` naming the tensor and the file."""
+    root = Path(checkpoint_dir)
+    raw = read_hf_config(root)
+    tensors = layer.tensors
+    with ExitStack() as stack:
+        files = _Files(root, stack)
+        reader = _reader(files, layer.config, raw, layer_index)
+        with torch.no_grad():
+            for name, value in _iter_specs(layer, reader):
+                tensors[name].copy_(value)
+
+
+def load_hf(
+    cls: type[MoELayer],
+    checkpoint_dir: str | Path,
+    layer: int | None = None,
+    *,
+    overrides: Mapping[str, Any] | Any = None,
+    device: torch.device | str | None = None,
+    parallel: ParallelContext | None = None,
+    workspace: Workspace | None = None,
+) -> MoELayer:
+    """See :meth:`moeframe.MoELayer.load_hf`."""
+    config, index = hf_layer_config(checkpoint_dir, layer, overrides=overrides)
+    moe = cls(config, device=device, parallel=parallel, workspace=workspace)
+    load_layer_weights(moe, checkpoint_dir, index)
+    return moe

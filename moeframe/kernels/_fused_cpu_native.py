@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from moeframe.kernels.native_build import (
+    CachedLibrary,
     LibrarySpec,
     NativeUnavailable,
     cache_dir,
@@ -65,14 +66,14 @@ def library_spec(isa: str) -> LibrarySpec:
 class NativeLibrary:
     """One loaded variant: :meth:`forward` and the buffer sizes it needs."""
 
-    def __init__(self, path: Path, isa: str, load_path: str | None = None, sha256: str = "") -> None:
+    def __init__(self, path: Path, isa: str, found: CachedLibrary | None = None) -> None:
         import torch  # noqa: F401  -- torch's libgomp must be loaded first
 
         self.path = path
         self.isa = isa
-        self.sha256 = sha256
+        self.sha256 = found.sha256 if found is not None else ""
         try:
-            lib = ctypes.CDLL(load_path or str(path))
+            lib = found.load() if found is not None else ctypes.CDLL(str(path))
         except OSError as exc:
             raise NativeUnavailable(f"cannot load the compiled library {path}: {exc}") from None
         try:
@@ -152,7 +153,7 @@ def _load(isa: str) -> NativeLibrary | str:
     try:
         found = ensure_library(library_spec(isa), _compiler())
         try:
-            return NativeLibrary(found.path, isa, found.load_path, found.sha256)
+            return NativeLibrary(found.path, isa, found)
         finally:
             found.close()
     except NativeUnavailable as exc:

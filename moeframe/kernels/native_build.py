@@ -17,8 +17,8 @@ version, platform).  What makes the cache safe to load from:
 * **Loading.**  A cached library is loaded only if it is a regular file (not a link)
   owned by the current user, not writable by group or others, and its SHA-256 matches the
   one recorded at build time in a sidecar file (``NAME.so.sha256``, held to the same
-  rules).  The check reads the file through the descriptor that is then loaded, so what
-  is loaded is what was checked.  Anything else (truncated, corrupted, planted, a link) is
+  rules), read through a descriptor opened without following links; the file loaded must
+  still be that one.  Anything else (truncated, corrupted, planted, a link) is
   rebuilt, never loaded, with a warning.
 * **Read-only caches.**  A cache that is safe but cannot be written (or created) is used
   for the libraries it already holds; a missing one is built once into a private per-user
@@ -42,6 +42,7 @@ import tempfile
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import attrs
 
@@ -89,14 +90,23 @@ class LibrarySpec:
 
 @attrs.frozen
 class CachedLibrary:
-    """A verified library: ``path`` in the cache, ``load_path`` the name to load it by
-    (the checked file's open descriptor where ``/proc/self/fd`` exists), ``fd`` that
-    descriptor (close it once loaded) and ``sha256`` its content hash."""
+    """A verified library: ``path`` in the cache, ``fd`` the descriptor its content was
+    checked through (close it once loaded) and ``sha256`` that content's hash."""
 
     path: Path
-    load_path: str
     fd: int
     sha256: str
+
+    def load(self) -> Any:
+        """``ctypes.CDLL`` of the library, after checking that ``path`` still names the
+        file that was verified (the directory is private, so this only catches mistakes)."""
+        import ctypes
+
+        checked = os.fstat(self.fd)
+        now = os.lstat(self.path)
+        if (now.st_dev, now.st_ino) != (checked.st_dev, checked.st_ino):
+            raise NativeUnavailable(f"the library {self.path} changed between its check and its load")
+        return ctypes.CDLL(str(self.path))
 
     def close(self) -> None:
         with contextlib.suppress(OSError):
@@ -267,9 +277,7 @@ def _verify(library: Path) -> CachedLibrary | None:
     if actual != recorded[1]:
         os.close(fd)
         raise _Bad("its content does not match the hash recorded when it was built (truncated or modified)")
-    proc_fd = f"/proc/self/fd/{fd}"
-    load_path = proc_fd if os.path.exists(proc_fd) else str(library)
-    return CachedLibrary(library, load_path, fd, actual)
+    return CachedLibrary(library, fd, actual)
 
 
 def _lookup(library: Path) -> tuple[CachedLibrary | None, str | None]:
@@ -330,7 +338,8 @@ def _compile(spec: LibrarySpec, compiler: str, staging: Path) -> Path:
     except (OSError, subprocess.SubprocessError) as exc:
         raise NativeUnavailable(f"compiling {spec.name} with {compiler!r} failed: {exc}") from None
     if proc.returncode != 0:
-        lines = [line for line in proc.stderr.splitlines() if "error" in line] or proc.stderr.strip().splitlines()
+        stderr = proc.stderr.replace(f"{staging}{os.sep}", "")  # the staging directory is gone afterwards
+        lines = [line for line in stderr.splitlines() if " error:" in line] or stderr.strip().splitlines()
         raise NativeUnavailable(f"compiling {spec.name} with {compiler!r} failed: {(lines or ['(no output)'])[0].strip()}")
     st = os.lstat(out)
     if not stat.S_ISREG(st.st_mode):

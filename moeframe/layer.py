@@ -113,6 +113,27 @@ class MoELayer(torch.nn.Module):
             raise UserError("save_weights works in one process; save from a single-process layer with the same seed")
         save_safetensors(self._tensors, path, metadata={"format": "moeframe", "config": self.config.fingerprint()})
 
+    @classmethod
+    def load_hf(
+        cls,
+        checkpoint_dir: str | Path,
+        layer: int | None = None,
+        *,
+        overrides: Mapping[str, Any] | None = None,
+        device: torch.device | str | None = None,
+        parallel: ParallelContext | None = None,
+        workspace: Workspace | None = None,
+    ) -> MoELayer:
+        """The MoE block of decoder layer ``layer`` (default: the first MoE layer) of a
+        transformers checkpoint directory (``config.json`` and ``*.safetensors``, sharded
+        or not), with its config from :func:`~moeframe.integrations.transformers.config_from_hf`
+        plus ``overrides``; this rank reads only its own experts' tensors.  See
+        ``docs/transformers.md``."""
+        from moeframe.integrations.transformers.checkpoint import load_hf
+
+        return load_hf(cls, checkpoint_dir, layer, overrides=overrides, device=device, parallel=parallel,
+                       workspace=workspace)
+
     def reference(self) -> MoELayer:
         """The reference layer for this config (router + ``torch`` kernel, one process),
         holding the same weights."""

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from moeframe.config import ParallelConfig
-from moeframe.errors import ConfigError
+from moeframe.errors import ConfigError, InputError, UserError
 
 __all__ = ["Collectives", "CountingCollectives", "ParallelContext", "expert_placement"]
 
@@ -180,7 +180,7 @@ class ParallelContext:
         import torch.distributed as dist
 
         if not dist.is_available() or not dist.is_initialized():
-            if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            if not os.environ.get("WORLD_SIZE", "").strip() or _environment_int("WORLD_SIZE", os.environ) <= 1:
                 return cls.single(config, collectives)
             init_from_environment(config)
         world = dist.get_world_size()
@@ -265,15 +265,56 @@ class ParallelContext:
         }
 
 
+#: the variables a launcher (torchrun, ``moeframe run --nproc``) gives every rank
+LAUNCH_VARIABLES = ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def _environment_int(name: str, env: Any) -> int:
+    text = env.get(name, "")
+    if not text.strip().isdigit():
+        raise InputError(f"{name}={text!r} is not a non-negative integer; launch with torchrun or `moeframe run --nproc N`")
+    return int(text)
+
+
+def check_launch_environment(env: Any = None) -> tuple[int, int]:
+    """``(rank, world_size)`` from a launcher's variables, or one-line
+    :class:`~moeframe.errors.InputError` naming what is missing or inconsistent (say,
+    ``WORLD_SIZE`` set by hand without ``RANK``)."""
+    env = os.environ if env is None else env
+    world = _environment_int("WORLD_SIZE", env)
+    missing = [v for v in LAUNCH_VARIABLES if not env.get(v, "").strip()]
+    if missing:
+        raise InputError(
+            f"WORLD_SIZE={world} is set but {', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not: "
+            "launch the ranks with torchrun or `moeframe run --nproc N`, or unset WORLD_SIZE for one process"
+        )
+    rank = _environment_int("RANK", env)
+    if rank >= world:
+        raise InputError(f"RANK={rank} but WORLD_SIZE={world}: a rank must be below the world size")
+    return rank, world
+
+
 def init_from_environment(config: ParallelConfig) -> None:
     """Initialise the default process group from torchrun's environment variables
-    (NCCL when a GPU is present, else gloo), with the config's collective timeout."""
+    (NCCL when a GPU is present, else gloo), with the config's collective timeout.
+
+    Missing variables and ranks that never join (the rendezvous times out after
+    ``parallel.timeout_s``) are one-line :class:`~moeframe.errors.UserError`."""
     import torch.distributed as dist
 
+    rank, world = check_launch_environment()
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=config.timeout_s))
+    try:
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=config.timeout_s))
+    except dist.DistError as exc:
+        where = f"{os.environ.get('MASTER_ADDR')}:{os.environ.get('MASTER_PORT')}"
+        first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else type(exc).__name__
+        raise UserError(
+            f"rank {rank} of {world}: the other ranks did not join within parallel.timeout_s = {config.timeout_s:g} s "
+            f"at {where} ({first}); start every rank (torchrun or `moeframe run --nproc {world}`)"
+        ) from None
 
 
 def validate_world(config: ParallelConfig, world: int) -> None:
@@ -318,3 +359,54 @@ def _first_difference(a: Any, b: Any, path: str = "") -> tuple[str, Any, Any]:
             if x != y:
                 return _first_difference(x, y, f"{path}[{i}]")
     return path or "(config)", a, b
+
+
+def launch_local_ranks(argv: Sequence[str], nproc: int, grace_s: float = 30.0) -> list[int]:
+    """Run ``argv`` once per rank on this machine with the variables torchrun gives its
+    workers (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR``, ``MASTER_PORT``
+    on a free port); the ranks' output goes to this process's stdout and stderr.
+
+    Returns each rank's exit status.  When a rank fails, the others get ``grace_s``
+    seconds to finish (their collectives fail once its connections close) and are then
+    terminated (status ``-15``).  Ctrl-C terminates every rank.
+    """
+    import socket
+    import subprocess
+    import time
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    procs = []
+    for rank in range(nproc):
+        env = dict(os.environ)
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+                   WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0")
+        if nproc > 1 and "OMP_NUM_THREADS" not in os.environ:
+            env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
+        procs.append(subprocess.Popen(list(argv), env=env))
+    try:
+        deadline: float | None = None
+        while any(p.poll() is None for p in procs):
+            if deadline is None and any(p.returncode not in (None, 0) for p in procs):
+                deadline = time.monotonic() + grace_s
+            if deadline is not None and time.monotonic() > deadline:
+                for p in procs:
+                    if p.poll() is None:
+                        p.terminate()
+                for p in procs:
+                    try:
+                        p.wait(timeout=10)
+                    except subprocess.TimeoutExpired:
+                        p.kill()
+                        p.wait()
+                break
+            time.sleep(0.05)
+    except KeyboardInterrupt:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            p.wait()
+        raise
+    return [int(p.returncode) for p in procs]

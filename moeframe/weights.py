@@ -25,7 +25,7 @@ import attrs
 import torch
 
 from moeframe.errors import InputError
-from moeframe.files import atomic_output
+from moeframe.files import atomic_write_bytes
 
 __all__ = [
     "WeightSpec",
@@ -62,19 +62,23 @@ class WeightSpec:
     shard: Shard | None = attrs.field(default=None, eq=False)
 
     def local_shape(self) -> tuple[int, ...]:
+        """This rank's shape, from the shapes alone (nothing is allocated)."""
         probe_shape = self.shape[1:] if self.expert_dim else self.shape
         if self.shard is not None:
-            probe_shape = tuple(self.shard(torch.empty(probe_shape, device="meta")).shape)
+            try:
+                probe_shape = tuple(self.shard(torch.empty(probe_shape, device="meta")).shape)
+            except (RuntimeError, ValueError, OverflowError):
+                pass  # dims beyond what torch can describe: the unsharded shape bounds it
         if self.expert_dim:
             count = self.shape[0] if self.local_experts is None else len(self.local_experts)
             return (count, *probe_shape)
-        return probe_shape
+        return tuple(probe_shape)
 
     def nbytes(self) -> int:
         n = 1
         for d in self.local_shape():
-            n *= d
-        return n * torch.empty((), dtype=self.dtype).element_size()
+            n *= int(d)
+        return n * self.dtype.itemsize
 
 
 def _generator(seed: int, name: str, index: int) -> torch.Generator:
@@ -158,19 +162,86 @@ def expert_weight_specs(model: Any, parallel: Any) -> list[WeightSpec]:
 
 
 # -- safetensors ---------------------------------------------------------------------
-def load_safetensors(path: str | Path, specs: Iterable[WeightSpec], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+#: environment variable: ``1`` makes NaN or inf in a weights file an error instead of a warning
+STRICT_WEIGHTS_ENV = "MOEFRAME_STRICT_WEIGHTS"
+
+
+def strict_weights_default() -> bool:
+    """Whether ``MOEFRAME_STRICT_WEIGHTS`` asks for NaN or inf in weights to be an error."""
+    import os
+
+    return os.environ.get(STRICT_WEIGHTS_ENV, "").strip().lower() in ("1", "true", "yes", "on")
+
+
+def check_readable_file(path: str | Path, what: str) -> Path:
+    """``path`` as a :class:`Path` when it names a file; otherwise one-line
+    :class:`~moeframe.errors.InputError` saying whether it is missing or a directory."""
+    path = Path(path)
+    if path.is_dir():
+        raise InputError(f"{what} {str(path)!r} is a directory; give a .safetensors file")
+    if not path.is_file():
+        raise InputError(f"{what} {str(path)!r} not found" if not path.exists()
+                         else f"{what} {str(path)!r} is not a regular file")
+    return path
+
+
+def convert_loaded(name: str, tensor: torch.Tensor, dtype: torch.dtype, where: str) -> tuple[torch.Tensor, int]:
+    """``tensor`` converted to ``dtype`` and the number of its values that the conversion
+    turned from finite into inf (a narrower range).  Only floating-point tensors convert:
+    integers and booleans are refused (one line naming the tensor)."""
+    if not tensor.is_floating_point():
+        raise InputError(
+            f"{where}: tensor {name!r} is stored as {str(tensor.dtype).removeprefix('torch.')}; "
+            f"only floating-point tensors are loaded (the layer is {str(dtype).removeprefix('torch.')})"
+        )
+    out = tensor.to(dtype)
+    overflowed = 0
+    if tensor.dtype != dtype and torch.finfo(dtype).max < torch.finfo(tensor.dtype).max:
+        overflowed = int((torch.isinf(out) & torch.isfinite(tensor)).sum())
+    return out, overflowed
+
+
+def report_nonfinite(where: str, nonfinite: Mapping[str, int], overflowed: Mapping[str, int], strict: bool,
+                     dtype_names: Mapping[str, str] | None = None) -> None:
+    """Warn once (or, ``strict``, raise) about tensors holding NaN or inf; warn about
+    conversions that lost range."""
+    import warnings
+
+    if overflowed:
+        names = ", ".join(f"{k} ({v} values{' from ' + dtype_names[k] if dtype_names and k in dtype_names else ''})"
+                          for k, v in overflowed.items())
+        warnings.warn(f"{where}: converting to the layer's dtype turned finite values into inf: {names}",
+                      stacklevel=3)
+    if nonfinite:
+        names = ", ".join(f"{k} ({v})" for k, v in nonfinite.items())
+        if strict:
+            raise InputError(f"{where}: tensors hold NaN or inf values: {names} (refused: {STRICT_WEIGHTS_ENV} "
+                             "or --strict-weights is set)")
+        warnings.warn(f"{where}: tensors hold NaN or inf values: {names}; the output will likely be non-finite "
+                      f"({STRICT_WEIGHTS_ENV}=1 or --strict-weights makes this an error)", stacklevel=3)
+
+
+def load_safetensors(path: str | Path, specs: Iterable[WeightSpec], device: torch.device | str = "cpu",
+                     strict: bool | None = None, check_values: bool = True) -> dict[str, torch.Tensor]:
     """Read this rank's part of each tensor in ``specs`` from a safetensors file.
 
-    Only the local experts' slices are read.  Missing, unexpected or misshapen tensors
-    are :class:`~moeframe.errors.InputError`, naming the tensor.
+    Only the local experts' slices are read.  Missing, unexpected or misshapen tensors,
+    and tensors that are not floating-point (int32, bool...), are
+    :class:`~moeframe.errors.InputError`, naming the tensor.  Floating-point tensors
+    convert to the layer's dtype; a conversion that turns finite values into inf warns.
+    Tensors holding NaN or inf are named in one warning, or refused when ``strict``
+    (default: the ``MOEFRAME_STRICT_WEIGHTS`` environment variable); ``check_values=False``
+    skips that scan (for a second load of the same file).
     """
     from safetensors import SafetensorError, safe_open
 
-    path = Path(path)
-    if not path.is_file():
-        raise InputError(f"weights file {str(path)!r} not found")
+    path = check_readable_file(path, "weights file")
+    strict = strict_weights_default() if strict is None else strict
     specs = list(specs)
     out: dict[str, torch.Tensor] = {}
+    nonfinite: dict[str, int] = {}
+    overflowed: dict[str, int] = {}
+    stored: dict[str, str] = {}
     try:
         with safe_open(str(path), framework="pt") as f:
             names = set(f.keys())
@@ -193,23 +264,38 @@ def load_safetensors(path: str | Path, specs: Iterable[WeightSpec], device: torc
                 if spec.expert_dim:
                     experts = range(spec.shape[0]) if spec.local_experts is None else spec.local_experts
                     parts = [shard(tslice[e : e + 1][0]) for e in experts]
-                    tensor = torch.stack(parts) if parts else torch.empty(spec.local_shape())
+                    tensor = torch.stack(parts) if parts else torch.empty(spec.local_shape(), dtype=spec.dtype)
                 else:
                     tensor = shard(tslice[:])
-                out[spec.name] = tensor.to(device=device, dtype=spec.dtype).contiguous()
+                converted, lost = convert_loaded(spec.name, tensor, spec.dtype, str(path))
+                if lost:
+                    overflowed[spec.name] = lost
+                    stored[spec.name] = str(tensor.dtype).removeprefix("torch.")
+                if check_values:
+                    bad = int((~torch.isfinite(tensor)).sum())
+                    if bad:
+                        nonfinite[spec.name] = bad
+                out[spec.name] = converted.to(device=device).contiguous()
     except SafetensorError as exc:
         raise InputError(f"{path}: not a readable safetensors file ({exc})") from None
+    if check_values:
+        report_nonfinite(str(path), nonfinite, overflowed, strict, stored)
     return out
 
 
-def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: Mapping[str, str] | None = None) -> None:
-    """Write ``tensors`` to ``path`` atomically: the file is whole or absent, never half-written."""
-    from safetensors.torch import save_file
+def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: Mapping[str, str] | None = None,
+                     option: str = "output") -> None:
+    """Write ``tensors`` to ``path`` atomically: the file is whole or absent, never half-written.
 
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(path) as tmp:
-        save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, str(tmp), metadata=dict(metadata or {}))
+    The path follows :func:`moeframe.files.atomic_output`'s rules (the folder must exist;
+    a FIFO, device or directory is refused; a symbolic link is written through).  The
+    bytes are serialised in memory and written to moeframe's one temporary file, so a
+    writer killed mid-write leaves at most that file behind.
+    """
+    from safetensors.torch import save
+
+    data = save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=dict(metadata or {}))
+    atomic_write_bytes(path, data, option)
 
 
 # -- other layouts --------------------------------------------------------------------

@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from moeframe.errors import InputError
-from moeframe.files import atomic_output, atomic_write_text
+from moeframe.files import atomic_output, atomic_write_text, check_output_path
 
 __all__ = ["text_report", "markdown_report", "update_markdown", "plot", "write_json", "BEGIN", "END"]
 
@@ -151,10 +151,7 @@ def check_output_paths(json_path: Path | None, plot_path: Path | None, markdown_
     for path, option in ((json_path, "--json"), (plot_path, "--plot")):
         if path is None:
             continue
-        if Path(path).is_dir():
-            raise InputError(f"{option}: {str(path)!r} is a directory; give a file name")
-        if not Path(path).parent.is_dir():
-            raise InputError(f"{option}: directory {str(Path(path).parent)!r} does not exist")
+        check_output_path(path, option)
     if plot_path is not None:
         try:
             import matplotlib  # noqa: F401

@@ -98,6 +98,7 @@ def run(args: argparse.Namespace) -> int:
         get_registry().get("kernel", name)  # unknown names: exit 2 before any work
     check_output_paths(args.json, args.plot, args.markdown)
     config = load_from_args(args)
+    _check_memory(config, max(max(tokens), args.memory_tokens if args.memory else 0))
     options = BenchOptions(
         kernels=kernels, tokens=tokens, dtypes=dtypes, repeat=args.repeat, budget_s=args.budget,
         peers=not args.no_peers, overhead=args.overhead, memory=args.memory,
@@ -119,3 +120,19 @@ def run(args: argparse.Namespace) -> int:
     if not result["ok"]:
         sys.stderr.write("moeframe bench: a kernel or the stack disagrees with the reference (see the check column)\n")
     return 0 if result["ok"] else 1
+
+
+def _check_memory(config: Any, num_tokens: int) -> None:
+    """Refuse, before any work, a benchmark whose layer, reference and largest forward
+    do not fit in the memory available (one line naming the keys)."""
+    from moeframe.layer import describe_layer
+    from moeframe.memory import Need, activation_bytes, check_fits
+
+    plan = describe_layer(config)
+    m = config.model
+    check_fits([
+        *(Need(n["what"], n["nbytes"], n["keys"]) for n in plan["needs"]),
+        Need("the reference's weights", plan["weight_bytes"], "the same keys"),
+        Need("activations", activation_bytes(m, num_tokens),
+             f"--tokens or --memory-tokens = {num_tokens}, model.top_k={m.top_k}, model.hidden_size={m.hidden_size}"),
+    ], "cpu", "bench")

@@ -24,7 +24,15 @@ def run(args: argparse.Namespace) -> int:
 
     from moeframe.config import DTYPE_NAMES
 
+    from moeframe.cli.common import resolve_device
+    from moeframe.conformance import KernelCase
+    from moeframe.memory import Need, activation_bytes, check_fits
+
     tokens = parse_int_list("--tokens", args.tokens)
+    device = resolve_device(args.device)
+    biggest = KernelCase("silu", True, False, "float32", max(tokens))
+    check_fits([Need("activations", activation_bytes(biggest.model(), max(tokens)), f"--tokens={max(tokens)}")],
+               device, "check")
     for dtype in args.dtypes or ():
         if dtype not in DTYPE_NAMES:
             raise InputError(f"--dtype: unknown dtype {dtype!r}; choose from {', '.join(DTYPE_NAMES)}")
@@ -34,7 +42,7 @@ def run(args: argparse.Namespace) -> int:
     report = []
     failed = 0
     for name in names:
-        results = check_kernel(name, args.device, tokens, args.dtypes)
+        results = check_kernel(name, device, tokens, args.dtypes)
         bad = [r for r in results if not r.ok]
         failed += len(bad) + (not results)  # a kernel that no case fits has not passed anything
         report.append({
@@ -48,7 +56,9 @@ def run(args: argparse.Namespace) -> int:
             print(f"{name}: {len(results) - len(bad)}/{len(results)} cases ok"
                   + ("" if results else " (no case fits the kernel's dtypes; not checked)"))
             for r in bad:
-                detail = r.error or f"max abs error {r.comparison.max_abs_error:.3e}"
+                detail = r.error or (
+                    f"{r.comparison.nonfinite_new} NaN or inf values where the reference is finite"
+                    if r.comparison.nonfinite_new else f"max abs error {r.comparison.max_abs_error:.3e}")
                 print(f"  FAIL {r.case.id}: {detail}")
     if args.json:
         print_json({"kernels": report, "ok": failed == 0})

@@ -13,7 +13,10 @@ from moeframe.errors import InputError
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", metavar="CONFIG", help="a TOML config file or a packaged preset name (see `moeframe list presets`)")
+    parser.add_argument("config", metavar="CONFIG", help="a TOML config file, a packaged preset name (see `moeframe list presets`) "
+                        "or a transformers checkpoint directory (config.json and *.safetensors; see --layer)")
+    parser.add_argument("--layer", type=int, default=None, metavar="N",
+                        help="with a checkpoint directory as CONFIG: the decoder layer whose MoE block to load (default: the first MoE layer)")
     parser.add_argument(
         "--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
         help="override a config field, e.g. --set stack.kernel=torch --set model.dtype=bfloat16 (repeatable)",
@@ -25,8 +28,74 @@ def add_json_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def load_from_args(args: argparse.Namespace, extra: dict[str, Any] | None = None) -> Config:
-    overrides = list(args.overrides)
+    """The config of a command's CONFIG argument and its ``--set`` options.
+
+    ``--set KEY+=[...]`` appends to the list at KEY (``stack.wrappers+=["chunking"]``
+    keeps the preset's wrappers and their parameters); ``--set stack.wrappers=[...]``
+    replaces the list, with a warning naming the wrappers it drops."""
+    from moeframe.integrations.transformers.checkpoint import config_from_args
+
+    checkpoint = config_from_args(args, extra)  # None unless CONFIG is a checkpoint directory
+    if checkpoint is not None:
+        return checkpoint
+    overrides = _expand_appends(args.config, list(args.overrides))
     return load_config(args.config, overrides + [f"{k}={v}" for k, v in (extra or {}).items()])
+
+
+def _toml_value(value: Any) -> str:
+    """An inline TOML value (for values read back from a config)."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items() if v is not None) + "}"
+    raise InputError(f"--set: cannot write {value!r} back as TOML")
+
+
+def _lookup(data: Any, key: str) -> Any:
+    for part in key.split("."):
+        if not isinstance(data, dict) or part not in data:
+            return None
+        data = data[part]
+    return data
+
+
+def _expand_appends(source: Any, overrides: list[str]) -> list[str]:
+    """Rewrite each ``KEY+=VALUE`` into ``KEY=<the list so far + VALUE>``; warn when
+    ``stack.wrappers=`` drops wrappers the config had."""
+    import warnings
+
+    from moeframe.config import parse_override
+
+    out: list[str] = []
+    for text in overrides:
+        key, sep, _ = text.partition("=")
+        appending = sep and key.rstrip().endswith("+")
+        replacing_wrappers = sep and key.strip() == "stack.wrappers"
+        if not appending and not replacing_wrappers:
+            out.append(text)
+            continue
+        key = key.rstrip()[:-1].strip() if appending else key.strip()
+        current = _lookup(load_config(source, out).to_dict(), key)
+        _, value = parse_override(f"{key}={text.partition('=')[2]}")
+        if appending:
+            if not isinstance(current, list) or not isinstance(value, list):
+                raise InputError(f"--set {text}: += appends to a list ({key} is {json.dumps(current)}); "
+                                 "give a list, e.g. --set stack.wrappers+=[\"chunking\"]")
+            out.append(f"{key}={_toml_value(current + value)}")
+            continue
+        kept = {w if isinstance(w, str) else w.get("name") for w in value} if isinstance(value, list) else set()
+        dropped = [w["name"] for w in current or () if w["name"] not in kept]
+        if dropped:
+            warnings.warn(f"--set {text} replaces the list and drops {', '.join(dropped)}; "
+                          "to keep them, use --set stack.wrappers+=[...] to append", stacklevel=2)
+        out.append(text)
+    return out
 
 
 def parse_int_list(option: str, text: str, *, minimum: int = 0, expects: str = "comma-separated integers",
@@ -44,6 +113,35 @@ def parse_int_list(option: str, text: str, *, minimum: int = 0, expects: str = "
     if unique and len(set(values)) != len(values):
         raise InputError(f"{option} lists a value twice, got {text!r}")
     return values
+
+
+#: device types moeframe runs on
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+def resolve_device(text: str, option: str = "--device") -> Any:
+    """The :class:`torch.device` for a ``--device`` value, or one-line
+    :class:`~moeframe.errors.InputError`: an unknown or unsupported device type, ``meta``
+    (no data), or CUDA where this torch has no usable GPU.  Every command checks its
+    device here."""
+    import torch
+
+    try:
+        device = torch.device(str(text).strip())
+    except (RuntimeError, ValueError, TypeError):
+        raise InputError(f"{option}: unknown device {text!r}; use cpu or cuda (cuda:N for GPU N)") from None
+    if device.type == "meta":
+        raise InputError(f"{option} meta: tensors on 'meta' hold no data, so nothing can run there; use cpu or cuda")
+    if device.type not in DEVICE_TYPES:
+        raise InputError(f"{option}: moeframe runs on cpu or cuda, not {device.type!r}")
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise InputError(f"{option} {text}: no CUDA device is available here (this torch: {torch.__version__}); use cpu")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise InputError(f"{option} {text}: there {'is' if count == 1 else 'are'} {count} CUDA device(s) here "
+                             f"(cuda:0..cuda:{count - 1})")
+    return device
 
 
 def print_json(obj: Any) -> None:
@@ -67,11 +165,9 @@ def format_params(params: Any) -> str:
 
 
 def format_bytes(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n} B"  # pragma: no cover
+    from moeframe.memory import format_bytes as fmt
+
+    return fmt(n)
 
 
 def stack_lines(parts: Sequence[dict[str, Any]]) -> str:

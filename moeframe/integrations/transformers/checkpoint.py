@@ -44,7 +44,10 @@ if TYPE_CHECKING:
     from moeframe.parallel import ParallelContext
     from moeframe.workspace import Workspace
 
-__all__ = ["BLOCKS", "BlockLayout", "is_checkpoint_dir", "read_hf_config", "hf_layer_config", "load_hf", "load_layer_weights"]
+__all__ = [
+    "BLOCKS", "BlockLayout", "is_checkpoint_dir", "read_hf_config", "hf_layer_config", "load_hf", "load_layer_weights",
+    "config_from_args", "load_checkpoint_weights",
+]
 
 INDEX_FILE = "model.safetensors.index.json"
 
@@ -465,3 +468,30 @@ def load_hf(
     moe = cls(config, device=device, parallel=parallel, workspace=workspace)
     load_layer_weights(moe, checkpoint_dir, index)
     return moe
+
+
+# -- the command line -------------------------------------------------------------------------------
+def config_from_args(args: Any, extra: Mapping[str, Any] | None = None) -> Config | None:
+    """For the commands' CONFIG argument: the config of one MoE layer when CONFIG is a
+    directory (a transformers checkpoint; ``--layer`` picks the layer), else None.  The
+    checkpoint and layer are kept on ``args`` for :func:`load_checkpoint_weights`."""
+    layer = getattr(args, "layer", None)
+    path = Path(str(args.config))
+    if not path.is_dir():
+        if layer is not None:
+            raise InputError(
+                f"--layer applies to a transformers checkpoint directory as CONFIG (a directory with config.json), "
+                f"not to {str(args.config)!r}"
+            )
+        return None
+    overrides = list(getattr(args, "overrides", []) or []) + [f"{k}={v}" for k, v in (extra or {}).items()]
+    config, index = hf_layer_config(path, layer, overrides=overrides)
+    args.hf_checkpoint = (path, index)
+    return config
+
+
+def load_checkpoint_weights(args: Any, layer: MoELayer) -> None:
+    """Fill ``layer`` from the checkpoint :func:`config_from_args` found, if any."""
+    found = getattr(args, "hf_checkpoint", None)
+    if found is not None:
+        load_layer_weights(layer, *found)

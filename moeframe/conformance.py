@@ -22,9 +22,16 @@ from moeframe.parallel import ParallelContext
 from moeframe.plugins import Entry, get_registry
 from moeframe.workspace import Workspace
 
-__all__ = ["kernel_context", "KernelCase", "CaseResult", "kernel_cases", "make_case_inputs", "run_kernel_case", "check_kernel"]
+__all__ = ["kernel_context", "KernelCase", "CaseResult", "kernel_cases", "scale_cases", "make_case_inputs",
+           "run_kernel_case", "check_kernel"]
 
 TOKEN_COUNTS = (0, 1, 7, 64)
+#: input scales (standard deviation of the hidden states) of the precision sweep, per dtype:
+#: large enough that 16-bit intermediates lose precision (bf16) or range (fp16 overflows
+#: beyond 65504: at 200 the reference itself has a few inf outputs)
+SCALES = {"float32": (10.0, 200.0), "bfloat16": (10.0, 50.0, 200.0), "float16": (10.0, 50.0, 200.0)}
+#: a gate this many times larger than usual (gelu's and silu's linear region, large products)
+LARGE_GATE = 1000.0
 
 
 @attrs.frozen
@@ -38,12 +45,18 @@ class KernelCase:
     top_k: int = 2
     hidden_size: int = 64
     intermediate_size: int = 32
+    #: standard deviation of the hidden states (1: the usual scale)
+    input_scale: float = 1.0
+    #: factor on the gate rows of ``w13`` (1: the usual scale)
+    gate_scale: float = 1.0
 
     @property
     def id(self) -> str:
+        scale = f"-x{self.input_scale:g}" if self.input_scale != 1.0 else ""
+        gate = f"-gate{self.gate_scale:g}" if self.gate_scale != 1.0 else ""
         return (
             f"{self.activation}-{'bias' if self.bias else 'nobias'}-{'map' if self.expert_map else 'nomap'}"
-            f"-{self.dtype}-T{self.num_tokens}-E{self.num_experts}K{self.top_k}"
+            f"-{self.dtype}-T{self.num_tokens}-E{self.num_experts}K{self.top_k}{scale}{gate}"
         )
 
     def model(self) -> ModelConfig:
@@ -78,18 +91,38 @@ def kernel_cases(entry: Entry, token_counts: Sequence[int] = TOKEN_COUNTS, dtype
                         yield KernelCase(activation, bias, expert_map, dtype, t)
 
 
+def scale_cases(entry: Entry, num_tokens: int = 16, dtypes: Sequence[str] | None = None) -> Iterator[KernelCase]:
+    """The precision sweep ``entry``'s capabilities admit: hidden states at the
+    :data:`SCALES` of each dtype, and a :data:`LARGE_GATE` for each activation, with
+    biases and an expert map where supported.  A kernel that keeps its intermediates in
+    the activation dtype fails here, and one whose output is NaN or inf where the
+    reference's is finite fails every dtype."""
+    caps = entry.capabilities
+    activations = [a for a in ("silu", "gelu", "swigluoai") if caps.activations is None or a in caps.activations]
+    dtype_names = [d for d in (dtypes or DTYPES) if caps.dtypes is None or d in caps.dtypes]
+    for dtype in dtype_names:
+        scales = SCALES[dtype]
+        for i, scale in enumerate(scales):  # the largest scale with the first activation (silu)
+            activation = activations[(len(scales) - 1 - i) % len(activations)]
+            yield KernelCase(activation, bool(caps.biases), bool(caps.expert_map), dtype, num_tokens, input_scale=scale)
+        for activation in activations:
+            yield KernelCase(activation, False, False, dtype, num_tokens, gate_scale=LARGE_GATE)
+
+
 def make_case_inputs(case: KernelCase, device: torch.device | str = "cpu", seed: int = 0) -> dict[str, Any]:
     """Seeded inputs for ``case``: hidden states, tie-free routing, expert tensors."""
     g = torch.Generator().manual_seed(seed)
     E, K, H, I = case.num_experts, case.top_k, case.hidden_size, case.intermediate_size
     dtype = DTYPES[case.dtype]
     T = case.num_tokens
-    x = torch.randn(T, H, generator=g)
+    x = torch.randn(T, H, generator=g) * case.input_scale
     # a tie-free routing: distinct ids per row, weights from a softmax
     scores = torch.rand(T, E, generator=g)
     topk_ids = torch.topk(scores, K, dim=-1).indices
     topk_weights = torch.softmax(torch.randn(T, K, generator=g), dim=-1)
     w13 = torch.randn(E, 2 * I, H, generator=g) * H**-0.5
+    if case.gate_scale != 1.0:
+        w13[:, :I] *= case.gate_scale
     w2 = torch.randn(E, H, I, generator=g) * I**-0.5
     b13 = torch.randn(E, 2 * I, generator=g) * 0.1 if case.bias else None
     b2 = torch.randn(E, H, generator=g) * 0.1 if case.bias else None
@@ -144,7 +177,11 @@ def run_kernel_case(entry: Entry, case: KernelCase, device: torch.device | str =
         return CaseResult(case, None, f"returned {tuple(out.shape)} {out.dtype}, expected {tuple(expected.shape)} {expected.dtype}")
     if out.numel() and any(out.data_ptr() == t.data_ptr() for t in (inputs["hidden_states"],)):
         return CaseResult(case, None, "output aliases the input")
-    return CaseResult(case, compare(out, expected, tolerance_for(case.dtype)))
+    comparison = compare(out, expected, tolerance_for(case.dtype))
+    new_nonfinite = int((~torch.isfinite(out) & torch.isfinite(expected)).sum()) if out.numel() else 0
+    if new_nonfinite:
+        return CaseResult(case, comparison, f"{new_nonfinite} output values are NaN or inf where the reference's are finite")
+    return CaseResult(case, comparison)
 
 
 def check_kernel(name: str, device: torch.device | str = "cpu", token_counts: Sequence[int] = TOKEN_COUNTS,

@@ -52,7 +52,7 @@ def gemm_variants(quick: bool) -> list[tuple[str, Any, dict[str, str], dict[str,
         precision = "ieee" if dtype == "float32" else "tf32"
         for act in (0,) if quick else (0, 1, 2):
             for bias in (True,) if quick else (False, True):
-                types = dict(x_ptr=p, w_ptr=p, b_ptr=p, h_ptr=p, sorted_ids_ptr="*i32", expert_ids_ptr="*i32",
+                types = dict(x_ptr=p, w_ptr=p, b_ptr=p, h_ptr="*fp32", sorted_ids_ptr="*i32", expert_ids_ptr="*i32",
                              total_ptr="*i32", N="i32", K="i32", num_pairs="i32", num_rows="i32", stride_xm="i32",
                              stride_we="i64", stride_wn="i32", stride_be="i32", stride_hm="i32", alpha="fp32", limit="fp32")
                 consts = dict(stride_xk=1, stride_wk=1, stride_bn=1, stride_hn=1, TOP_K=8, ACTIVATION=act,
@@ -63,16 +63,18 @@ def gemm_variants(quick: bool) -> list[tuple[str, Any, dict[str, str], dict[str,
                 out.append((f"up {dtype} act={act} bias={bias}", fused_moe._moe_up_kernel, types, consts, aligned,
                             dict(num_warps=4, num_stages=3 if dtype != "float32" else 2)))
         for bias in (True,) if quick else (False, True):
-            types = dict(h_ptr=p, w_ptr=p, b_ptr=p, y_ptr=p, weights_ptr="*fp32", sorted_ids_ptr="*i32",
+            types = dict(h_ptr="*fp32", w_ptr=p, b_ptr=p, y_ptr="*fp32", weights_ptr="*fp32", sorted_ids_ptr="*i32",
                          expert_ids_ptr="*i32", total_ptr="*i32", N="i32", K="i32", num_pairs="i32", num_rows="i32",
                          stride_hm="i32", stride_we="i64", stride_wn="i32", stride_be="i32", stride_ym="i32")
+            split = dtype != "float32"  # h is fp32: two 16-bit dots (fused_moe._split_flags)
             consts = dict(stride_hk=1, stride_wk=1, stride_bn=1, stride_yn=1, HAS_BIAS=bias, BLOCK_M=64, BLOCK_N=128,
-                          BLOCK_K=64, GROUP_M=8, UPCAST_DOT=False, PRECISION=precision)
+                          BLOCK_K=64, GROUP_M=8, UPCAST_DOT=False, PRECISION=precision, SPLIT=split,
+                          SPLIT_SCALE=fused_moe.FP16_SPLIT_SCALE if dtype == "float16" else 1.0)
             aligned = {n for n in types if n.endswith("_ptr")} | {"N", "K", "stride_hm", "stride_we", "stride_wn",
                                                                   "stride_be", "stride_ym"}
             out.append((f"down {dtype} bias={bias}", fused_moe._moe_down_kernel, types, consts, aligned,
                         dict(num_warps=4, num_stages=3 if dtype != "float32" else 2)))
-        types = dict(y_ptr=p, out_ptr=p, T="i32", H="i32", stride_yt="i32", stride_yk="i32", stride_ot="i32")
+        types = dict(y_ptr="*fp32", out_ptr=p, T="i32", H="i32", stride_yt="i32", stride_yk="i32", stride_ot="i32")
         out.append((f"sum {dtype}", fused_moe._moe_sum_kernel, types,
                     dict(stride_yh=1, stride_oh=1, TOP_K=8, BLOCK_T=16, BLOCK_H=128),
                     {"y_ptr", "out_ptr", "H", "stride_yt", "stride_yk", "stride_ot"}, dict(num_warps=4)))

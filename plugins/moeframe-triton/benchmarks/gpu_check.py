@@ -16,9 +16,18 @@ DeepSeek-V3 layers -- and every token count M in {1, 16, 64, 256, 1024, 4096}, i
   and the output, each read or written once) and their fractions of this GPU's dense bf16
   matmul rate and copy bandwidth, both measured in the same run.
 
+Then the graph checks, on a small bf16 layer (``stack.kernel = "triton"``): the kernel's
+torch op (``torch.ops.moeframe_triton.fused_moe``) and the whole ``MoELayer`` under
+``torch.compile(fullgraph=True)``, and captured in a CUDA graph and replayed on new
+inputs; each output is compared with eager's (equal, or within the bf16 tolerance where
+Inductor reorders the router's arithmetic).  Where a layer with the ``torch`` kernel
+does not compile either, the layer's row says so (n/a): the graph breaks in the core.  With ``--precision-cost`` it also reports what
+the fp32 intermediates cost: the kernel timed as shipped against a variant that rounds
+``h`` and the per-pair outputs to bf16 (the layout before issue 11), per shape and M.
+
 ``--smoke`` runs the same code on the CPU through Triton's interpreter, at tiny shapes and
-token counts (the test suite runs it); its timings mean nothing.  Exit status 1 when any
-check fails.
+token counts (the test suite runs it; ``torch.compile`` with the ``aot_eager`` backend,
+no CUDA graph); its timings mean nothing.  Exit status 1 when any check fails.
 """
 
 from __future__ import annotations
@@ -201,8 +210,136 @@ def run_layer(layer: Layer, tokens: Sequence[int], device: torch.device, peaks: 
     return rows
 
 
+# -- torch.compile, CUDA graphs, precision ---------------------------------------------------
+def _graph_config(device: torch.device) -> dict[str, Any]:
+    return {"seed": 0, "model": {"num_experts": 8, "top_k": 2, "hidden_size": 64, "intermediate_size": 32,
+                                 "dtype": "bfloat16"},
+            "router": {"name": "softmax_topk"}, "stack": {"kernel": "triton"}}
+
+
+def _outcome(name: str, fn: Callable[[], tuple[torch.Tensor, torch.Tensor]], exact: bool) -> dict[str, Any]:
+    """Run ``fn`` (returning the checked output and eager's) into a row: equal, or within
+    the bf16 tolerance when ``exact`` is false; an exception is a failure, in one line."""
+    try:
+        out, eager = fn()
+    except Exception as exc:  # noqa: BLE001 - reported in the table
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+        return {"check": name, "ok": False, "note": f"{type(exc).__name__}: {first}"}
+    equal = out.shape == eager.shape and torch.equal(out, eager)
+    cmp = compare(out, eager, tolerance_for("bfloat16"))
+    ok = equal or (not exact and cmp.ok)
+    return {"check": name, "ok": ok, "note": "equal to eager" if equal else f"max abs diff {cmp.max_abs_error:.2e}"}
+
+
+def graph_checks(device: torch.device, smoke: bool, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """``torch.compile(fullgraph=True)`` and CUDA-graph capture of the kernel's op and of a
+    whole layer, each against eager (``aot_eager`` and no CUDA graph on the CPU)."""
+    import moeframe
+    from moeframe_triton import ops  # noqa: F401 - registers torch.ops.moeframe_triton.fused_moe
+
+    backend = "aot_eager" if device.type != "cuda" else "inductor"
+    layer = moeframe.MoELayer(_graph_config(device), device=device)
+    g = torch.Generator(device=device).manual_seed(1)
+    x1 = torch.randn(16, 64, generator=g, device=device).to(torch.bfloat16)
+    x2 = torch.randn(16, 64, generator=g, device=device).to(torch.bfloat16)
+    experts = make_layer_tensors(Layer("graph", 8, 2, 64, 32), device)
+    w, ids = make_routing(Layer("graph", 8, 2, 64, 32), 16, device, seed=3)[1:]
+
+    def op(x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.moeframe_triton.fused_moe(x, w, ids, experts.w13, experts.w2, None, None, None,
+                                                   "silu", 1.702, 7.0)
+
+    rows = []
+    with torch.inference_mode():
+        for name, fn, exact in (("op", op, True), ("layer", layer, False)):
+            def compiled(fn: Callable[[torch.Tensor], torch.Tensor] = fn) -> tuple[torch.Tensor, torch.Tensor]:
+                torch._dynamo.reset()
+                c = torch.compile(fn, backend=backend, fullgraph=True)
+                c(x1)
+                return c(x2), fn(x2)
+            row = _outcome(f"torch.compile({name}, fullgraph=True, backend={backend})", compiled, exact)
+            if name == "layer" and not row["ok"]:
+                control = moeframe.MoELayer({**_graph_config(device), "stack": {"kernel": "torch"}}, device=device)
+                torch._dynamo.reset()
+                try:
+                    torch.compile(control, backend=backend, fullgraph=True)(x1)
+                except Exception as exc:  # noqa: BLE001 - the core's graph break, not the kernel's
+                    first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
+                    row = {**row, "ok": None, "note": f"the layer with the torch kernel does not compile either "
+                                                      f"({type(exc).__name__}: {first}); triton: {row['note']}"}
+            rows.append(row)
+            if device.type != "cuda":
+                rows.append({"check": f"CUDA graph ({name})", "ok": None, "note": "no CUDA device"})
+                continue
+
+            def captured(fn: Callable[[torch.Tensor], torch.Tensor] = fn) -> tuple[torch.Tensor, torch.Tensor]:
+                static = x1.clone()
+                stream = torch.cuda.Stream()
+                stream.wait_stream(torch.cuda.current_stream())
+                with torch.cuda.stream(stream):  # warm up (compiles the kernels) outside the capture
+                    for _ in range(2):
+                        fn(static)
+                torch.cuda.current_stream().wait_stream(stream)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    out = fn(static)
+                static.copy_(x2)
+                graph.replay()
+                torch.cuda.synchronize()
+                return out.clone(), fn(x2)
+            rows.append(_outcome(f"CUDA graph capture + replay ({name})", captured, True))
+    for r in rows:
+        log(f"graph check: {r['check']}: {'n/a' if r['ok'] is None else 'ok' if r['ok'] else 'FAIL'} ({r['note']})")
+    return rows
+
+
+def precision_sweep(device: torch.device, log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """The conformance kit's scale sweep for ``triton`` on this device (compiled on a GPU:
+    the split dots of the down GEMM are what is checked)."""
+    from moeframe.conformance import run_kernel_case, scale_cases
+    from moeframe.plugins import get_registry
+
+    entry = get_registry().get("kernel", "triton")
+    rows = []
+    for case in scale_cases(entry):
+        r = run_kernel_case(entry, case, device)
+        rows.append({"check": f"precision {case.id}", "ok": r.ok,
+                     "note": r.error or f"max rel error {r.comparison.max_rel_error:.2e}"})
+    bad = [r["check"] for r in rows if not r["ok"]]
+    log(f"precision sweep: {len(rows) - len(bad)}/{len(rows)} ok" + (f"; FAIL {', '.join(bad)}" if bad else ""))
+    return rows
+
+
+def intermediate_cost(layers: Sequence[Layer], tokens: Sequence[int], device: torch.device, reps: int,
+                      log: Callable[[str], None]) -> list[dict[str, Any]]:
+    """The kernel as shipped (fp32 ``h`` and per-pair outputs, split down GEMM) against the
+    same kernel with them in bf16: the time of each and their ratio."""
+    from moeframe_triton.fused_moe import fused_moe
+
+    rows = []
+    for layer in layers:
+        experts = make_layer_tensors(layer, device)
+        act = Activation(layer.activation, layer.alpha, layer.limit)
+        for M in tokens:
+            x, w, ids = make_routing(layer, M, device, seed=M)
+            times = {}
+            for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
+                def call(dtype: torch.dtype = dtype) -> torch.Tensor:
+                    return fused_moe(x, w, ids, experts.w13, experts.w2, experts.b13, experts.b2, activation=act,
+                                     intermediate_dtype=dtype)
+                times[name] = median_time(call, device, reps)
+            rows.append({"layer": layer.name, "M": M, "fp32_s": times["fp32"], "bf16_s": times["bf16"],
+                         "ratio": times["fp32"] / times["bf16"]})
+            log(f"{layer.name:>24} M={M:<5} fp32 intermediates {times['fp32'] * 1e3:9.3f} ms, bf16 "
+                f"{times['bf16'] * 1e3:9.3f} ms: x{times['fp32'] / times['bf16']:.2f}")
+        del experts
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
 def run(layers: Sequence[Layer], tokens: Sequence[int], device: torch.device, smoke: bool,
-        log: Callable[[str], None]) -> dict[str, Any]:
+        log: Callable[[str], None], precision_cost: bool = False) -> dict[str, Any]:
     """Measure the peaks, then check and time every layer at every token count."""
     from moeframe_triton._triton import INTERPRETER
 
@@ -214,6 +351,8 @@ def run(layers: Sequence[Layer], tokens: Sequence[int], device: torch.device, sm
         rows += run_layer(layer, tokens, device, peaks, reps, log)
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    checks = graph_checks(device, smoke, log) + precision_sweep(device, log)
+    cost = intermediate_cost(layers, tokens, device, reps["triton"], log) if precision_cost else []
     tol = tolerance_for("bfloat16")
     import triton
 
@@ -224,8 +363,9 @@ def run(layers: Sequence[Layer], tokens: Sequence[int], device: torch.device, sm
         "cuda": torch.version.cuda, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "smoke": smoke,
     }
-    return {"env": env, "peaks": peaks, "tolerance": attrs.asdict(tol), "rows": rows,
-            "ok": all(r["ok"] is not False for r in rows)}
+    return {"env": env, "peaks": peaks, "tolerance": attrs.asdict(tol), "rows": rows, "checks": checks,
+            "intermediate_cost": cost,
+            "ok": all(r["ok"] is not False for r in rows) and all(c["ok"] is not False for c in checks)}
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -256,6 +396,17 @@ def markdown(result: dict[str, Any]) -> str:
             f"{'ok' if r['ok'] else '**FAIL**'} | {r['max_abs_error']:.2e} | {r['median_s'] * 1e3:.3f} | "
             f"{r['tflops']:.3g} | {r['gbps']:.3g} | {100 * r['frac_flops']:.3g} | {100 * r['frac_bw']:.3g} |"
         )
+    lines += ["", "## torch.compile, CUDA graphs and the precision sweep", "", "| check | result | note |", "|---|---|---|"]
+    for c in result.get("checks", []):
+        verdict = "n/a" if c["ok"] is None else "ok" if c["ok"] else "**FAIL**"
+        lines.append(f"| {c['check']} | {verdict} | {c['note'].replace('|', '/')} |")
+    if result.get("intermediate_cost"):
+        lines += ["", "## What the fp32 intermediates cost", "",
+                  "The kernel as shipped (fp32 `h` and per-pair outputs, the down GEMM's `h` split into two bf16 dots) "
+                  "against the same kernel keeping them in bf16.", "",
+                  "| layer | M | fp32 ms | bf16 ms | ratio |", "|---|---|---|---|---|"]
+        for r in result["intermediate_cost"]:
+            lines.append(f"| {r['layer']} | {r['M']} | {r['fp32_s'] * 1e3:.3f} | {r['bf16_s'] * 1e3:.3f} | {r['ratio']:.2f} |")
     lines.append("")
     return "\n".join(lines)
 
@@ -267,6 +418,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="write the raw results (JSON) here")
     p.add_argument("--tokens", default=None, help="comma-separated token counts (default 1,16,64,256,1024,4096)")
     p.add_argument("--no-presets", action="store_true", help="only the model layers, not the packaged presets")
+    p.add_argument("--precision-cost", action="store_true",
+                   help="also time the kernel with bf16 intermediates (what the fp32 ones cost)")
     args = p.parse_args(argv)
 
     if args.smoke:
@@ -287,7 +440,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.smoke:  # OpenMP workers spinning between torch ops would starve the interpreter
         torch.set_num_threads(1)
     try:
-        result = run(layers, tokens, device, args.smoke, log=lambda m: print(m, flush=True))
+        result = run(layers, tokens, device, args.smoke, log=lambda m: print(m, flush=True),
+                     precision_cost=args.precision_cost)
     finally:
         torch.set_num_threads(threads)
     result["env"]["wall_s"] = time.perf_counter() - start

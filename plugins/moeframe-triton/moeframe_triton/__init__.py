@@ -6,6 +6,7 @@ Importing this package is cheap: it imports neither torch nor triton.  The modul
 ``kernel``      :class:`~moeframe_triton.kernel.TritonKernel`, the strategy
 ``align``       groups (token, k) pairs by expert, padded to blocks (a Triton kernel)
 ``fused_moe``   the fused grouped GEMMs and the top-k sum (Triton kernels) and their launcher
+``ops``         the same as a torch op, ``torch.ops.moeframe_triton.fused_moe`` (compile, CUDA graphs)
 ``configs``     block-size configs: heuristic, tuned JSON files, override folder
 ``tune``        the search behind ``moeframe tune``
 ``timing``      median time of a call (CUDA events or ``perf_counter``)

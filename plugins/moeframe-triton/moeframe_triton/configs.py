@@ -56,6 +56,9 @@ SHIPPED_DIR = Path(__file__).resolve().parent / "tuned_configs"
 SHARED_MEMORY_BUDGET = 200 * 1024
 FILE_FORMAT_VERSION = 1
 _DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+#: bytes per element of the intermediate ``h`` (fp32 whatever the activation dtype), the
+#: down GEMM's A operand
+H_BYTES = 4
 
 
 class ConfigWarning(UserWarning):
@@ -112,10 +115,11 @@ class MoEConfig:
         return cls(int(data["BLOCK_SIZE_M"]), GemmConfig.from_json(data["up"]), GemmConfig.from_json(data["down"]))
 
     def shared_memory_bytes(self, dtype: str) -> dict[str, int]:
-        """The shared memory each GEMM's pipeline holds: stages x (A tile + B tiles)."""
+        """The shared memory each GEMM's pipeline holds: stages x (A tile + B tiles); the
+        down GEMM's A tile is the fp32 intermediate ``h``."""
         size = _DTYPE_BYTES[dtype]
         up = self.up.num_stages * (self.block_m * self.up.block_k + 2 * self.up.block_k * self.up.block_n) * size
-        down = self.down.num_stages * (self.block_m * self.down.block_k + self.down.block_k * self.down.block_n) * size
+        down = self.down.num_stages * (self.block_m * self.down.block_k * H_BYTES + self.down.block_k * self.down.block_n * size)
         return {"up": up, "down": down}
 
 
@@ -125,14 +129,20 @@ def config_file_name(E: int, N: int, K: int, dtype: str, device_name: str) -> st
     return f"E={E},N={N},K={K},device_name={device},dtype={dtype}.json"
 
 
-def _fit_stages(cfg: GemmConfig, block_m: int, dtype: str, b_tiles: int) -> GemmConfig:
+def pipeline_bytes(block_m: int, block_n: int, block_k: int, stages: int, dtype: str, b_tiles: int,
+                   a_bytes: int | None = None) -> int:
+    """Shared memory of a GEMM pipeline: ``stages`` x (an A tile of ``a_bytes`` elements,
+    default the dtype's, and ``b_tiles`` weight tiles)."""
     size = _DTYPE_BYTES[dtype]
-    per_stage = (block_m * cfg.block_k + b_tiles * cfg.block_k * cfg.block_n) * size
+    return stages * (block_m * block_k * (a_bytes or size) + b_tiles * block_k * block_n * size)
+
+
+def _fit_stages(cfg: GemmConfig, block_m: int, dtype: str, b_tiles: int, a_bytes: int | None = None) -> GemmConfig:
     stages = cfg.num_stages
-    while stages > 2 and stages * per_stage > SHARED_MEMORY_BUDGET:
+    while stages > 2 and pipeline_bytes(block_m, cfg.block_n, cfg.block_k, stages, dtype, b_tiles, a_bytes) > SHARED_MEMORY_BUDGET:
         stages -= 1
     block_k = cfg.block_k
-    while stages * (block_m * block_k + b_tiles * block_k * cfg.block_n) * size > SHARED_MEMORY_BUDGET and block_k > 16:
+    while pipeline_bytes(block_m, cfg.block_n, block_k, stages, dtype, b_tiles, a_bytes) > SHARED_MEMORY_BUDGET and block_k > 16:
         block_k //= 2
     return attrs.evolve(cfg, num_stages=stages, block_k=block_k)
 
@@ -169,7 +179,7 @@ def default_config(M: int, E: int, N: int, K: int, dtype: str) -> MoEConfig:
         down = GemmConfig(block_n=128, block_k=64, group_m=8, num_warps=8, num_stages=3)
     up = attrs.evolve(up, block_n=_clamp_block(up.block_n, N), block_k=_clamp_block(up.block_k, K))
     down = attrs.evolve(down, block_n=_clamp_block(down.block_n, K), block_k=_clamp_block(down.block_k, N))
-    return MoEConfig(block_m, _fit_stages(up, block_m, dtype, 2), _fit_stages(down, block_m, dtype, 1))
+    return MoEConfig(block_m, _fit_stages(up, block_m, dtype, 2), _fit_stages(down, block_m, dtype, 1, H_BYTES))
 
 
 def interpreter_config(M: int, E: int, N: int, K: int, dtype: str) -> MoEConfig:

@@ -30,7 +30,8 @@ from moeframe_triton._triton import INTERPRETER, tl, triton
 from moeframe_triton.align import align_block_size, max_padded_rows
 from moeframe_triton.configs import GemmConfig, MoEConfig, get_config, interpreter_config
 
-__all__ = ["fused_moe", "select_config", "route_blocks", "run_up", "run_down", "run_sum", "RoutedBlocks", "ACTIVATION_CODES"]
+__all__ = ["fused_moe", "check_inputs", "select_config", "route_blocks", "run_up", "run_down", "run_sum", "RoutedBlocks",
+           "ACTIVATION_CODES", "FP16_SPLIT_SCALE"]
 
 #: the activation as the kernels' constexpr
 ACTIVATION_CODES = {"silu": 0, "gelu": 1, "swigluoai": 2}
@@ -122,9 +123,15 @@ def _moe_down_kernel(
     stride_ym, stride_yn,
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr, SPLIT_SCALE: tl.constexpr,
 ):
-    """y[pair, n] = weight[pair] * (h[pair] . w2[e, n] + b2[e, n])."""
+    """y[pair, n] = weight[pair] * (h[pair] . w2[e, n] + b2[e, n]), h in fp32.
+
+    With ``SPLIT`` (16-bit weights), each fp32 tile of ``h`` (times ``SPLIT_SCALE``, a
+    power of two that keeps fp16 in range) is split into ``hi + lo``, both in the weights'
+    dtype, and multiplied in two 16-bit dots: ``h`` keeps about 16 significant bits
+    (a single 16-bit dot would round it to 8 or 11) at twice the dots' work.
+    """
     # GROUP_M block rows sweep the columns together (weight tiles reused from L2);
     # written out rather than a helper: each nested jit call costs the interpreter dearly
     pid = tl.program_id(0)
@@ -157,12 +164,25 @@ def _moe_down_kernel(
         k_mask = offs_k < K - k * BLOCK_K
         a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
-        if UPCAST_DOT:
-            a = a.to(tl.float32)
-            w = w.to(tl.float32)
-        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+        if SPLIT:
+            a = a * SPLIT_SCALE
+            hi = a.to(w.dtype)
+            lo = (a - hi.to(tl.float32)).to(w.dtype)
+            if UPCAST_DOT:
+                hi = hi.to(tl.float32)
+                lo = lo.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(hi, w, acc, input_precision=PRECISION)
+            acc = tl.dot(lo, w, acc, input_precision=PRECISION)
+        else:
+            if UPCAST_DOT:
+                a = a.to(tl.float32)
+                w = w.to(tl.float32)
+            acc = tl.dot(a, w, acc, input_precision=PRECISION)
         a_ptrs += BLOCK_K * stride_hk
         w_ptrs += BLOCK_K * stride_wk
+    if SPLIT:
+        acc = acc * (1.0 / SPLIT_SCALE)
     if HAS_BIAS:
         acc += tl.load(b_ptr + expert * stride_be + offs_wn * stride_bn).to(tl.float32)[None, :]
     routed = tl.load(weights_ptr + pair, mask=row_mask, other=0.0).to(tl.float32)
@@ -205,9 +225,11 @@ def select_config(num_tokens: int, num_experts: int, intermediate_size: int, hid
     return get_config(num_tokens, num_experts, intermediate_size, hidden_size, name, _device_name(device))
 
 
-def _check(hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
+def check_inputs(hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
            w13: torch.Tensor, w2: torch.Tensor, b13: torch.Tensor | None, b2: torch.Tensor | None,
            expert_map: torch.Tensor | None) -> None:
+    """``ValueError`` naming the tensor whose shape or dtype does not fit (metadata only:
+    also the op's fake implementation)."""
     T, H = hidden_states.shape
     if hidden_states.dtype not in _SUPPORTED_DTYPES:
         raise ValueError(f"hidden_states is {hidden_states.dtype}; the triton kernel supports float32, bfloat16, float16")
@@ -264,13 +286,29 @@ def _dot_flags(dtype: torch.dtype) -> tuple[bool, str]:
     return INTERPRETER and dtype == torch.bfloat16, "ieee" if dtype == torch.float32 else "tf32"
 
 
+#: ``h`` is scaled by this before its split into two fp16 halves (a power of two, exact):
+#: fp16 tops out at 65504, so unscaled any ``|h|`` above it would become inf; scaled, the
+#: split holds ``|h|`` up to 65504 * 2**10 (6.7e7) at an absolute resolution of about
+#: 6e-5 (fp16's smallest step times 2**10) for small ``h``.  bf16 has fp32's range: 1.
+FP16_SPLIT_SCALE = 2.0**-10
+
+
+def _split_flags(weight_dtype: torch.dtype) -> tuple[bool, float]:
+    """Whether GEMM 2 splits the fp32 ``h`` into two dots in the weights' dtype, and the scale."""
+    if weight_dtype == torch.float32:
+        return False, 1.0
+    return True, FP16_SPLIT_SCALE if weight_dtype == torch.float16 else 1.0
+
+
 def run_up(hidden_states: torch.Tensor, w13: torch.Tensor, b13: torch.Tensor | None, routed: RoutedBlocks,
-           gemm: GemmConfig, activation: Activation) -> torch.Tensor:
-    """GEMM 1 with bias and activation fused: a new ``h [T * K, I]`` in the activation dtype."""
+           gemm: GemmConfig, activation: Activation, intermediate_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """GEMM 1 with bias and activation fused: a new ``h [T * K, I]`` in fp32 (whatever the
+    activation dtype: rounding ``h`` to 16 bits loses precision, and fp16 its range).
+    ``intermediate_dtype`` is for measuring what fp32 costs (see :func:`fused_moe`)."""
     I, H = w13.shape[1] // 2, w13.shape[2]
     dtype = hidden_states.dtype
     upcast, precision = _dot_flags(dtype)
-    h = torch.empty((routed.num_pairs, I), dtype=dtype, device=hidden_states.device)
+    h = torch.empty((routed.num_pairs, I), dtype=intermediate_dtype, device=hidden_states.device)
     bias = b13 if b13 is not None else w13  # any pointer when HAS_BIAS is off
     block_m = routed.block_m
     rt.launch(
@@ -294,11 +332,13 @@ def run_up(hidden_states: torch.Tensor, w13: torch.Tensor, b13: torch.Tensor | N
 
 def run_down(h: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor | None, routed: RoutedBlocks,
              gemm: GemmConfig, out: torch.Tensor | None = None) -> torch.Tensor:
-    """GEMM 2 with bias and routed weight fused: ``y [T * K, H]`` (into ``out`` if given)."""
+    """GEMM 2 with bias and routed weight fused, from ``h`` (fp32: split into two 16-bit
+    dots for 16-bit weights): ``y [T * K, H]`` in ``h``'s dtype for the top-k sum (or into
+    ``out``, any dtype, if given)."""
     H, I = w2.shape[1], w2.shape[2]
-    dtype = h.dtype
-    upcast, precision = _dot_flags(dtype)
-    y = out if out is not None else torch.empty((routed.num_pairs, H), dtype=dtype, device=h.device)
+    upcast, precision = _dot_flags(w2.dtype)
+    split, split_scale = _split_flags(w2.dtype) if h.dtype == torch.float32 else (False, 1.0)
+    y = out if out is not None else torch.empty((routed.num_pairs, H), dtype=h.dtype, device=h.device)
     bias = b2 if b2 is not None else w2
     block_m = routed.block_m
     rt.launch(
@@ -313,16 +353,17 @@ def run_down(h: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor | None, routed:
         y.stride(0), y.stride(1),
         HAS_BIAS=b2 is not None,
         BLOCK_M=block_m, BLOCK_N=gemm.block_n, BLOCK_K=gemm.block_k, GROUP_M=gemm.group_m,
-        UPCAST_DOT=upcast, PRECISION=precision,
+        UPCAST_DOT=upcast, PRECISION=precision, SPLIT=split, SPLIT_SCALE=split_scale,
         num_warps=gemm.num_warps, num_stages=gemm.num_stages,
     )
     return y
 
 
-def run_sum(y: torch.Tensor, num_tokens: int, top_k: int) -> torch.Tensor:
-    """``out[t] = sum_k y[t * K + k]`` in fp32, in a fixed order: a new ``[T, H]`` tensor."""
+def run_sum(y: torch.Tensor, num_tokens: int, top_k: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """``out[t] = sum_k y[t * K + k]`` in fp32, in a fixed order: a new ``[T, H]`` tensor
+    in ``dtype`` (default: ``y``'s)."""
     H = y.shape[1]
-    out = torch.empty((num_tokens, H), dtype=y.dtype, device=y.device)
+    out = torch.empty((num_tokens, H), dtype=dtype or y.dtype, device=y.device)
     block_h = min(128, max(16, rt.next_power_of_2(H)))
     block_t = 16 if not INTERPRETER else min(64, max(16, rt.next_power_of_2(num_tokens)))
     rt.launch(
@@ -345,6 +386,7 @@ def fused_moe(
     activation: Activation,
     expert_map: torch.Tensor | None = None,
     config: MoEConfig | None = None,
+    intermediate_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """``out[t] = sum_k w[t,k] * f_{ids[t,k]}(x[t])`` over local experts: a new ``[T, H]``
     tensor in ``hidden_states``' dtype (the ``torch`` reference kernel's contract).
@@ -352,9 +394,11 @@ def fused_moe(
     ``w13 [E, 2I, H]``, ``w2 [E, H, I]``, ``b13 [E, 2I]``, ``b2 [E, H]`` in the canonical
     layout; ``expert_map [E_global]`` maps global ids to local ones (-1: not local).
     ``config`` overrides the looked-up block sizes.  With no tokens, returns an empty
-    tensor and launches nothing.
+    tensor and launches nothing.  The intermediate ``h`` and the per-pair outputs are fp32;
+    ``intermediate_dtype=hidden_states.dtype`` keeps them in the activation dtype instead,
+    only to measure what fp32 costs (it loses precision, and fp16 overflows).
     """
-    _check(hidden_states, topk_weights, topk_ids, w13, w2, b13, b2, expert_map)
+    check_inputs(hidden_states, topk_weights, topk_ids, w13, w2, b13, b2, expert_map)
     T, H = hidden_states.shape
     if T == 0:
         return torch.empty((0, H), dtype=hidden_states.dtype, device=hidden_states.device)
@@ -365,8 +409,8 @@ def fused_moe(
     num_experts = expert_map.numel() if expert_map is not None else E
     cfg = config or select_config(T, E, I, H, hidden_states.dtype, hidden_states.device)
     routed = route_blocks(topk_weights, topk_ids, cfg.block_m, num_experts, expert_map)
-    h = run_up(hidden_states, w13, b13, routed, cfg.up, activation)
+    h = run_up(hidden_states, w13, b13, routed, cfg.up, activation, intermediate_dtype)
     if top_k == 1:  # one pair per token: GEMM 2 writes the output rows directly
         out = torch.empty((T, H), dtype=hidden_states.dtype, device=hidden_states.device)
         return run_down(h, w2, b2, routed, cfg.down, out=out)
-    return run_sum(run_down(h, w2, b2, routed, cfg.down), T, top_k)
+    return run_sum(run_down(h, w2, b2, routed, cfg.down), T, top_k, hidden_states.dtype)

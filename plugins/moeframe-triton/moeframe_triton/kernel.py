@@ -10,7 +10,7 @@ import torch
 
 from moeframe.kernels import ExpertWeights, Kernel
 from moeframe_triton._triton import INTERPRETER
-from moeframe_triton.fused_moe import fused_moe
+from moeframe_triton.ops import fused_moe_op
 
 if TYPE_CHECKING:
     from moeframe.config import Config
@@ -22,7 +22,9 @@ class TritonKernel(Kernel):
     """Align, two fused grouped GEMMs (bias, activation and routed weight in their
     epilogues) and a deterministic sum over top-k, in Triton.
 
-    Computes what the ``torch`` reference kernel computes, within the dtype's tolerance;
+    Computes what the ``torch`` reference kernel computes, within the dtype's tolerance,
+    through the torch op ``torch.ops.moeframe_triton.fused_moe`` (so ``torch.compile``
+    and CUDA graphs see one op with a fake implementation);
     on a machine without CUDA it runs through Triton's interpreter (slow: small token
     counts only).  Block sizes come from tuned files for the GPU or a heuristic
     (:mod:`moeframe_triton.configs`).
@@ -35,9 +37,10 @@ class TritonKernel(Kernel):
         topk_ids: torch.Tensor,
         experts: ExpertWeights,
     ) -> torch.Tensor:
-        return fused_moe(
+        act = self.activation
+        return fused_moe_op(
             hidden_states, topk_weights, topk_ids, experts.w13, experts.w2, experts.b13, experts.b2,
-            activation=self.activation, expert_map=experts.expert_map,
+            experts.expert_map, act.name, float(act.alpha), float(act.limit),
         )
 
     def describe(self) -> dict[str, Any]:

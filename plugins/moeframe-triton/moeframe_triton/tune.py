@@ -24,10 +24,12 @@ from moeframe.kernels.activations import Activation
 from moeframe.numerics import DTYPES, compare, tolerance_for
 from moeframe_triton._triton import INTERPRETER
 from moeframe_triton.configs import (
+    H_BYTES,
     SHARED_MEMORY_BUDGET,
     GemmConfig,
     MoEConfig,
     config_file_name,
+    pipeline_bytes,
     read_config_file,
     write_config_file,
 )
@@ -58,16 +60,16 @@ class SearchSpace:
         useful = [b for b in self.block_m if b <= max(16, 2 * mean)]
         return useful or [min(self.block_m)]
 
-    def gemms(self, block_m: int, N: int, K: int, dtype: str, b_tiles: int) -> list[GemmConfig]:
-        """Tilings for a GEMM of N output columns over K, holding ``b_tiles`` weight tiles."""
-        size = DTYPES[dtype].itemsize
+    def gemms(self, block_m: int, N: int, K: int, dtype: str, b_tiles: int, a_bytes: int | None = None) -> list[GemmConfig]:
+        """Tilings for a GEMM of N output columns over K, holding ``b_tiles`` weight tiles
+        (and an A tile of ``a_bytes`` per element, default the dtype's)."""
         out = []
         for bn, bk, group, warps, stages in itertools.product(
             self.block_n, self.block_k, self.group_m, self.num_warps, self.num_stages
         ):
             if bn > max(16, 2 * N) or bk > max(16, 2 * K):
                 continue
-            if stages * (block_m * bk + b_tiles * bk * bn) * size > SHARED_MEMORY_BUDGET:
+            if pipeline_bytes(block_m, bn, bk, stages, dtype, b_tiles, a_bytes) > SHARED_MEMORY_BUDGET:
                 continue
             out.append(GemmConfig(bn, bk, group, warps, stages))
         return out
@@ -136,7 +138,7 @@ def tune_layer(
             h = run_up(x, w13, None, routed, GemmConfig(32, 32), activation)  # an input for the down GEMM
             up = _fastest(space.gemms(block_m, N, K, dtype, 2), measure,
                           lambda g, x=x, routed=routed: run_up(x, w13, None, routed, g, activation))
-            down = _fastest(space.gemms(block_m, K, N, dtype, 1), measure,
+            down = _fastest(space.gemms(block_m, K, N, dtype, 1, H_BYTES), measure,
                             lambda g, h=h, routed=routed: run_down(h, w2, None, routed, g))
             if up is None or down is None:
                 continue

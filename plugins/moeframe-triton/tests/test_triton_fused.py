@@ -191,3 +191,60 @@ def test_mismatched_shapes_are_refused():
     with pytest.raises(ValueError, match=r"convert at load time"):
         fused_moe(inputs["hidden_states"], inputs["topk_weights"], inputs["topk_ids"], e.w13.half(), e.w2.half(),
                   activation=Activation("silu"))
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # numpy, in the interpreter
+def test_precision_sweep_matches_the_reference():
+    """The conformance kit's scale sweep (inputs at std 10-200, a gate 1000x larger): ``h``
+    and the per-pair outputs stay fp32, so bf16 and fp16 agree with the fp32 reference, and
+    the output is finite wherever the reference's is (fp16 at scale 200 overflows in a
+    few places in the reference itself)."""
+    from moeframe.conformance import scale_cases
+    from moeframe.plugins import get_registry
+
+    entry = get_registry().get("kernel", "triton")
+    cases = list(scale_cases(entry))
+    assert {c.dtype for c in cases} == {"float32", "bfloat16", "float16"}
+    overflowing = 0
+    for case in cases:
+        out, expected, inputs = run_case(case)
+        finite = torch.isfinite(expected)
+        overflowing += int((~finite).sum())
+        assert torch.isfinite(out)[finite].all(), f"{case.id}: non-finite output where the reference is finite"
+        assert_matches(case, out, expected, inputs)
+    assert overflowing > 0  # the sweep reaches fp16's range
+
+
+@pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
+def test_intermediates_are_fp32(dtype):
+    """``h`` and the per-pair outputs are fp32 whatever the activation dtype; the result is
+    in the activation dtype."""
+    from moeframe_triton.fused_moe import route_blocks, run_down, run_sum, run_up
+
+    case = KernelCase("silu", True, False, dtype, 5, top_k=2)
+    inputs = make_case_inputs(case)
+    e = inputs["experts"]
+    routed = route_blocks(inputs["topk_weights"], inputs["topk_ids"], 16, case.num_experts)
+    h = run_up(inputs["hidden_states"], e.w13, e.b13, routed, GemmConfig(32, 64), Activation("silu"))
+    y = run_down(h, e.w2, e.b2, routed, GemmConfig(64, 32))
+    out = run_sum(y, case.num_tokens, case.top_k, inputs["hidden_states"].dtype)
+    assert h.dtype == torch.float32 and y.dtype == torch.float32 and out.dtype == inputs["hidden_states"].dtype
+    expected = reference_moe(**inputs, activation=Activation("silu"))
+    assert compare(out, expected, tolerance_for(dtype)).ok
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # numpy, in the interpreter
+def test_fp16_split_keeps_h_beyond_the_fp16_range():
+    """An ``h`` far above 65504 (a large gate) whose output is back in fp16's range after
+    a small routed weight: finite and within tolerance, as in the reference."""
+    case = KernelCase("silu", False, False, "float16", 4, top_k=1, gate_scale=300.0)
+
+    def small_weights(inputs):
+        x = inputs["hidden_states"] * 40
+        return {**inputs, "hidden_states": x, "topk_weights": torch.full_like(inputs["topk_weights"], 1e-3)}
+
+    out, expected, inputs = run_case(case, transform=small_weights)
+    gate_up = torch.einsum("th,eih->tei", inputs["hidden_states"].float(), inputs["experts"].w13.float())
+    assert gate_up.abs().amax() ** 2 > 65504  # h = silu(gate) * up overflows fp16 somewhere
+    assert torch.isfinite(expected).all() and torch.isfinite(out).all()
+    assert_matches(case, out, expected, inputs)

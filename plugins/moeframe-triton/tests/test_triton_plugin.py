@@ -135,7 +135,8 @@ def _load_gpu_check():
 
 def test_gpu_script_smoke_mode(tmp_path, capsys):
     gpu_check = _load_gpu_check()
-    assert gpu_check.main(["--smoke", "--out", str(tmp_path / "r.md"), "--json", str(tmp_path / "r.json")]) == 0
+    assert gpu_check.main(["--smoke", "--out", str(tmp_path / "r.md"), "--json", str(tmp_path / "r.json"),
+                           "--precision-cost", "--tokens", "1,16"]) == 0
     result = json.loads((tmp_path / "r.json").read_text())
     impls = {(r["layer"], r["M"]): set() for r in result["rows"]}
     for r in result["rows"]:
@@ -144,8 +145,18 @@ def test_gpu_script_smoke_mode(tmp_path, capsys):
     assert len(impls) == len(gpu_check.SMOKE_LAYERS) * len(gpu_check.SMOKE_TOKENS)
     assert all(v == {"triton", "grouped_mm", "torch"} for v in impls.values())
     assert result["peaks"]["matmul_flops"] > 0 and result["peaks"]["copy_bytes_per_s"] > 0
+    checks = {c["check"]: c for c in result["checks"]}
+    assert checks["torch.compile(op, fullgraph=True, backend=aot_eager)"]["ok"] is True
+    assert checks["CUDA graph (op)"]["ok"] is None  # no CUDA here
+    layer = checks["torch.compile(layer, fullgraph=True, backend=aot_eager)"]
+    assert layer["ok"] is True or (layer["ok"] is None and "torch kernel does not compile either" in layer["note"])
+    precision = [c for c in result["checks"] if c["check"].startswith("precision ")]
+    assert precision and all(c["ok"] for c in precision)
+    cost = result["intermediate_cost"]
+    assert len(cost) == len(gpu_check.SMOKE_LAYERS) * 2 and all(r["fp32_s"] > 0 and r["bf16_s"] > 0 for r in cost)
     table = (tmp_path / "r.md").read_text()
     assert "| layer | E | top_k | H | I | M | impl |" in table and "**FAIL**" not in table
+    assert "## What the fp32 intermediates cost" in table
     assert "all checks ok" in capsys.readouterr().out
 
 

@@ -1,16 +1,19 @@
 #!/usr/bin/env bash
 # moeframe developer entry point.
 #
-#   ./dev.sh run [CONFIG] [ARGS...]   set up .venv, then `moeframe run CONFIG` (default: qwen3-moe)
-#   ./dev.sh test [PYTEST ARGS...]    set up .venv, then run the whole test suite
-#   ./dev.sh bench [ARGS...]          set up .venv (the bench and peers extras included), then run the
-#                                     benchmark of docs/performance.md and regenerate its tables and plot
-#   ./dev.sh setup                    only set up .venv
+#   ./dev.sh run [CONFIG] [ARGS...]   set up .venv (the core and the plugins), then `moeframe run CONFIG`
+#                                     (default: qwen3-moe, 128 tokens, 5 timed repeats)
+#   ./dev.sh test [PYTEST ARGS...]    set up .venv with the test, bench, peers and transformers extras, then run the tests
+#   ./dev.sh bench [ARGS...]          set up .venv with the bench and peers extras, then run the benchmark of
+#                                     docs/performance.md and regenerate its tables and plot
+#   ./dev.sh setup                    set up .venv with every extra (what `test` and `bench` need)
 #
-# Set-up: a virtual environment in .venv (or $MOEFRAME_VENV) with the core (and its test,
-# bench and peers extras: the tests compare with transformers' MoE experts too) and every
-# plugin under plugins/ installed editable.  Where no NVIDIA GPU is present it installs a
-# CPU build of torch first, so that nothing pulls a multi-GB CUDA build.
+# Set-up: a virtual environment in .venv (or $MOEFRAME_VENV) with the core and every plugin
+# under plugins/ installed editable, plus the extras the command needs (test: pytest,
+# hypothesis; bench: tqdm, matplotlib; peers: transformers, which the tests and the
+# benchmark compare with; transformers: the integration, whose tests run in `test`).
+# Where no NVIDIA GPU is present it installs a CPU build of torch first, so that nothing
+# pulls a multi-GB CUDA build.  Each step says what it installs.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
@@ -22,34 +25,46 @@ log() { printf '[dev.sh] %s\n' "$*" >&2; }
 
 have_gpu() { command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; }
 
+# setup EXTRAS: EXTRAS is a comma-separated list of moeframe's extras ("" for none).  The
+# stamp file records the extras installed; a later call installs only what is missing.
 setup() {
+  local want="$1"
   if [ ! -x "$VENV/bin/python" ]; then
-    log "creating virtual environment $VENV"
+    log "step 1/3: creating the virtual environment $VENV"
     "$PYTHON" -m venv "$VENV"
   fi
   local py="$VENV/bin/python"
   local pip=("$py" -m pip install --quiet --disable-pip-version-check)
   if ! "$py" -c "import torch" >/dev/null 2>&1; then
     if have_gpu; then
-      log "GPU found: installing torch (CUDA build)"
+      log "step 2/3: GPU found: installing torch (CUDA build, a few GB; this takes a while)"
       "${pip[@]}" torch
     else
-      log "no GPU: installing the CPU build of torch $TORCH_VERSION"
+      log "step 2/3: no GPU: installing the CPU build of torch $TORCH_VERSION (about 200 MB)"
       "${pip[@]}" "torch==${TORCH_VERSION}+cpu" 2>/dev/null \
         || "${pip[@]}" "torch==${TORCH_VERSION}" --index-url https://download.pytorch.org/whl/cpu
     fi
   fi
   local stamp="$VENV/.moeframe-installed"
-  local newest
+  local have="" newest missing="" e
+  if [ -f "$stamp" ]; then
+    have=$(cat "$stamp")
+    [ -s "$stamp" ] || have="test,bench,peers"   # an empty stamp: an older dev.sh installed every extra
+  fi
+  for e in ${want//,/ }; do
+    case ",$have," in *",$e,"*) ;; *) missing="$missing,$e" ;; esac
+  done
   newest=$(ls -t pyproject.toml plugins/*/pyproject.toml | head -n 1)
-  if [ ! -f "$stamp" ] || [ "$newest" -nt "$stamp" ]; then
-    log "installing moeframe and its plugins (editable)"
-    local plugins=()
+  if [ ! -f "$stamp" ] || [ -n "$missing" ] || [ "$newest" -nt "$stamp" ]; then
+    local all
+    all=$(printf '%s' "$have$missing" | tr ',' '\n' | sed '/^$/d' | sort -u | paste -sd, -)
+    local plugins=() names=()
     for p in plugins/*/; do
-      [ -f "$p/pyproject.toml" ] && plugins+=(-e "$p")
+      if [ -f "$p/pyproject.toml" ]; then plugins+=(-e "$p"); names+=("$(basename "$p")"); fi
     done
-    "${pip[@]}" -e ".[test,bench,peers]" "${plugins[@]}"
-    touch "$stamp"
+    log "step 3/3: installing moeframe (editable${all:+, extras: $all}) and the plugins ${names[*]} (triton among their dependencies)"
+    "${pip[@]}" -e ".${all:+[$all]}" "${plugins[@]}"
+    printf '%s' "$all" > "$stamp"
   fi
 }
 
@@ -57,21 +72,23 @@ cmd="${1:-}"
 [ $# -gt 0 ] && shift
 case "$cmd" in
   setup)
-    setup ;;
+    setup "test,bench,peers,transformers" ;;
   run)
-    setup
+    setup ""
     config="qwen3-moe"
     if [ $# -gt 0 ] && [ "${1#-}" = "$1" ]; then config="$1"; shift; fi
+    log "running: moeframe run $config $*"
     exec "$VENV/bin/moeframe" run "$config" "$@" ;;
   test)
-    setup
+    setup "test,bench,peers,transformers"
+    log "running: pytest $*"
     exec "$VENV/bin/python" -m pytest "$@" ;;
   bench)
-    setup
+    setup "bench,peers"
     exec "$VENV/bin/moeframe" bench docs/bench-e64.toml --dtype float32,bfloat16 \
       --tokens 1,16,64,256,512,1024,4096 --overhead --memory \
       --json docs/performance.json --plot docs/performance.png --markdown docs/performance.md "$@" ;;
   *)
-    sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'
+    sed -n '2,/^[^#]/{/^#/p}' "$0" | sed 's/^# \{0,1\}//'
     exit 2 ;;
 esac

@@ -107,7 +107,11 @@ class Workspace:
             return views
 
     def holds(self, tensor: torch.Tensor) -> bool:
-        """Whether ``tensor`` is a view of one of the workspace's buffers."""
+        """Whether ``tensor`` is a view of one of the workspace's buffers.  While
+        ``torch.compile`` traces, storages have no address: then whether it could be one
+        (the workspace has buffers), so that the caller copies to be safe."""
+        if torch.compiler.is_compiling():
+            return bool(self._buffers)
         ptr = tensor.untyped_storage().data_ptr()
         return any(buf.untyped_storage().data_ptr() == ptr for buf in self._buffers.values())
 

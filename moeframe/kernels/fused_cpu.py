@@ -23,8 +23,10 @@ result; ``moeframe explain`` shows which backend is in use.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import warnings
+import weakref
 from typing import TYPE_CHECKING, Any
 
 import attrs
@@ -101,6 +103,9 @@ class FusedCpuKernel(Kernel):
         super().__init__(context, params)
         self._native: Any = None
         self._why_not_native: str | None = None
+        # the op (moeframe::fused_cpu_experts) finds this kernel by this key
+        self._op_key = f"fused_cpu-{next(_OP_KEYS)}"
+        _LIVE_KERNELS[self._op_key] = self
         if params.backend != "torch":
             from moeframe.kernels._fused_cpu_native import NativeUnavailable, load_native
 
@@ -127,9 +132,11 @@ class FusedCpuKernel(Kernel):
         return "native" if self._native is not None else "torch"
 
     def describe(self) -> dict[str, Any]:
+        op = "moeframe::fused_cpu_experts"
         if self._native is not None:
-            return {"backend": "native", "library": str(self._native.path), "kept_scratch_bytes": _SCRATCH.kept_bytes}
-        return {"backend": "torch", "why": self._why_not_native}
+            return {"summary": f"native {self._native.isa}", "backend": "native", "isa": self._native.isa,
+                    "library": str(self._native.path), "op": op, "kept_scratch_bytes": _SCRATCH.kept_bytes}
+        return {"summary": f"torch path: {self._why_not_native}", "backend": "torch", "why": self._why_not_native, "op": op}
 
     def release(self) -> None:
         """Free the scratch buffers kept between calls (shared by every ``fused_cpu`` kernel)."""
@@ -146,6 +153,16 @@ class FusedCpuKernel(Kernel):
         num_tokens, hidden = hidden_states.shape
         if num_tokens == 0 or experts.w13.shape[0] == 0:
             return torch.zeros(num_tokens, hidden, dtype=hidden_states.dtype, device=hidden_states.device)
+        # through the registered op: torch.compile sees one node (with a fake implementation)
+        return torch.ops.moeframe.fused_cpu_experts(
+            hidden_states, topk_weights, topk_ids, experts.w13, experts.w2, experts.b13, experts.b2,
+            experts.expert_map, self._op_key,
+        )
+
+    def _compute(
+        self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, experts: ExpertWeights
+    ) -> torch.Tensor:
+        """The op's implementation for this kernel: the native core where it fits, else torch."""
         if self._native is not None and self._native_fits(hidden_states, experts):
             return self._forward_native(hidden_states, topk_weights, topk_ids, experts)
         return self._forward_torch(hidden_states, topk_weights, topk_ids, experts)
@@ -229,3 +246,36 @@ class FusedCpuKernel(Kernel):
         out = torch.zeros(T, H, dtype=torch.float32, device=x.device)
         out.index_add_(0, token, ys)
         return out.to(x.dtype)
+
+
+# -- the torch op -------------------------------------------------------------------------------
+#: the live kernels by the key their op calls carry (a compiled graph holds the key as a
+#: constant; the kernel's backend, ISA and parameters stay with the kernel)
+_LIVE_KERNELS: weakref.WeakValueDictionary[str, FusedCpuKernel] = weakref.WeakValueDictionary()
+_OP_KEYS = itertools.count()
+
+
+@torch.library.custom_op("moeframe::fused_cpu_experts", mutates_args=())
+def fused_cpu_experts(
+    hidden_states: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    b13: torch.Tensor | None,
+    b2: torch.Tensor | None,
+    expert_map: torch.Tensor | None,
+    kernel: str,
+) -> torch.Tensor:
+    """``fused_cpu``'s experts computation as a torch op: ``[T, H]`` in the activation dtype,
+    a new tensor.  ``kernel`` names the live :class:`FusedCpuKernel` whose backend and
+    parameters apply (its ``_op_key``)."""
+    instance = _LIVE_KERNELS.get(kernel)
+    if instance is None:
+        raise RuntimeError(f"moeframe::fused_cpu_experts: no live fused_cpu kernel {kernel!r} (was its layer deleted?)")
+    return instance._compute(hidden_states, topk_weights, topk_ids, ExpertWeights(w13, w2, b13, b2, expert_map))
+
+
+@fused_cpu_experts.register_fake
+def _fused_cpu_experts_fake(hidden_states, topk_weights, topk_ids, w13, w2, b13, b2, expert_map, kernel):  # noqa: ANN001
+    return hidden_states.new_empty(hidden_states.shape)

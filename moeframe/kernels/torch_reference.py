@@ -36,8 +36,37 @@ def reference_moe(
     return out.to(hidden_states.dtype)
 
 
+@torch.library.custom_op("moeframe::reference_experts", mutates_args=())
+def reference_experts(
+    hidden_states: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    b13: torch.Tensor | None,
+    b2: torch.Tensor | None,
+    expert_map: torch.Tensor | None,
+    activation: str,
+    alpha: float,
+    limit: float,
+) -> torch.Tensor:
+    """:func:`reference_moe` as a torch op (its loop over the experts present depends on the
+    data, which ``torch.compile`` cannot trace into one graph): a new ``[T, H]`` tensor."""
+    experts = ExpertWeights(w13, w2, b13, b2, expert_map)
+    return reference_moe(hidden_states, topk_weights, topk_ids, experts, Activation(activation, alpha, limit))
+
+
+@reference_experts.register_fake
+def _reference_experts_fake(hidden_states, topk_weights, topk_ids, w13, w2, b13, b2, expert_map, activation, alpha, limit):  # noqa: ANN001
+    return hidden_states.new_empty(hidden_states.shape)
+
+
 class TorchReferenceKernel(Kernel):
-    """``out[t] = sum_k w[t,k] * (down_e(act(gate_e x) * up_e x) + b2_e)``, accumulated in fp32."""
+    """``out[t] = sum_k w[t,k] * (down_e(act(gate_e x) * up_e x) + b2_e)``, accumulated in fp32.
+
+    Eager calls run :func:`reference_moe` directly (differentiable, like any torch code);
+    under ``torch.compile`` the call is the op ``moeframe::reference_experts``, one node of
+    the graph with the same result."""
 
     def __call__(
         self,
@@ -46,4 +75,10 @@ class TorchReferenceKernel(Kernel):
         topk_ids: torch.Tensor,
         experts: ExpertWeights,
     ) -> torch.Tensor:
+        if torch.compiler.is_compiling():
+            act = self.activation
+            return torch.ops.moeframe.reference_experts(
+                hidden_states, topk_weights, topk_ids, experts.w13, experts.w2, experts.b13, experts.b2,
+                experts.expert_map, act.name, act.alpha, act.limit,
+            )
         return reference_moe(hidden_states, topk_weights, topk_ids, experts, self.activation)

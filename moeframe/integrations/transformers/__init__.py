@@ -13,10 +13,12 @@ Importing this package does not import transformers; the functions do, when call
 from __future__ import annotations
 
 from moeframe.integrations.transformers.config import SUPPORTED_FAMILIES, config_from_hf, moe_layer_indices
+from moeframe.integrations.transformers.experts import register_experts
 # patch.py: coming next
 
 __all__ = [
     "SUPPORTED_FAMILIES",
+    "register_experts",
     "config_from_hf",
     "moe_layer_indices",
     "patch_model",

@@ -144,8 +144,9 @@ class MoELayer(torch.nn.Module):
         self.stack: Stack = build_stack(self._context)
         self._router = self.stack.router
         self.weight_specs: list[WeightSpec] = layer_weight_specs(config, self.parallel, self.stack)
-        # the bytes about to be allocated, checked before any tensor is
-        check_fits(layer_needs(config, self.weight_specs, self.stack), self.device, "the layer")
+        # the bytes about to be allocated, checked before any tensor is (given tensors exist already)
+        allocated = [s for s in self.weight_specs if tensors is None or s.name not in tensors]
+        check_fits(layer_needs(config, allocated, self.stack), self.device, "the layer")
         for spec in self.weight_specs:
             self._add_tensor(spec.name, self._initial_tensor(spec, tensors))
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from moeframe.integrations.transformers.config import SUPPORTED_FAMILIES, config_from_hf, moe_layer_indices
 from moeframe.integrations.transformers.experts import register_experts
-# patch.py: coming next
+from moeframe.integrations.transformers.patch import PatchedBlock, PatchedLayer, PatchReport, patch_model, unpatch_model
 
 __all__ = [
     "SUPPORTED_FAMILIES",
@@ -25,4 +25,5 @@ __all__ = [
     "unpatch_model",
     "PatchReport",
     "PatchedLayer",
+    "PatchedBlock",
 ]

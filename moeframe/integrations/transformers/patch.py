@@ -1,0 +1,479 @@
+"""Whole MoE blocks of a transformers model replaced by :class:`moeframe.MoELayer` (the deep way).
+
+:func:`patch_model` finds every MoE block of a model of a supported family, builds one
+:class:`~moeframe.MoELayer` per block from :func:`config_from_hf` plus the user's
+overrides, and puts a :class:`PatchedLayer` in the block's place.  The patched block:
+
+* keeps the HF block's submodules under their names (``gate``, ``experts``,
+  ``shared_expert``...), so ``state_dict()`` and ``save_pretrained`` are HF's names and
+  layout, and a plain ``from_pretrained`` reads what a patched model saved;
+* hands the layer the HF tensors themselves where the layouts agree (router, fused
+  ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]``): one copy of the experts.
+  Other layouts (GPT-OSS's transposed, interleaved experts; Llama-4's transposed ones;
+  the shared experts' separate gate and up projections) are converted once, reported as
+  copied, and converted again when the HF tensors change (``load_state_dict``, ``.to``);
+* keeps the block's call convention (GPT-OSS returns ``(out, router_scores)``, Llama-4
+  ``(out, router_logits)``);
+* keeps HF's router-logit recording: while transformers records router logits
+  (``output_router_logits=True``), the block runs HF's own router module, whose hooks
+  record its output, and gives its logits to the moeframe layer; otherwise only
+  moeframe's router runs.
+
+The patched blocks are for inference: no gradient flows into their weights.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable, Mapping
+from typing import Any
+
+import attrs
+import torch
+
+from moeframe.config import Config, load_config
+from moeframe.errors import UserError
+from moeframe.integrations.transformers.config import (
+    compose_wrappers,
+    family_of,
+    hf_text_config,
+    moe_layer_indices,
+    raw_config_from_hf,
+    _override_pairs,
+)
+
+__all__ = ["PatchedLayer", "PatchedBlock", "PatchReport", "patch_model", "unpatch_model"]
+
+
+# -- what each family's block looks like -------------------------------------------------------------
+@attrs.frozen
+class _BlockSpec:
+    #: class names of the HF MoE block
+    classes: tuple[str, ...]
+    #: the router submodule's name and the index of the logits in its output
+    router: str
+    logits_index: int
+    #: "plain": returns the output; "scores": (out, router_scores); "logits": (out, router_logits)
+    returns: str
+    #: moeframe tensor name -> (HF tensor paths inside the block, conversion or None when used as is)
+    tensors: Callable[[Config], dict[str, tuple[tuple[str, ...], Callable[..., torch.Tensor] | None]]]
+
+
+def _cat_rows(*tensors: torch.Tensor) -> torch.Tensor:
+    return torch.cat(tensors, dim=0)
+
+
+def _transpose(t: torch.Tensor) -> torch.Tensor:
+    return t.transpose(1, 2).contiguous()
+
+
+def _shared(prefix: str, gate: str | None) -> Callable[[Config], dict[str, Any]]:
+    def tensors(config: Config) -> dict[str, Any]:
+        if not any(w.name == "shared_experts" for w in config.stack.wrappers):
+            return {}
+        out: dict[str, Any] = {
+            "shared.w13": ((f"{prefix}.gate_proj.weight", f"{prefix}.up_proj.weight"), _cat_rows),
+            "shared.w2": ((f"{prefix}.down_proj.weight",), None),
+        }
+        if gate is not None and any(w.name == "shared_experts" and w.params.gated for w in config.stack.wrappers):
+            out["shared.gate.weight"] = ((gate,), None)
+        return out
+
+    return tensors
+
+
+def _canonical(router: str, extra: Mapping[str, Any] | None = None,
+               shared: Callable[[Config], dict[str, Any]] | None = None) -> Callable[[Config], dict[str, Any]]:
+    def tensors(config: Config) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "router.weight": ((f"{router}.weight",), None),
+            "experts.w13": (("experts.gate_up_proj",), None),
+            "experts.w2": (("experts.down_proj",), None),
+            **(extra or {}),
+        }
+        if shared is not None:
+            out.update(shared(config))
+        return out
+
+    return tensors
+
+
+def _gpt_oss_tensors(config: Config) -> dict[str, Any]:
+    from moeframe.weights import convert_gpt_oss_experts
+
+    paths = ("experts.gate_up_proj", "experts.gate_up_proj_bias", "experts.down_proj", "experts.down_proj_bias")
+    return {
+        "router.weight": (("router.weight",), None),
+        "router.bias": (("router.bias",), None),
+        **{name: (paths, lambda *t, _n=name: convert_gpt_oss_experts(*t)[_n])
+           for name in ("experts.w13", "experts.w2", "experts.b13", "experts.b2")},
+    }
+
+
+def _llama4_tensors(config: Config) -> dict[str, Any]:
+    return {
+        "router.weight": (("router.weight",), None),
+        "experts.w13": (("experts.gate_up_proj",), _transpose),
+        "experts.w2": (("experts.down_proj",), _transpose),
+        **_shared("shared_expert", None)(config),
+    }
+
+
+_BLOCKS: dict[str, _BlockSpec] = {
+    "mixtral": _BlockSpec(("MixtralSparseMoeBlock",), "gate", 0, "plain", _canonical("gate")),
+    "qwen2_moe": _BlockSpec(("Qwen2MoeSparseMoeBlock",), "gate", 0, "plain",
+                            _canonical("gate", shared=_shared("shared_expert", "shared_expert_gate.weight"))),
+    "qwen3_moe": _BlockSpec(("Qwen3MoeSparseMoeBlock",), "gate", 0, "plain", _canonical("gate")),
+    "deepseek_v3": _BlockSpec(("DeepseekV3MoE",), "gate", 0, "plain",
+                              _canonical("gate", {"router.e_score_correction_bias": (("gate.e_score_correction_bias",), None)},
+                                         shared=_shared("shared_experts", None))),
+    "gpt_oss": _BlockSpec(("GptOssMLP",), "router", 0, "scores", _gpt_oss_tensors),
+    "llama4": _BlockSpec(("Llama4TextMoe",), "router", 1, "logits", _llama4_tensors),
+}
+
+
+# -- recording router logits as transformers does ----------------------------------------------------
+def _recording_router_logits() -> bool:
+    """Whether transformers is collecting router logits right now (``output_router_logits``)."""
+    try:
+        from transformers.utils.output_capturing import _active_collector
+    except ImportError:  # pragma: no cover - another transformers layout: keep recording correct
+        return True
+    collected = _active_collector.get()
+    return collected is not None and "router_logits" in collected
+
+
+def _get_tensor(module: torch.nn.Module, path: str) -> torch.Tensor:
+    *parents, leaf = path.split(".")
+    for p in parents:
+        module = getattr(module, p)
+    return getattr(module, leaf)
+
+
+@attrs.frozen
+class _Source:
+    """Where one moeframe tensor comes from."""
+
+    paths: tuple[str, ...]
+    convert: Callable[..., torch.Tensor] | None
+
+
+# -- the patched block ---------------------------------------------------------------------------------
+class PatchedLayer(torch.nn.Module):
+    """An HF MoE block whose forward runs a :class:`moeframe.MoELayer`.
+
+    Its submodules are the HF block's (same names, same tensors), so the state dict is
+    the HF block's.  ``moe`` is the layer (not a submodule: its tensors are the HF ones,
+    or converted from them, and are not saved twice); ``original`` the HF block, which
+    :func:`unpatch_model` puts back.
+    """
+
+    def __init__(self, original: torch.nn.Module, family: str, config: Config, parallel: Any, where: str) -> None:
+        super().__init__()
+        for name, child in original.named_children():
+            self.add_module(name, child)
+        self.__dict__["original"] = original
+        self.__dict__["moe"] = None
+        self.family = family
+        self.where = where
+        self._spec = _BLOCKS[family]
+        self._config = config
+        self._parallel = parallel
+        self._sources = {name: _Source(paths, convert) for name, (paths, convert) in self._spec.tensors(config).items()}
+        self._signature: tuple[Any, ...] = ()
+        self._shared_bytes = 0
+        self._copied_bytes = 0
+        self._copied: tuple[str, ...] = ()
+        self._build()
+
+    # -- building the layer from the HF tensors -----------------------------------------------------
+    def _hf_tensors(self) -> dict[str, tuple[torch.Tensor, ...]]:
+        return {name: tuple(_get_tensor(self, p) for p in src.paths) for name, src in self._sources.items()}
+
+    def _current_signature(self, hf: Mapping[str, tuple[torch.Tensor, ...]] | None = None) -> tuple[Any, ...]:
+        hf = hf if hf is not None else self._hf_tensors()
+        sig = []
+        for name, tensors in hf.items():
+            converted = self._sources[name].convert is not None
+            for t in tensors:
+                sig.append((t.data_ptr(), t.dtype, t.device, t._version if converted else 0))
+        return tuple(sig)
+
+    def _build(self) -> None:
+        from moeframe.layer import MoELayer
+
+        hf = self._hf_tensors()
+        experts = hf["experts.w2"][0]
+        dtype = str(experts.dtype).removeprefix("torch.")
+        config = self._config
+        if config.model.dtype != dtype:
+            config = config.evolve({"model.dtype": dtype})
+        tensors: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            for name, src in self._sources.items():
+                parts = hf[name]
+                tensors[name] = src.convert(*parts) if src.convert is not None else parts[0].detach()
+        try:
+            layer = MoELayer(config, device=experts.device, parallel=self._parallel, tensors=tensors)
+        except UserError as exc:
+            raise type(exc)(f"{self.where}: {exc}") from None
+        self.__dict__["moe"] = layer
+        shared = copied = 0
+        copied_names = []
+        for name, tensor in layer.tensors.items():
+            src = self._sources.get(name)
+            same = src is not None and src.convert is None and tensor.data_ptr() == hf[name][0].data_ptr()
+            nbytes = tensor.numel() * tensor.element_size()
+            if same:
+                shared += nbytes
+            else:
+                copied += nbytes
+                copied_names.append(name)
+        self._shared_bytes, self._copied_bytes, self._copied = shared, copied, tuple(copied_names)
+        self._config = config
+        self._signature = self._current_signature(hf)
+
+    def _layer(self) -> Any:
+        if self._current_signature() != self._signature:
+            self._build()  # the HF tensors moved (``.to``), were replaced or written in place
+        return self.moe
+
+    # -- forward ------------------------------------------------------------------------------------
+    def forward(self, hidden_states: torch.Tensor) -> Any:
+        layer = self._layer()
+        shape = hidden_states.shape
+        x = hidden_states.reshape(-1, shape[-1])
+        logits = None
+        if _recording_router_logits():
+            router_out = getattr(self, self._spec.router)(x)  # HF's router: its hooks record its output
+            logits = router_out[self._spec.logits_index]
+        elif self._spec.returns != "plain":
+            logits = layer.router_logits(x)
+        out = layer(x, router_logits=logits).view(shape)
+        if self._spec.returns == "scores":
+            return out, layer.stack.router.select(logits, layer.tensors).weights
+        if self._spec.returns == "logits":
+            return out, logits
+        return out
+
+    # -- description ------------------------------------------------------------------------------
+    def report(self) -> PatchedBlock:
+        return PatchedBlock(
+            name=self.where,
+            layer=_layer_index(self.where),
+            block=type(self.original).__name__,
+            stack=tuple(p.entry.strategy.display_name for p in self.moe.stack.parts),
+            shared_bytes=self._shared_bytes,
+            copied_bytes=self._copied_bytes,
+            copied=self._copied,
+        )
+
+    def extra_repr(self) -> str:
+        return f"family={self.family!r}, stack={' > '.join(self.report().stack)}"
+
+
+# -- the report ------------------------------------------------------------------------------------
+@attrs.frozen
+class PatchedBlock:
+    """One patched block: where it is, what it replaced, its stack and its tensors' bytes."""
+
+    #: module path, e.g. ``model.layers.1.mlp``
+    name: str
+    #: decoder layer index (None when the path has none)
+    layer: int | None
+    #: the HF block's class
+    block: str
+    #: the composed stack, outermost first: wrappers, runner, router, dispatcher, kernel
+    stack: tuple[str, ...]
+    #: bytes of the layer's tensors that are the HF module's own tensors
+    shared_bytes: int
+    #: bytes of the layer's tensors converted from the HF ones (a second copy)
+    copied_bytes: int
+    #: names of the converted tensors
+    copied: tuple[str, ...] = ()
+
+
+@attrs.frozen
+class PatchReport:
+    """What :func:`patch_model` did.  ``str(report)`` is a short table."""
+
+    family: str
+    config: Config
+    blocks: tuple[PatchedBlock, ...]
+
+    @property
+    def layers(self) -> list[int | None]:
+        """The decoder layers patched."""
+        return [b.layer for b in self.blocks]
+
+    @property
+    def shared_bytes(self) -> int:
+        return sum(b.shared_bytes for b in self.blocks)
+
+    @property
+    def copied_bytes(self) -> int:
+        return sum(b.copied_bytes for b in self.blocks)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "family": self.family,
+            "config": self.config.to_dict(),
+            "blocks": [attrs.asdict(b) for b in self.blocks],
+            "shared_bytes": self.shared_bytes,
+            "copied_bytes": self.copied_bytes,
+        }
+
+    def __str__(self) -> str:
+        lines = [f"patched {len(self.blocks)} {self.family} MoE block(s): "
+                 f"{_mib(self.shared_bytes)} shared with the model, {_mib(self.copied_bytes)} copied"]
+        for b in self.blocks:
+            copied = f", copied: {', '.join(b.copied)}" if b.copied else ""
+            lines.append(f"  {b.name} ({b.block}): {' > '.join(b.stack)}{copied}")
+        return "\n".join(lines)
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.2f} MiB"
+
+
+_LAYER_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks)\.(\d+)(?:\.|$)")
+
+
+def _layer_index(path: str) -> int | None:
+    match = _LAYER_INDEX.search(path)
+    return int(match.group(1)) if match else None
+
+
+# -- patching ------------------------------------------------------------------------------------
+def _model_config(model: torch.nn.Module) -> Any:
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "model_type"):
+        raise UserError(f"nothing to patch: {type(model).__name__} is not a transformers model (it has no .config)")
+    return config
+
+
+def _blocks(model: torch.nn.Module, spec: _BlockSpec) -> list[tuple[str, torch.nn.Module]]:
+    found = []
+    for name, module in model.named_modules():
+        if isinstance(module, PatchedLayer):
+            continue
+        if any(cls.__name__ in spec.classes for cls in type(module).__mro__):
+            found.append((name, module))
+    return found
+
+
+def _patched(model: torch.nn.Module) -> list[tuple[str, PatchedLayer]]:
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, PatchedLayer)]
+
+
+def _check_overrides(pairs: Iterable[tuple[str, Any]]) -> None:
+    for key, _ in pairs:
+        head = key.strip().split(".")[0].split("[")[0]
+        if head == "model":
+            raise UserError(
+                f"overrides: {key} comes from the transformers model and cannot be overridden in patch_model; "
+                "override stack.*, router.* or parallel.* (model.dtype follows the model's tensors)"
+            )
+
+
+def _local_experts(block: torch.nn.Module, parallel: Any, num_experts: int) -> None:
+    """Under expert parallelism: keep only this rank's experts in the HF experts module."""
+    local = parallel.local_experts(num_experts)
+    index = torch.tensor(local, dtype=torch.long)
+    experts = block.experts
+    for name, param in list(experts.named_parameters(recurse=False)):
+        if param.dim() >= 1 and param.shape[0] == num_experts:
+            kept = param.detach().index_select(0, index.to(param.device))
+            setattr(experts, name, torch.nn.Parameter(kept, requires_grad=param.requires_grad))
+
+
+def patch_model(
+    model: torch.nn.Module,
+    *,
+    overrides: Mapping[str, Any] | Iterable[str] | None = None,
+) -> PatchReport:
+    """Replace every MoE block of a transformers ``model`` with a :class:`PatchedLayer`.
+
+    ``overrides``: dotted keys of the moeframe config, as in a TOML file or ``--set``
+    (``{"stack.kernel": "fused_cpu", "stack.wrappers": ["chunking"]}``); a
+    ``stack.wrappers`` list is composed with the parts the family needs (see
+    :func:`~moeframe.integrations.transformers.config_from_hf`).  ``model.*`` keys are
+    the model's and are refused.
+
+    With ``parallel.ep_size > 1`` (under torchrun) each rank keeps only its experts: the
+    HF experts module's tensors are cut to them, so the state dict then holds this
+    rank's experts, and the model cannot be unpatched.
+
+    Errors (one line each, :class:`~moeframe.errors.UserError`): a model that is not a
+    transformers model or has no MoE blocks ("nothing to patch"), an unsupported
+    family (the supported ones listed), an unknown override key (with a did-you-mean), a
+    stack the composer refuses for the model's dtype or device (naming the block), and
+    a model already patched (unpatch it first).
+    """
+    hf_config = _model_config(model)
+    family = family_of(hf_config).name
+    spec = _BLOCKS[family]
+    already = _patched(model)
+    if already:
+        raise UserError(
+            f"{type(model).__name__} is already patched ({len(already)} block(s), e.g. {already[0][0]}); "
+            "call unpatch_model(model) first to patch it again with other overrides"
+        )
+    blocks = _blocks(model, spec)
+    if not blocks:
+        dense = list(range(getattr(hf_text_config(hf_config), "num_hidden_layers", 0)))
+        expected = moe_layer_indices(hf_config)
+        raise UserError(
+            f"nothing to patch: {type(model).__name__} ({family}) has no MoE blocks "
+            f"(config: MoE layers {expected or 'none'} of {len(dense)})"
+        )
+    pairs = _override_pairs(overrides)
+    _check_overrides(pairs)
+    raw = raw_config_from_hf(hf_config)
+    family_wrappers = list(raw["stack"]["wrappers"])
+    pairs = [(k, compose_wrappers(family_wrappers, v) if k.strip() == "stack.wrappers" else v) for k, v in pairs]
+    source = f"transformers:{family}"
+    from moeframe.errors import ConfigError
+
+    try:
+        config = attrs.evolve(load_config(raw, overrides=dict(pairs)), source=source)
+    except ConfigError as exc:
+        raise exc.with_source(source) from None
+
+    from moeframe.parallel import ParallelContext
+
+    parallel = ParallelContext.from_config(config.parallel)
+    patched: list[tuple[torch.nn.Module, str, PatchedLayer]] = []
+    try:
+        for name, block in blocks:
+            if parallel.ep_size > 1:
+                _local_experts(block, parallel, config.model.num_experts)
+            replacement = PatchedLayer(block, family, config, parallel, name)
+            parent_name, _, child = name.rpartition(".")
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, replacement)
+            patched.append((parent, child, replacement))
+    except BaseException:
+        for parent, child, replacement in patched:  # all or nothing
+            setattr(parent, child, replacement.original)
+        raise
+    model.__dict__["_moeframe_patched_ep"] = parallel.ep_size > 1
+    return PatchReport(family, patched[0][2]._config, tuple(r.report() for _, _, r in patched))
+
+
+def unpatch_model(model: torch.nn.Module) -> int:
+    """Put the original HF blocks back; returns how many were restored (0 when the model
+    was not patched).  The HF blocks hold their tensors throughout (the patched blocks
+    shared them), so nothing is copied back."""
+    patched = _patched(model)
+    if patched and model.__dict__.get("_moeframe_patched_ep"):
+        raise UserError(
+            "unpatch_model: this model was patched with parallel.ep_size > 1 and each rank holds only its experts; "
+            "load the model again to run it without moeframe"
+        )
+    for name, replacement in patched:
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name) if parent_name else model
+        setattr(parent, child, replacement.original)
+    model.__dict__.pop("_moeframe_patched_ep", None)
+    return len(patched)

@@ -211,27 +211,81 @@ def fresh_native_load():
     _fused_cpu_native._load.cache_clear()
 
 
-@pytest.mark.parametrize("env, why", [
-    ({"MOEFRAME_FUSED_CPU_NATIVE": "off"}, "MOEFRAME_FUSED_CPU_NATIVE='off' is neither 0 (off) nor 1 (on, the default)"),
-    ({"CC": "/nonexistent/cc"}, "C compiler '/nonexistent/cc' does not run"),
-    ({"MOEFRAME_CACHE_DIR": "{tmp}/open"}, "is writable by group or others (mode 0o777): another user could plant code"),
-    ({"MOEFRAME_CPU_ISA": "avx9"}, "MOEFRAME_CPU_ISA='avx9' is not a CPU variant"),
+FAKE_CC_WITHOUT_OPENMP = """#!/bin/sh
+case "$1" in --version) echo "fakecc 1.0";; *) echo "x.c:1:10: fatal error: omp.h: No such file or directory" >&2; exit 1;; esac
+"""
+
+
+@pytest.mark.parametrize("reason", [
+    "setting-off", "disabled", "compiler-does-not-run", "no-compiler", "no-openmp", "unsafe-cache",
+    "unsupported-cpu", "forced-isa-unknown", "forced-isa-unsupported",
 ])
-def test_native_core_unavailable_says_why_in_one_line(fresh_native_load, monkeypatch, tmp_path, env, why):
-    if "MOEFRAME_FUSED_CPU_NATIVE" not in env and not native_available():
-        pytest.skip("the native core cannot be built here (the CPU check would speak first)")
-    fresh_native_load._load.cache_clear()
-    (tmp_path / "open").mkdir()
-    (tmp_path / "open").chmod(0o777)
+def test_native_core_unavailable_says_why_in_one_line(fresh_native_load, monkeypatch, tmp_path, capsys, reason):
+    """Each reason: load_native says it in one line; an 'auto' kernel warns once and runs
+    its torch path, which `moeframe explain` shows with the reason; 'native' is an error."""
+    from moeframe.cli.main import main
+    from moeframe.kernels import cpu_isa
+
     monkeypatch.setenv("MOEFRAME_CACHE_DIR", str(tmp_path / "cache"))  # nothing built already
-    for key, value in env.items():
-        monkeypatch.setenv(key, value.format(tmp=tmp_path))
+    no_cpu = lambda: frozenset({"sse2"})  # noqa: E731
+    if reason == "setting-off":
+        monkeypatch.setenv("MOEFRAME_FUSED_CPU_NATIVE", "off")
+        why = "MOEFRAME_FUSED_CPU_NATIVE='off' is neither 0 (off) nor 1 (on, the default)"
+    elif reason == "disabled":
+        monkeypatch.setenv("MOEFRAME_FUSED_CPU_NATIVE", "0")
+        why = "disabled by MOEFRAME_FUSED_CPU_NATIVE=0"
+    elif reason == "compiler-does-not-run":
+        monkeypatch.setenv("CC", "/nonexistent/cc")
+        why = "C compiler '/nonexistent/cc' does not run"
+    elif reason == "no-compiler":
+        monkeypatch.delenv("CC", raising=False)
+        monkeypatch.setenv("PATH", str(tmp_path))
+        why = "no C compiler found (install gcc, or set CC)"
+    elif reason == "no-openmp":
+        fake = tmp_path / "fakecc"
+        fake.write_text(FAKE_CC_WITHOUT_OPENMP)
+        fake.chmod(0o755)
+        monkeypatch.setenv("CC", str(fake))
+        why = f"compiling fused_cpu-avx2 with '{fake}' failed: x.c:1:10: fatal error: omp.h: No such file or directory"
+    elif reason == "unsafe-cache":
+        (tmp_path / "cache").mkdir(mode=0o777)
+        (tmp_path / "cache").chmod(0o777)
+        why = "is writable by group or others (mode 0o777): another user could plant code"
+    elif reason == "unsupported-cpu":
+        monkeypatch.setattr(cpu_isa, "cpu_flags", no_cpu)
+        why = "no native variant runs on this CPU"
+    elif reason == "forced-isa-unknown":
+        monkeypatch.setenv("MOEFRAME_CPU_ISA", "avx9")
+        why = "MOEFRAME_CPU_ISA='avx9' is not a CPU variant"
+    else:
+        monkeypatch.setattr(cpu_isa, "cpu_flags", no_cpu)
+        monkeypatch.setenv("MOEFRAME_CPU_ISA", "avx2")
+        why = "variant 'avx2' needs avx2, f16c, fma, which this CPU lacks"
+    if reason in ("no-openmp",) and cpu_isa.machine_arch() != "x86_64":
+        pytest.skip("the CPU check speaks first on this machine")
     with pytest.raises(fresh_native_load.NativeUnavailable, match=re.escape(why)) as info:
         fresh_native_load.load_native()
     assert "\n" not in str(info.value)
     case = KernelCase("silu", False, False, "float32", 3, num_experts=4, top_k=2, hidden_size=32, intermediate_size=16)
-    with pytest.raises(StackError, match="cannot use its native core here"):
+    with pytest.warns(UserWarning, match=re.escape(why)) as caught:
+        kernel = FusedCpuKernel(kernel_context(case.model()), FusedCpuParams())
+    assert len([w for w in caught if "native core unavailable" in str(w.message)]) == 1
+    assert kernel.backend == "torch" and kernel.describe()["summary"] == f"torch path: {info.value}"
+    with pytest.raises(StackError, match="cannot use its native core here") as refused:
         FusedCpuKernel(kernel_context(case.model()), FusedCpuParams(backend="native"))
+    assert "\n" not in str(refused.value) and why in str(refused.value)
+    with pytest.warns(UserWarning, match=re.escape(why)):
+        code = main(["explain", "qwen3-moe", "--set", "stack.kernel=fused_cpu"])
+    out = capsys.readouterr().out
+    assert code == 0 and f"fused_cpu (torch path: {info.value})" in out
+
+
+def test_explain_names_the_native_variant(native, capsys):
+    from moeframe.cli.main import main
+    from moeframe.kernels._fused_cpu_native import load_native
+
+    assert main(["explain", "qwen3-moe", "--set", "stack.kernel=fused_cpu"]) == 0
+    assert f"fused_cpu (native {load_native().isa})" in capsys.readouterr().out
 
 
 def test_cache_dir_expands_the_home_folder(monkeypatch):

@@ -171,8 +171,15 @@ def format_bytes(n: float) -> str:
 
 
 def stack_lines(parts: Sequence[dict[str, Any]]) -> str:
+    """The stack as a table; a part whose details carry a ``summary`` (``fused_cpu``'s
+    backend, or why it runs its torch path) shows it beside its name."""
+
+    def name(p: dict[str, Any]) -> str:
+        summary = (p.get("details") or {}).get("summary")
+        return f"{p['name']} ({summary})" if summary else p["name"]
+
     rows = [
-        (p["kind"], p["name"], p["provider"], format_params(p["params"]),
+        (p["kind"], name(p), p["provider"], format_params(p["params"]),
          format_bytes(p["workspace_bytes"]) if p["workspace_bytes"] else "")
         for p in parts
     ]

@@ -34,6 +34,7 @@ __all__ = [
     "supported",
     "detect",
     "missing_flags",
+    "matmul_min_tokens",
 ]
 
 #: the environment variable that forces a variant
@@ -68,6 +69,14 @@ class Variant:
 VARIANTS: dict[str, Variant] = {
     v.name: v
     for v in (
+        Variant(
+            name="avx512",
+            source="fused_cpu_avx512.c",
+            cflags=("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c", *_COMMON[1:]),
+            cpu_flags=frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"}),
+            arch="x86_64",
+            description="AVX-512 (F/BW/VL/DQ), 16 fp32 lanes in the prefill panel kernel",
+        ),
         Variant(
             name="avx2",
             source="fused_cpu_avx2.c",
@@ -205,3 +214,32 @@ def detect(flags: frozenset[str] | None = None) -> str:
             f"no native variant runs on this CPU ({cpu_model()}, {machine_arch()})" + (f": {wanted}" if wanted else "")
         )
     return usable[0]
+
+
+def matmul_min_tokens(dtype: str) -> int | None:
+    """Tokens per expert from which ``fused_cpu`` hands an expert's GEMMs to torch's matmul
+    on this CPU (``None``: the native core is faster at every count), for ``dtype``
+    (``float32``, ``bfloat16``, ``float16``).  Measured, not derived: see "CPU variants"
+    in ``docs/performance.md`` for the figures behind each entry."""
+    flags = cpu_flags()
+    if dtype == "bfloat16" and "amx_bf16" in flags:
+        return _MATMUL_MIN["amx_bf16"]
+    if dtype == "bfloat16" and "avx512_bf16" in flags:
+        return _MATMUL_MIN["avx512_bf16"]
+    if dtype == "float16" and "amx_fp16" in flags:
+        return _MATMUL_MIN["amx_fp16"]
+    if dtype == "float16" and "avx512_fp16" in flags:
+        return _MATMUL_MIN["avx512_fp16"]
+    if dtype == "float32" and {"avx512f", "avx512bw", "avx512vl"} <= flags:
+        return _MATMUL_MIN["avx512_f32"]
+    return None  # AVX2 (torch's 16-bit matmul is emulated there), aarch64: not measured
+
+
+#: calibrated on an Intel Xeon (Sapphire Rapids class, 2 cores), torch 2.13; None: never
+_MATMUL_MIN: dict[str, int | None] = {
+    "amx_bf16": 16,
+    "avx512_bf16": 32,
+    "amx_fp16": 16,
+    "avx512_fp16": 32,
+    "avx512_f32": 64,
+}

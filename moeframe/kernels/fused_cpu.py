@@ -85,12 +85,30 @@ _SCRATCH = _ScratchPool()
 
 
 @attrs.frozen
+class _MatmulExperts:
+    """The local experts of one call that torch's matmul computes, in order, with their
+    token counts and (token, k) pairs (concatenated in that order)."""
+
+    experts: list[int]
+    counts: list[int]
+    pairs: torch.Tensor
+    native_pairs: int  # pairs left to the native core
+
+
+@attrs.frozen
 class FusedCpuParams:
     backend: str = option(
         "auto",
         help="'native' (the compiled AVX2 core; an error where it cannot be built), 'torch' (torch "
         "operations only) or 'auto' (native where possible, else torch)",
         choices=("auto", "native", "torch"),
+    )
+    matmul_tokens: int = option(
+        0,
+        help="an expert given at least this many tokens in one call has its two GEMMs done by torch's "
+        "matmul (oneDNN/MKL, which use AVX-512 and AMX where the CPU has them) instead of the native core; "
+        "0: the threshold measured for this CPU and dtype, -1: never (native backend only)",
+        min=-1,
     )
 
 
@@ -206,19 +224,106 @@ class FusedCpuKernel(Kernel):
             ints = take("ints", lib.ints_needed(pairs, E_local), torch.int32)
             hbuf = take("hbuf", hbuf_slots * I)
             scratch = take("scratch", nthreads * scratch_floats)
-            status = lib.forward(
-                dtype=_DTYPE_CODES[x.dtype], x=ptr(x), T=T, H=H, ids=ptr(ids), tw=ptr(weights), topk=K,
-                expert_map=ptr(expert_map), num_experts=num_experts, w13=ptr(experts.w13), w2=ptr(experts.w2),
-                b13=ptr(experts.b13), b2=ptr(experts.b2), local_experts=E_local, I=I,
-                act_kind=_ACTIVATION_CODES[act.name], alpha=act.alpha, limit=act.limit, out=ptr(out),
-                acc=ptr(acc), ints=ptr(ints), hbuf=ptr(hbuf), hbuf_slots=hbuf_slots, scratch=ptr(scratch),
-                scratch_floats=scratch_floats, nthreads=nthreads,
-            )
+            split = self._split_for_matmul(x.dtype, ids, expert_map, num_experts, E_local)
+            if split is not None:  # some experts go to torch.matmul; the native core skips them
+                expert_map, big = split
+            status = 0
+            if split is None or big.native_pairs:
+                status = lib.forward(
+                    dtype=_DTYPE_CODES[x.dtype], x=ptr(x), T=T, H=H, ids=ptr(ids), tw=ptr(weights), topk=K,
+                    expert_map=ptr(expert_map), num_experts=num_experts, w13=ptr(experts.w13), w2=ptr(experts.w2),
+                    b13=ptr(experts.b13), b2=ptr(experts.b2), local_experts=E_local, I=I,
+                    act_kind=_ACTIVATION_CODES[act.name], alpha=act.alpha, limit=act.limit, out=ptr(out),
+                    acc=ptr(acc), ints=ptr(ints), hbuf=ptr(hbuf), hbuf_slots=hbuf_slots, scratch=ptr(scratch),
+                    scratch_floats=scratch_floats, nthreads=nthreads,
+                )
+            if split is not None:
+                acc_rows = acc[: T * H].view(T, H)
+                if not big.native_pairs:
+                    acc_rows.zero_()
+                self._matmul_experts(x, weights, big, experts, acc_rows)
+                if x.dtype != torch.float32:
+                    out.copy_(acc_rows)
         if status == -1:
             raise ValueError(f"topk_ids holds an expert id outside [0, {num_experts})")
         if status == -2:
             raise ValueError(f"expert_map holds a local index outside [-1, {E_local})")
         return out
+
+    def matmul_threshold(self, dtype: torch.dtype) -> int | None:
+        """Tokens per expert from which the native path hands an expert to torch's matmul
+        (``None``: never), from :attr:`FusedCpuParams.matmul_tokens` or, when that is 0,
+        the table of :func:`moeframe.kernels.cpu_isa.matmul_min_tokens`."""
+        setting = self.params.matmul_tokens
+        if setting < 0:
+            return None
+        if setting > 0:
+            return setting
+        from moeframe.kernels.cpu_isa import matmul_min_tokens
+
+        return matmul_min_tokens(str(dtype).removeprefix("torch."))
+
+    def _split_for_matmul(
+        self, dtype: torch.dtype, ids: torch.Tensor, expert_map: torch.Tensor | None, num_experts: int, local_experts: int
+    ) -> tuple[torch.Tensor, _MatmulExperts] | None:
+        """Which local experts get at least :meth:`matmul_threshold` tokens in this call:
+        ``None`` when none does, else the expert map that hides them from the native core
+        and their (token, k) pairs in expert order."""
+        threshold = self.matmul_threshold(dtype)
+        flat = ids.view(-1)
+        if threshold is None or flat.numel() < threshold:
+            return None
+        if int(flat.min()) < 0 or int(flat.max()) >= num_experts:
+            raise ValueError(f"topk_ids holds an expert id outside [0, {num_experts})")
+        if expert_map is None:
+            local = flat
+            base_map = torch.arange(local_experts, dtype=torch.int32)
+        else:
+            if int(expert_map.min()) < -1 or int(expert_map.max()) >= local_experts:
+                raise ValueError(f"expert_map holds a local index outside [-1, {local_experts})")
+            local = expert_map[flat].to(torch.int64)
+            base_map = expert_map
+        counts = torch.bincount(local[local >= 0], minlength=local_experts)
+        big_experts = counts >= threshold
+        if not bool(big_experts.any()):
+            return None
+        # the native core skips the big experts (-1 in its map); their pairs, in expert order
+        native_map = torch.where(big_experts[base_map.clamp(min=0).long()] & (base_map >= 0), -1, base_map)
+        is_big = (local >= 0) & big_experts[local.clamp(min=0)]
+        pairs = torch.nonzero(is_big).squeeze(1)
+        pairs = pairs[torch.argsort(local[pairs], stable=True)]
+        chosen = torch.nonzero(big_experts).squeeze(1)
+        big = _MatmulExperts(
+            experts=chosen.tolist(),
+            counts=counts[chosen].tolist(),
+            pairs=pairs,
+            native_pairs=int((local >= 0).sum()) - pairs.numel(),
+        )
+        return native_map.to(torch.int32).contiguous(), big
+
+    def _matmul_experts(
+        self, x: torch.Tensor, weights: torch.Tensor, big: _MatmulExperts, experts: ExpertWeights, acc: torch.Tensor
+    ) -> None:
+        """``acc[t] += w[t,k] * f_e(x[t])`` for the big experts, one after another (a fixed
+        order: the result does not depend on the number of threads), with torch's matmul
+        on each expert's gathered tokens and the weights read in place.  16-bit GEMMs
+        return 16-bit results (torch's CPU matmul has no fp32 output for them); the
+        activation, biases, routed weights and sums are fp32."""
+        K = weights.shape[1]
+        flat_weights = weights.view(-1)
+        pairs = big.pairs.split(big.counts)
+        for e, p in zip(big.experts, pairs):
+            tok = p // K
+            xs = x.index_select(0, tok)
+            gate_up = torch.mm(xs, experts.w13[e].t()).float()
+            if experts.b13 is not None:
+                gate_up += experts.b13[e].float()
+            h = apply_activation(gate_up, self.activation).to(x.dtype)
+            y = torch.mm(h, experts.w2[e].t()).float()
+            if experts.b2 is not None:
+                y += experts.b2[e].float()
+            y *= flat_weights[p].unsqueeze(1)
+            acc.index_add_(0, tok, y)
 
     def _forward_torch(
         self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, experts: ExpertWeights

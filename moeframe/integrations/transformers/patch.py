@@ -133,21 +133,34 @@ _BLOCKS: dict[str, _BlockSpec] = {
 
 
 # -- recording router logits as transformers does ----------------------------------------------------
+_collector: list[Any] = []
+
+
 def _recording_router_logits() -> bool:
     """Whether transformers is collecting router logits right now (``output_router_logits``)."""
-    try:
-        from transformers.utils.output_capturing import _active_collector
-    except ImportError:  # pragma: no cover - another transformers layout: keep recording correct
+    if not _collector:
+        try:
+            from transformers.utils.output_capturing import _active_collector
+        except ImportError:  # pragma: no cover - another transformers layout: record always, correctly
+            _active_collector = None
+        _collector.append(_active_collector)
+    if _collector[0] is None:  # pragma: no cover
         return True
-    collected = _active_collector.get()
+    collected = _collector[0].get()
     return collected is not None and "router_logits" in collected
 
 
-def _get_tensor(module: torch.nn.Module, path: str) -> torch.Tensor:
+def _holder(module: torch.nn.Module, path: str) -> tuple[torch.nn.Module, str]:
+    """The module that holds the tensor at ``path`` and the tensor's name in it."""
     *parents, leaf = path.split(".")
     for p in parents:
         module = getattr(module, p)
-    return getattr(module, leaf)
+    return module, leaf
+
+
+def _get_tensor(module: torch.nn.Module, path: str) -> torch.Tensor:
+    holder, leaf = _holder(module, path)
+    return getattr(holder, leaf)
 
 
 @attrs.frozen
@@ -180,6 +193,7 @@ class PatchedLayer(torch.nn.Module):
         self._config = config
         self._parallel = parallel
         self._sources = {name: _Source(paths, convert) for name, (paths, convert) in self._spec.tensors(config).items()}
+        self._watch: list[tuple[torch.nn.Module, str, bool]] = []
         self._signature: tuple[Any, ...] = ()
         self._shared_bytes = 0
         self._copied_bytes = 0
@@ -190,13 +204,20 @@ class PatchedLayer(torch.nn.Module):
     def _hf_tensors(self) -> dict[str, tuple[torch.Tensor, ...]]:
         return {name: tuple(_get_tensor(self, p) for p in src.paths) for name, src in self._sources.items()}
 
-    def _current_signature(self, hf: Mapping[str, tuple[torch.Tensor, ...]] | None = None) -> tuple[Any, ...]:
-        hf = hf if hf is not None else self._hf_tensors()
-        sig = []
-        for name, tensors in hf.items():
-            converted = self._sources[name].convert is not None
-            for t in tensors:
-                sig.append((t.data_ptr(), t.dtype, t.device, t._version if converted else 0))
+    def _current_signature(self) -> tuple[Any, ...]:
+        """What identifies the HF tensors the layer was built from: their storage (moved by
+        ``.to``, replaced by a new tensor) and, for the converted ones, their version
+        counter (bumped by in-place writes such as ``load_state_dict``)."""
+        sig: list[Any] = []
+        for holder, leaf, converted in self._watch:
+            t = holder._parameters.get(leaf)
+            if t is None:
+                t = holder._buffers.get(leaf)
+            if t is None:  # removed: rebuild, which names what is missing
+                return ()
+            sig += (t.data_ptr(), t.dtype, t.get_device())
+            if converted:
+                sig.append(t._version)
         return tuple(sig)
 
     def _build(self) -> None:
@@ -231,7 +252,9 @@ class PatchedLayer(torch.nn.Module):
                 copied_names.append(name)
         self._shared_bytes, self._copied_bytes, self._copied = shared, copied, tuple(copied_names)
         self._config = config
-        self._signature = self._current_signature(hf)
+        self._watch = [(*_holder(self, path), src.convert is not None)
+                       for src in self._sources.values() for path in src.paths]
+        self._signature = self._current_signature()
 
     def _layer(self) -> Any:
         if self._current_signature() != self._signature:

@@ -508,3 +508,18 @@ def test_dev_sh_run_installs_only_what_running_needs_and_the_readme_says_what_it
     quick_start = readme[readme.index("## Quick start"):readme.index("## What is in the box")]
     assert f"{DEFAULT_TOKENS} tokens" in quick_start and f"{repeat} timed repeats" in quick_start
     assert "--tokens 64 --repeat 3" not in quick_start
+
+
+def test_a_misspelled_allow_list_name_warns_and_unknown_names_mention_the_list(capfd, monkeypatch, fake_dists):
+    fake_dists.add("moeframe-triton-like", "0.1", {"tl_plugin": """
+        from moeframe import Strategy, hookimpl
+        @hookimpl
+        def register_kernels():
+            return [Strategy("tl", "moeframe.kernels.torch_reference:TorchReferenceKernel", "a copy")]
+    """}, {"tl": "tl_plugin"})
+    monkeypatch.setenv("MOEFRAME_PLUGINS", "moeframe-triton-lik")
+    code, _, err = cli(capfd, "run", "mixtral", "--tokens", "1", "--set", "stack.kernel=tl")
+    assert code == 2
+    warning = [ln for ln in err.splitlines() if ln.startswith("moeframe: warning: MOEFRAME_PLUGINS")]
+    assert len(warning) == 1 and "'moeframe-triton-lik'" in warning[0] and "did you mean 'moeframe-triton-like'?" in warning[0]
+    assert "unknown kernel 'tl'" in one_line_error(err) and "MOEFRAME_PLUGINS allows only moeframe-triton-lik" in err

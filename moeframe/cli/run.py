@@ -209,6 +209,7 @@ def execute(args: argparse.Namespace) -> dict[str, Any]:
 
     from moeframe.cli.common import resolve_device
     from moeframe.integrations.transformers.checkpoint import load_checkpoint_weights
+    from moeframe.composer import reference_config
     from moeframe.layer import MoELayer, describe_layer
     from moeframe.memory import Need, activation_bytes, check_fits
     from moeframe.numerics import compare, count_nonfinite
@@ -226,7 +227,8 @@ def execute(args: argparse.Namespace) -> dict[str, Any]:
     num_tokens = counts[parallel.dp_rank] if len(counts) > 1 else counts[0]
     # what this run is about to allocate, from the shapes alone, checked before any of it is
     plan = describe_layer(config, device=device, parallel=parallel)
-    reference_weights = describe_layer(config, device=device)["weight_bytes"] if parallel.distributed else plan["weight_bytes"]
+    reference_weights = (describe_layer(reference_config(config), device=device)["weight_bytes"] if parallel.distributed
+                         else plan["weight_bytes"])
     m = model
     check_fits([
         *(Need(n["what"], n["nbytes"], n["keys"]) for n in plan["needs"]),
@@ -357,8 +359,7 @@ def _extra_reports(layer: Any) -> dict[str, Any]:
     """Reports that parts of the stack offer (a wrapper's statistics, say)."""
     out: dict[str, Any] = {}
     for part in layer.stack.parts:
-        report = getattr(part.instance, "report", None)
-        value = report() if callable(report) else None
+        value = part.instance.report()
         if value is not None:
             out[part.entry.name] = value
     return out

@@ -34,6 +34,7 @@ import torch
 
 from moeframe.config import option
 from moeframe.kernels import ExpertWeights, Kernel, expert_mlp
+from moeframe.kernels.activations import apply_activation
 
 if TYPE_CHECKING:
     from moeframe.config import ModelConfig

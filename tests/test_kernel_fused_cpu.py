@@ -295,3 +295,26 @@ def test_cache_dir_expands_the_home_folder(monkeypatch):
 
     monkeypatch.setenv("MOEFRAME_CACHE_DIR", "~/moeframe-cache")
     assert cache_dir() == Path.home() / "moeframe-cache"
+
+
+def test_inputs_the_native_core_does_not_take_are_not_a_silent_slow_path(native):
+    """Non-contiguous weights: 'auto' warns once (the reason) and runs the torch path;
+    'native' refuses in one line."""
+    case = KernelCase("silu", True, False, "float32", 9, num_experts=4, top_k=2, hidden_size=32, intermediate_size=16)
+    inputs = make_case_inputs(case)
+    ex = inputs["experts"]
+    inputs["experts"] = ex._replace(w13=ex.w13.transpose(1, 2).contiguous().transpose(1, 2))
+    assert not inputs["experts"].w13.is_contiguous()
+    kernel = make(case, "native")
+    with pytest.raises(ValueError, match="native core does not take these inputs: w13 is not contiguous"):
+        kernel(**inputs)
+    auto = FusedCpuKernel(kernel_context(case.model()), FusedCpuParams())
+    with pytest.warns(UserWarning, match=r"native core does not take these inputs \(w13 is not contiguous"):
+        out = auto(**inputs)
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        again = auto(**inputs)  # once per reason
+    expected = TorchReferenceKernel(kernel_context(case.model()), None)(**inputs)
+    assert compare(out, expected, tolerance_for(case.dtype)).ok and torch.equal(out, again)

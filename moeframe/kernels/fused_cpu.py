@@ -125,6 +125,7 @@ class FusedCpuKernel(Kernel):
         # the op (moeframe::fused_cpu_experts) finds this kernel by this key
         self._op_key = f"fused_cpu-{next(_OP_KEYS)}"
         _LIVE_KERNELS[self._op_key] = self
+        self._misfits_warned: set[str] = set()
         if params.backend != "torch":
             from moeframe.kernels._fused_cpu_native import NativeUnavailable, load_native
 
@@ -181,19 +182,38 @@ class FusedCpuKernel(Kernel):
     def _compute(
         self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, experts: ExpertWeights
     ) -> torch.Tensor:
-        """The op's implementation for this kernel: the native core where it fits, else torch."""
-        if self._native is not None and self._native_fits(hidden_states, experts):
+        """The op's implementation for this kernel: the native core where it takes the
+        inputs, else torch (a warning says why, once per reason; an error with
+        ``backend = "native"``)."""
+        if self._native is None:
+            return self._forward_torch(hidden_states, topk_weights, topk_ids, experts)
+        misfit = self._native_misfit(hidden_states, experts)
+        if misfit is None:
             return self._forward_native(hidden_states, topk_weights, topk_ids, experts)
+        if self.params.backend == "native":
+            raise ValueError(f"fused_cpu (backend = 'native'): the native core does not take these inputs: {misfit}")
+        if misfit not in self._misfits_warned:
+            self._misfits_warned.add(misfit)
+            warnings.warn(f"fused_cpu: the native core does not take these inputs ({misfit}); they run the torch path",
+                          stacklevel=2)
         return self._forward_torch(hidden_states, topk_weights, topk_ids, experts)
 
     @staticmethod
-    def _native_fits(x: torch.Tensor, experts: ExpertWeights) -> bool:
-        tensors = [x, experts.w13, experts.w2] + [t for t in (experts.b13, experts.b2) if t is not None]
-        return (
-            x.device.type == "cpu"
-            and x.dtype in _DTYPE_CODES
-            and all(t.dtype == x.dtype and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
-        )
+    def _native_misfit(x: torch.Tensor, experts: ExpertWeights) -> str | None:
+        """Why the native core cannot take these inputs, or ``None``."""
+        if x.device.type != "cpu":
+            return f"hidden_states on {x.device}"
+        if x.dtype not in _DTYPE_CODES:
+            return f"hidden_states in {x.dtype}"
+        named = {"w13": experts.w13, "w2": experts.w2, "b13": experts.b13, "b2": experts.b2}
+        for name, t in named.items():
+            if t is None:
+                continue
+            if t.device.type != "cpu" or t.dtype != x.dtype:
+                return f"{name} is {t.dtype} on {t.device}, hidden_states {x.dtype} on {x.device}"
+            if not t.is_contiguous():
+                return f"{name} is not contiguous (give the layer contiguous weights)"
+        return None
 
     def _forward_native(
         self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, experts: ExpertWeights

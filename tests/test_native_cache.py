@@ -232,8 +232,16 @@ def test_staging_is_a_fresh_private_directory(cache, cc, monkeypatch):
         return real_compile(spec, compiler, staging)
 
     monkeypatch.setattr(native_build, "_compile", spy)
+    cache.mkdir(mode=0o700)
+    filename = f"probe-{PROBE.key(cc[0], cc[1])}.so"
+    killed = cache / f".build-{filename}-abc123"  # left by a build that was killed
+    killed.mkdir()
+    (killed / "library.so").write_bytes(b"half")
+    other = cache / ".build-other.so-xyz"  # another library's build, maybe running now
+    other.mkdir()
     build(cc).close()
     assert seen == [(cache.resolve(), 0o700, [])]
+    assert not killed.exists() and other.exists()
     native_build._write_new(cache / "taken", b"x", 0o600)
     with pytest.raises(FileExistsError):
         native_build._write_new(cache / "taken", b"y", 0o600)

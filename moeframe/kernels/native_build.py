@@ -358,7 +358,11 @@ def _build_into(directory: Path, filename: str, spec: LibrarySpec, compiler: str
             return found
         if why:
             warnings.warn(f"moeframe: the cached library {target} is not loaded ({why}); rebuilding it", stacklevel=4)
-        staging = Path(tempfile.mkdtemp(prefix=".build-", dir=directory))
+        # staging directories of this library left by a build that was killed (we hold its lock)
+        for stale in directory.glob(f".build-{filename}-*"):
+            if stale.is_dir() and not stale.is_symlink():
+                shutil.rmtree(stale, ignore_errors=True)
+        staging = Path(tempfile.mkdtemp(prefix=f".build-{filename}-", dir=directory))
         try:
             library = _compile(spec, compiler, staging)
             fd = os.open(library, os.O_RDONLY | _NOFOLLOW | _CLOEXEC)

@@ -215,11 +215,14 @@ def test_report_lists_layers_stacks_and_shared_versus_copied_bytes():
     (block,) = report.blocks
     assert block.name == "model.layers.1.mlp" and block.layer == 1 and block.block == "DeepseekV3MoE"
     assert block.stack == ("chunking", "shared_experts", "default", "sigmoid_grouped_topk", "local", "torch")
-    # the router and the experts are the HF tensors; only the shared expert's fused gate/up is a copy
-    assert block.copied == ("shared.w13",)
-    assert block.copied_bytes == 2 * 32 * 32 * 4
-    experts = model.model.layers[1].mlp.experts
-    assert block.shared_bytes >= experts.gate_up_proj.nbytes + experts.down_proj.nbytes
+    # every tensor is the HF module's: the shared expert's gate and up rows were fused in
+    # place (HF's two weights became the halves of the layer's shared.w13)
+    assert block.copied == () and block.copied_bytes == 0
+    patched = model.model.layers[1].mlp
+    assert block.shared_bytes == sum(t.nbytes for t in patched.moe.tensors.values())
+    w13 = patched.moe.tensors["shared.w13"]
+    assert patched.shared_experts.gate_proj.weight.data_ptr() == w13.data_ptr()
+    assert patched.shared_experts.up_proj.weight.data_ptr() == w13[32:].data_ptr()
     text = str(report)
     assert "model.layers.1.mlp (DeepseekV3MoE): chunking > shared_experts > default" in text
     assert report.to_dict()["copied_bytes"] == block.copied_bytes
@@ -234,11 +237,12 @@ def test_experts_shared_with_the_hf_module_where_layouts_agree(family):
         w13 = patched.moe.tensors["experts.w13"]
         if family in CANONICAL:
             assert w13.data_ptr() == patched.experts.gate_up_proj.data_ptr()
-            assert not any(name.startswith(("experts.", "router.")) for name in block.copied)
+            assert block.copied == () and block.copied_bytes == 0
         else:  # GPT-OSS (interleaved, transposed) and Llama-4 (transposed): converted, reported
             assert w13.data_ptr() != patched.experts.gate_up_proj.data_ptr()
-            assert {"experts.w13", "experts.w2"} <= set(block.copied)
-            assert block.copied_bytes >= w13.nbytes
+            copied = {"experts.w13", "experts.w2"} | ({"experts.b13", "experts.b2"} if family == "gpt_oss" else set())
+            assert set(block.copied) == copied
+            assert block.copied_bytes == sum(patched.moe.tensors[n].nbytes for n in copied)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -274,9 +278,12 @@ def test_bf16_checkpoint_with_an_fp32_router_is_used_as_loaded(tmp_path):
     assert_close(patched.logits, reference.logits, torch.bfloat16)
 
 
-def test_load_state_dict_and_to_dtype_reach_the_patched_layers():
-    model = tiny_model("gpt_oss")  # converted experts: a copy that must follow the HF tensors
-    other = tiny_model("gpt_oss", seed=5)
+@pytest.mark.parametrize("family", ["gpt_oss", "qwen2_moe"])
+def test_load_state_dict_and_to_dtype_reach_the_patched_layers(family):
+    # GPT-OSS: converted experts, a copy that must follow the HF tensors; Qwen2-MoE: the
+    # shared expert's rows fused in place, which .to() splits again
+    model = tiny_model(family)
+    other = tiny_model(family, seed=5)
     x = tiny_inputs()
     patch_model(model)
     model.load_state_dict(other.state_dict())

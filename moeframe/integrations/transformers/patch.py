@@ -9,8 +9,9 @@ overrides, and puts a :class:`PatchedLayer` in the block's place.  The patched b
   layout, and a plain ``from_pretrained`` reads what a patched model saved;
 * hands the layer the HF tensors themselves where the layouts agree (router, fused
   ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]``): one copy of the experts.
-  Other layouts (GPT-OSS's transposed, interleaved experts; Llama-4's transposed ones;
-  the shared experts' separate gate and up projections) are converted once, reported as
+  The shared experts' separate gate and up projections are fused in place (HF's two
+  weights become the halves of one tensor).  Other layouts (GPT-OSS's transposed,
+  interleaved experts; Llama-4's transposed ones) are converted once, reported as
   copied, and converted again when the HF tensors change (``load_state_dict``, ``.to``);
 * keeps the block's call convention (GPT-OSS returns ``(out, router_scores)``, Llama-4
   ``(out, router_logits)``);
@@ -59,8 +60,25 @@ class _BlockSpec:
     tensors: Callable[[Config], dict[str, tuple[tuple[str, ...], Callable[..., torch.Tensor] | None]]]
 
 
-def _cat_rows(*tensors: torch.Tensor) -> torch.Tensor:
-    return torch.cat(tensors, dim=0)
+def _fuse_rows_in_place(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``[gate; up]`` as one ``[2I, H]`` tensor whose two halves ARE the HF weights.
+
+    The first time, the two weights are concatenated and the HF parameters' data become
+    the two halves (views, same values and names, so the state dict is unchanged); later,
+    when they still are the halves of one tensor, that tensor is returned as it is."""
+    rows = gate.shape[0]
+    if (gate.dtype == up.dtype and gate.device == up.device and gate.is_contiguous() and up.is_contiguous()
+            and gate.shape == up.shape and gate.untyped_storage().data_ptr() == up.untyped_storage().data_ptr()
+            and up.storage_offset() == gate.storage_offset() + gate.numel()):
+        fused = gate.new_empty(0)
+        return fused.set_(gate.untyped_storage(), gate.storage_offset(), (2 * rows, *gate.shape[1:]))
+    fused = torch.cat([gate.detach(), up.detach()], dim=0)
+    gate.data = fused[:rows]
+    up.data = fused[rows:]
+    return fused
+
+
+_fuse_rows_in_place.in_place = True  # type: ignore[attr-defined]
 
 
 def _transpose(t: torch.Tensor) -> torch.Tensor:
@@ -72,7 +90,7 @@ def _shared(prefix: str, gate: str | None) -> Callable[[Config], dict[str, Any]]
         if not any(w.name == "shared_experts" for w in config.stack.wrappers):
             return {}
         out: dict[str, Any] = {
-            "shared.w13": ((f"{prefix}.gate_proj.weight", f"{prefix}.up_proj.weight"), _cat_rows),
+            "shared.w13": ((f"{prefix}.gate_proj.weight", f"{prefix}.up_proj.weight"), _fuse_rows_in_place),
             "shared.w2": ((f"{prefix}.down_proj.weight",), None),
         }
         if gate is not None and any(w.name == "shared_experts" and w.params.gated for w in config.stack.wrappers):
@@ -165,10 +183,16 @@ def _get_tensor(module: torch.nn.Module, path: str) -> torch.Tensor:
 
 @attrs.frozen
 class _Source:
-    """Where one moeframe tensor comes from."""
+    """Where one moeframe tensor comes from: the HF tensors at ``paths``, used as they are
+    (``convert`` None), rearranged in place (the HF tensors become views of the result),
+    or converted into a copy."""
 
     paths: tuple[str, ...]
     convert: Callable[..., torch.Tensor] | None
+
+    @property
+    def copies(self) -> bool:
+        return self.convert is not None and not getattr(self.convert, "in_place", False)
 
 
 # -- the patched block ---------------------------------------------------------------------------------
@@ -243,7 +267,7 @@ class PatchedLayer(torch.nn.Module):
         copied_names = []
         for name, tensor in layer.tensors.items():
             src = self._sources.get(name)
-            same = src is not None and src.convert is None and tensor.data_ptr() == hf[name][0].data_ptr()
+            same = src is not None and not src.copies and tensor.data_ptr() == _get_tensor(self, src.paths[0]).data_ptr()
             nbytes = tensor.numel() * tensor.element_size()
             if same:
                 shared += nbytes
@@ -252,7 +276,7 @@ class PatchedLayer(torch.nn.Module):
                 copied_names.append(name)
         self._shared_bytes, self._copied_bytes, self._copied = shared, copied, tuple(copied_names)
         self._config = config
-        self._watch = [(*_holder(self, path), src.convert is not None)
+        self._watch = [(*_holder(self, path), src.copies)
                        for src in self._sources.values() for path in src.paths]
         self._signature = self._current_signature()
 

@@ -35,7 +35,14 @@ def load_from_args(args: argparse.Namespace, extra: dict[str, Any] | None = None
     replaces the list, with a warning naming the wrappers it drops."""
     from moeframe.integrations.transformers.checkpoint import config_from_args
 
-    checkpoint = config_from_args(args, extra)  # None unless CONFIG is a checkpoint directory
+    from moeframe.config import list_presets
+
+    text = str(args.config)
+    bare_preset = text in list_presets() and "/" not in text and not text.endswith(".toml")
+    # a preset's name is the preset even when a folder of that name sits here (./NAME is the folder)
+    if bare_preset and getattr(args, "layer", None) is not None:
+        raise InputError(f"--layer applies to a transformers checkpoint directory as CONFIG, not to the preset {text!r}")
+    checkpoint = None if bare_preset else config_from_args(args, extra)  # None unless CONFIG is a checkpoint directory
     if checkpoint is not None:
         return checkpoint
     overrides = _expand_appends(args.config, list(args.overrides))

@@ -41,8 +41,9 @@ LOGITS_TOLERANCE = {
     torch.float32: Tolerance(atol=1e-4, rtol=1e-4, scale_rtol=1e-5),
     torch.bfloat16: Tolerance(atol=4e-2, rtol=2e-2, scale_rtol=1e-2),
 }
-#: the families whose experts layout is moeframe's (shared, never copied)
-CANONICAL = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3")
+#: the families whose experts moeframe holds without a copy: the same layout, or (Llama-4)
+#: a transposition that the HF parameter takes as a view
+SHARED = ("mixtral", "qwen2_moe", "qwen3_moe", "deepseek_v3", "llama4")
 
 
 def run(model, x, **kwargs):
@@ -235,12 +236,14 @@ def test_experts_shared_with_the_hf_module_where_layouts_agree(family):
     for block in report.blocks:
         patched = model.get_submodule(block.name)
         w13 = patched.moe.tensors["experts.w13"]
-        if family in CANONICAL:
+        if family in SHARED:
             assert w13.data_ptr() == patched.experts.gate_up_proj.data_ptr()
             assert block.copied == () and block.copied_bytes == 0
-        else:  # GPT-OSS (interleaved, transposed) and Llama-4 (transposed): converted, reported
+            if family == "llama4":  # the HF weight is now a transposed view of the layer's
+                assert torch.equal(patched.experts.gate_up_proj, w13.transpose(1, 2))
+        else:  # GPT-OSS (interleaved and transposed: no view expresses it): converted, reported
             assert w13.data_ptr() != patched.experts.gate_up_proj.data_ptr()
-            copied = {"experts.w13", "experts.w2"} | ({"experts.b13", "experts.b2"} if family == "gpt_oss" else set())
+            copied = {"experts.w13", "experts.w2", "experts.b13", "experts.b2"}
             assert set(block.copied) == copied
             assert block.copied_bytes == sum(patched.moe.tensors[n].nbytes for n in copied)
 
@@ -278,10 +281,11 @@ def test_bf16_checkpoint_with_an_fp32_router_is_used_as_loaded(tmp_path):
     assert_close(patched.logits, reference.logits, torch.bfloat16)
 
 
-@pytest.mark.parametrize("family", ["gpt_oss", "qwen2_moe"])
+@pytest.mark.parametrize("family", ["gpt_oss", "qwen2_moe", "llama4"])
 def test_load_state_dict_and_to_dtype_reach_the_patched_layers(family):
     # GPT-OSS: converted experts, a copy that must follow the HF tensors; Qwen2-MoE: the
-    # shared expert's rows fused in place, which .to() splits again
+    # shared expert's rows fused in place, which .to() splits again; Llama-4: experts
+    # transposed in place
     model = tiny_model(family)
     other = tiny_model(family, seed=5)
     x = tiny_inputs()

@@ -9,10 +9,12 @@ overrides, and puts a :class:`PatchedLayer` in the block's place.  The patched b
   layout, and a plain ``from_pretrained`` reads what a patched model saved;
 * hands the layer the HF tensors themselves where the layouts agree (router, fused
   ``gate_up_proj [E, 2I, H]`` and ``down_proj [E, H, I]``): one copy of the experts.
-  The shared experts' separate gate and up projections are fused in place (HF's two
-  weights become the halves of one tensor).  Other layouts (GPT-OSS's transposed,
-  interleaved experts; Llama-4's transposed ones) are converted once, reported as
-  copied, and converted again when the HF tensors change (``load_state_dict``, ``.to``);
+  Layouts that differ by a transposition (Llama-4's experts) or a concatenation (the
+  shared experts' separate gate and up projections) are rearranged in place: the HF
+  parameters become views of the layer's tensors (same values, same state dict).
+  GPT-OSS's experts (transposed, gate/up interleaved: no view can express it) are
+  converted once, reported as copied, and converted again when the HF tensors change
+  (``load_state_dict``, ``.to``);
 * keeps the block's call convention (GPT-OSS returns ``(out, router_scores)``, Llama-4
   ``(out, router_logits)``);
 * keeps HF's router-logit recording: while transformers records router logits
@@ -81,8 +83,21 @@ def _fuse_rows_in_place(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 _fuse_rows_in_place.in_place = True  # type: ignore[attr-defined]
 
 
-def _transpose(t: torch.Tensor) -> torch.Tensor:
-    return t.transpose(1, 2).contiguous()
+def _transpose_in_place(t: torch.Tensor) -> torch.Tensor:
+    """``t.transpose(1, 2)`` as a contiguous tensor that the HF weight IS a view of.
+
+    The first time, the transposed copy is made and the HF parameter's data becomes its
+    transposed view (same values and shape, so the state dict is unchanged); later, when
+    it still is such a view, the contiguous tensor under it is returned as it is."""
+    flipped = t.detach().transpose(1, 2)
+    if flipped.is_contiguous():
+        return flipped
+    flipped = flipped.contiguous()
+    t.data = flipped.transpose(1, 2)
+    return flipped
+
+
+_transpose_in_place.in_place = True  # type: ignore[attr-defined]
 
 
 def _shared(prefix: str, gate: str | None) -> Callable[[Config], dict[str, Any]]:
@@ -131,8 +146,8 @@ def _gpt_oss_tensors(config: Config) -> dict[str, Any]:
 def _llama4_tensors(config: Config) -> dict[str, Any]:
     return {
         "router.weight": (("router.weight",), None),
-        "experts.w13": (("experts.gate_up_proj",), _transpose),
-        "experts.w2": (("experts.down_proj",), _transpose),
+        "experts.w13": (("experts.gate_up_proj",), _transpose_in_place),
+        "experts.w2": (("experts.down_proj",), _transpose_in_place),
         **_shared("shared_expert", None)(config),
     }
 

@@ -376,6 +376,8 @@ def test_bad_overrides():
         patch_model(model, overrides={"stack.wrapers": ["chunking"]})
     with pytest.raises(UserError, match=r"model\.num_experts comes from the transformers model"):
         patch_model(model, overrides={"model.num_experts": 4})
+    with pytest.raises(ConfigError, match=r"ep_size \(2\) \* tp_size \(1\) must equal the number of ranks, but this is one process"):
+        patch_model(model, overrides={"parallel.ep_size": 2})
     assert not any(isinstance(m, PatchedLayer) for m in model.modules())
 
 

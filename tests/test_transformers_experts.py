@@ -7,6 +7,7 @@ are compared with transformers' default implementation and greedy generation wit
 
 from __future__ import annotations
 
+import json
 import sys
 import warnings
 from pathlib import Path
@@ -288,3 +289,59 @@ def test_kernel_for_key():
     assert hf_experts.kernel_for_key("moeframe:torch") == "torch"
     with pytest.raises(moeframe.UserError, match=r"did you mean 'moeframe:torch'"):
         hf_experts.kernel_for_key("moeframe:troch")
+
+
+# -- the end-to-end benchmark (section 4): it runs, checks tokens and writes its table -----------------
+TINY_E2E = ["--layers", "2", "--hidden", "64", "--experts", "8", "--top-k", "2", "--intermediate", "32",
+            "--vocab", "128", "--heads", "4", "--kv-heads", "2", "--prompt", "12", "--new-tokens", "3", "--repeat", "1"]
+
+
+def test_e2e_benchmark_runs_every_path_and_writes_its_section(tmp_path, capsys):
+    from moeframe.bench import e2e
+
+    page = tmp_path / "performance.md"
+    page.write_text(f"# Performance\n\nintro\n\n{e2e.MARKDOWN_BEGIN}\nold table\n{e2e.MARKDOWN_END}\n\n## after\n")
+    out_json = tmp_path / "e2e.json"
+    assert e2e.main([*TINY_E2E, "--dtype", "float32", "--profile", "--json", str(out_json), "--markdown", str(page)]) == 0
+    result = json.loads(out_json.read_text())
+    section = result["dtypes"]["float32"]
+    assert set(section["paths"]) == set(e2e.HF_PATHS + e2e.MOEFRAME_PATHS)
+    assert len(section["reference_tokens"]) == 4  # the prefill's token and 3 decode steps
+    for name, entry in section["paths"].items():
+        assert entry["identical"], name  # fp32: the same greedy tokens on every path
+        assert len(entry["decode"]) == 1
+        assert len(entry["prefill"]) == (0 if name == "batched_mm" else 1)
+    assert "prefill_skipped" in section["paths"]["batched_mm"]
+    assert section["best_hf_prefill"] in ("eager", "grouped_mm")
+    assert set(section["profile"]) >= {"patch_model(fused_cpu)"}
+    text = page.read_text()
+    assert "old table" not in text and text.startswith("# Performance\n\nintro\n") and text.endswith("## after\n")
+    assert "| float32 | patch_model(fused_cpu) |" in text and "not measured" in text  # batched_mm's prefill
+    assert "| float32 | patch_model(fused_cpu) |" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--dtype", "float64"], "--dtype: unknown dtype 'float64'"),
+        (["--paths", "grouped"], "--paths: unknown path 'grouped'; did you mean 'grouped_mm'?"),
+        (["--heads", "5"], "--hidden (64) must divide by --heads (5)"),
+        (["--top-k", "9"], "--top-k (9) must be <= --experts (8)"),
+        (["--json", "/nonexistent-dir/e2e.json"], "the folder '/nonexistent-dir' does not exist"),
+    ],
+)
+def test_e2e_benchmark_bad_options_are_one_line_exit_2(args, message, capsys):
+    from moeframe.bench import e2e
+
+    assert e2e.main([*TINY_E2E, *args]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"moeframe: error: {err.removeprefix('moeframe: error: ')}" and message in err and "\n" not in err
+
+
+def test_e2e_benchmark_refuses_zero_repeats(capsys):
+    from moeframe.bench import e2e
+
+    with pytest.raises(SystemExit) as info:
+        e2e.main([*TINY_E2E, "--repeat", "0"])
+    assert info.value.code == 2
+    assert "--repeat: must be >= 1" in capsys.readouterr().err

@@ -266,14 +266,14 @@ class PatchedLayer(torch.nn.Module):
         experts = hf["experts.w2"][0]
         dtype = str(experts.dtype).removeprefix("torch.")
         config = self._config
-        if config.model.dtype != dtype:
-            config = config.evolve({"model.dtype": dtype})
-        tensors: dict[str, torch.Tensor] = {}
-        with torch.no_grad():
-            for name, src in self._sources.items():
-                parts = hf[name]
-                tensors[name] = src.convert(*parts) if src.convert is not None else parts[0].detach()
         try:
+            if config.model.dtype != dtype:
+                config = config.evolve({"model.dtype": dtype})
+            tensors: dict[str, torch.Tensor] = {}
+            with torch.no_grad():
+                for name, src in self._sources.items():
+                    parts = hf[name]
+                    tensors[name] = src.convert(*parts) if src.convert is not None else parts[0].detach()
             layer = MoELayer(config, device=experts.device, parallel=self._parallel, tensors=tensors)
         except UserError as exc:
             raise type(exc)(f"{self.where}: {exc}") from None
@@ -305,15 +305,19 @@ class PatchedLayer(torch.nn.Module):
         layer = self._layer()
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1])
-        logits = None
+        logits = scores = None
         if _recording_router_logits():
             router_out = getattr(self, self._spec.router)(x)  # HF's router: its hooks record its output
             logits = router_out[self._spec.logits_index]
+            if self._spec.returns == "scores":
+                scores = router_out[1]
         elif self._spec.returns != "plain":
             logits = layer.router_logits(x)
         out = layer(x, router_logits=logits).view(shape)
         if self._spec.returns == "scores":
-            return out, layer.stack.router.select(logits, layer.tensors).weights
+            if scores is None:
+                scores = layer.stack.router.select(logits, layer.tensors).weights
+            return out, scores
         if self._spec.returns == "logits":
             return out, logits
         return out

@@ -305,7 +305,7 @@ def test_e2e_benchmark_runs_every_path_and_writes_its_section(tmp_path, capsys):
     assert e2e.main([*TINY_E2E, "--dtype", "float32", "--profile", "--json", str(out_json), "--markdown", str(page)]) == 0
     result = json.loads(out_json.read_text())
     section = result["dtypes"]["float32"]
-    assert set(section["paths"]) == set(e2e.HF_PATHS + e2e.MOEFRAME_PATHS)
+    assert set(section["paths"]) == set(e2e.HF_PATHS + e2e.OWN_PATHS)
     assert len(section["reference_tokens"]) == 4  # the prefill's token and 3 decode steps
     for name, entry in section["paths"].items():
         assert entry["identical"], name  # fp32: the same greedy tokens on every path

@@ -40,7 +40,7 @@ __all__ = ["E2EOptions", "build_model", "run_e2e", "markdown_table", "main"]
 
 #: transformers' experts implementations measured (batched_mm: decode only, see the module docstring)
 HF_PATHS = ("eager", "grouped_mm", "batched_mm")
-MOEFRAME_PATHS = ("moeframe:fused_cpu", "patch_model(fused_cpu)")
+OWN_PATHS = ("moeframe:fused_cpu", "patch_model(fused_cpu)")
 MARKDOWN_BEGIN = "<!-- e2e:begin -->"
 MARKDOWN_END = "<!-- e2e:end -->"
 
@@ -71,7 +71,7 @@ class E2EOptions:
         self.intermediate, self.vocab, self.heads, self.kv_heads = intermediate, vocab, heads, kv_heads
         self.prompt, self.new_tokens, self.dtypes, self.repeat = prompt, new_tokens, tuple(dtypes), repeat
         self.seed, self.profile = seed, profile
-        self.paths = tuple(paths) if paths else HF_PATHS + MOEFRAME_PATHS
+        self.paths = tuple(paths) if paths else HF_PATHS + OWN_PATHS
 
     def as_dict(self) -> dict[str, Any]:
         return dict(vars(self))
@@ -412,7 +412,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="float32,bfloat16", help="comma-separated dtypes (default float32,bfloat16)")
     p.add_argument("--repeat", type=_positive, default=5, help="timed rounds (default 5)")
     p.add_argument("--paths", default=None,
-                   help=f"comma-separated experts paths (default: {','.join(HF_PATHS + MOEFRAME_PATHS)})")
+                   help=f"comma-separated experts paths (default: {','.join(HF_PATHS + OWN_PATHS)})")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the prompt (default 0)")
     p.add_argument("--profile", action="store_true", help="add torch.profiler's top ops of the patched model and the best HF path")
     p.add_argument("--json", type=Path, metavar="FILE", help="write the full result as JSON to FILE")
@@ -433,7 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not dtypes or bad:
             raise UserError(f"--dtype: unknown dtype {bad[0] if bad else args.dtype!r}; choose from {', '.join(DTYPES)}")
         paths = [p.strip() for p in args.paths.split(",") if p.strip()] if args.paths else None
-        known = HF_PATHS + MOEFRAME_PATHS
+        known = HF_PATHS + OWN_PATHS
         for path in paths or ():
             if path not in known:
                 from moeframe.errors import did_you_mean

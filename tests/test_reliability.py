@@ -524,3 +524,9 @@ def test_a_misspelled_allow_list_name_warns_and_unknown_names_mention_the_list(c
     warning = [ln for ln in err.splitlines() if ln.startswith("moeframe: warning: MOEFRAME_PLUGINS")]
     assert len(warning) == 1 and "'moeframe-triton-lik'" in warning[0] and "did you mean 'moeframe-triton-like'?" in warning[0]
     assert "unknown kernel 'tl'" in one_line_error(err) and "MOEFRAME_PLUGINS allows only moeframe-triton-lik" in err
+
+
+def test_nproc_checks_the_ranks_memory_together_before_starting_them(capfd):
+    code, out, err = cli(capfd, "run", "qwen3-moe", "--nproc", "2", "--set", "model.intermediate_size=30000000")
+    line = one_line_error(err)
+    assert code == 2 and line.startswith("moeframe: error: run --nproc 2 needs about") and "--nproc=2" in line and out == ""

@@ -331,7 +331,22 @@ def launch(args: argparse.Namespace, argv: list[str]) -> int:
     check_options(args, config, args.nproc)
     from moeframe.cli.common import resolve_device
 
-    describe_layout(config, args.nproc, resolve_device(args.device))  # a stack that cannot be built fails here, once
+    device = resolve_device(args.device)
+    ranks = describe_layout(config, args.nproc, device)  # a stack that cannot be built fails here, once
+    if device.type == "cpu":  # the ranks share this machine's memory: check their sum before starting them
+        from moeframe.composer import reference_config
+        from moeframe.layer import describe_layer
+        from moeframe.memory import Need, activation_bytes, check_fits
+
+        counts = parse_tokens(args.tokens) if args.input is None else [check_input(args.input, config.model.hidden_size)]
+        reference = describe_layer(reference_config(config))["weight_bytes"]
+        m = config.model
+        check_fits([
+            Need("the ranks' weights and workspaces", sum(n["nbytes"] for r in ranks for n in r["needs"]), ranks[0]["needs"][0]["keys"]),
+            Need("each rank's reference weights", args.nproc * reference, f"--nproc={args.nproc}"),
+            Need("activations", args.nproc * activation_bytes(m, max(counts)),
+                 f"--tokens={max(counts)}, --nproc={args.nproc}, model.top_k={m.top_k}"),
+        ], device, f"run --nproc {args.nproc}")
     rest = []
     skip = False
     for a in argv:

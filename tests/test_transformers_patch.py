@@ -61,6 +61,15 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> No
     assert cmp.ok, (cmp.max_abs_error, cmp.max_rel_error)
 
 
+def test_importing_the_integration_does_not_import_transformers():
+    import subprocess
+
+    code = ("import sys, moeframe, moeframe.integrations.transformers as t; "
+            "moeframe.MoELayer('qwen3-moe'); print('transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
+
+
 # -- config_from_hf -------------------------------------------------------------------------
 def test_config_from_hf_maps_every_field():
     mixtral = config_from_hf(tiny_config("mixtral"))

@@ -163,12 +163,12 @@ def test_a_planted_library_with_the_wrong_hash_is_rebuilt_never_loaded(cache, cc
     assert load_probe(found) == 42 and not marker.exists() and compiles(cc[2]) == 2
 
 
-def test_a_library_owned_by_another_user_is_rebuilt_even_with_its_hash(cache, cc, other_uid):
-    found = build(cc)
-    found.close()
+def test_a_library_owned_by_another_user_is_rebuilt_even_with_its_hash(cache, cc):
     if os.getuid() != 0:
         pytest.skip("files cannot be given to another user without root")
-    other_uid(found.path)
+    found = build(cc)
+    found.close()
+    os.chown(found.path, 12345, -1)
     with pytest.warns(UserWarning, match="owned by uid 12345"):
         again = build(cc)
     assert load_probe(again) == 42 and os.lstat(again.path).st_uid == 0 and compiles(cc[2]) == 2
@@ -289,9 +289,10 @@ def read_only_prefix() -> tuple[str, ...]:
     if os.getuid() != 0:
         return ()
     setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        pytest.skip("root, and no setpriv to drop CAP_DAC_OVERRIDE: a read-only directory would be writable")
-    return (setpriv, "--bounding-set", "-dac_override,-dac_read_search,-fowner")
+    prefix = (setpriv, "--bounding-set", "-dac_override,-dac_read_search,-fowner") if setpriv else ()
+    if not prefix or subprocess.run([*prefix, "true"], capture_output=True).returncode != 0:
+        pytest.skip("root, and setpriv cannot drop CAP_DAC_OVERRIDE here: a read-only directory would be writable")
+    return prefix
 
 
 def test_a_read_only_cache_builds_once_into_the_private_directory(cache, cc, tmp_path):
@@ -326,11 +327,12 @@ def test_a_cache_that_cannot_be_created_builds_into_the_private_directory(tmp_pa
 
 
 @pytest.mark.parametrize("problem", ["world-writable", "another-user"])
-def test_an_unsafe_private_directory_is_refused(tmp_path, cc, monkeypatch, other_uid, problem):
+def test_an_unsafe_private_directory_is_refused(tmp_path, cc, monkeypatch, request, problem):
     (tmp_path / "a-file").write_text("")
     monkeypatch.setenv("MOEFRAME_CACHE_DIR", str(tmp_path / "a-file" / "cache"))
     monkeypatch.delenv("XDG_RUNTIME_DIR", raising=False)
     monkeypatch.setattr(native_build.tempfile, "gettempdir", lambda: str(tmp_path))
+    other_uid = request.getfixturevalue("other_uid") if problem == "another-user" else None
     private = native_build.private_dir()
     assert private == tmp_path / f"moeframe-{os.getuid()}"
     private.mkdir()
@@ -338,7 +340,8 @@ def test_an_unsafe_private_directory_is_refused(tmp_path, cc, monkeypatch, other
         private.chmod(0o777)
     else:
         other_uid(private)
-    with pytest.raises(NativeUnavailable, match="private build directory") as info:
+    why = "writable by group or others" if problem == "world-writable" else "owned by uid"
+    with pytest.raises(NativeUnavailable, match=f"private build directory .* is {why}") as info:
         build(cc)
     assert "\n" not in str(info.value) and compiles(cc[2]) == 0
 
@@ -385,6 +388,8 @@ def test_every_c_source_is_warning_free(tmp_path):
         flags = [f for f in variant.cflags if f not in ("-shared",)]
         proc = subprocess.run([cc, *flags, "-fsyntax-only", "-Wall", "-Wextra", "-Werror", str(variant.path)],
                               capture_output=True, text=True)
+        if proc.returncode != 0 and "unrecognized command-line option" in proc.stderr:
+            continue  # an older compiler that does not know this variant's instructions
         assert proc.returncode == 0, f"{variant.name}: {proc.stderr[:2000]}"
 
 

@@ -285,7 +285,7 @@ def test_explain_names_the_native_variant(native, capsys):
     from moeframe.kernels._fused_cpu_native import load_native
 
     assert main(["explain", "qwen3-moe", "--set", "stack.kernel=fused_cpu"]) == 0
-    assert f"fused_cpu (native {load_native().isa})" in capsys.readouterr().out
+    assert f"fused_cpu (native {load_native().isa}" in capsys.readouterr().out
 
 
 def test_cache_dir_expands_the_home_folder(monkeypatch):

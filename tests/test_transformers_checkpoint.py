@@ -280,3 +280,27 @@ def test_layer_option_needs_a_checkpoint_directory(capsys):
     assert main(["run", "qwen3-moe", "--layer", "1"]) == 2
     err = capsys.readouterr().err.strip()
     assert "--layer" in err and "checkpoint directory" in err and "\n" not in err
+
+
+def test_check_kernels_on_a_checkpoint_layer(saved, capsys):
+    _, dirs = saved["gpt_oss"]
+    args = ["check", str(dirs["sharded"]), "fused_cpu", "torch", "--layer", "1", "--tokens", "0,1,9",
+            "--dtype", "float32", "--dtype", "bfloat16", "--json"]
+    assert main(args) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["ok"]
+    assert [(k["kernel"], k["cases"], k["failed"]) for k in report["kernels"]] == [("fused_cpu", 6, []), ("torch", 6, [])]
+
+
+def test_check_layer_option_needs_a_checkpoint_directory(capsys):
+    assert main(["check", "fused_cpu", "--layer", "1"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--layer applies to a transformers checkpoint directory" in err and "\n" not in err
+
+
+def test_explain_a_checkpoint_layer(saved, capsys):
+    _, dirs = saved["qwen2_moe"]
+    assert main(["explain", str(dirs["unsharded"]), "--layer", "1", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["source"] == f"{dirs['unsharded']} (layer 1)"
+    assert info["config"]["model"]["num_experts"] == 8

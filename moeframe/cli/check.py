@@ -9,7 +9,11 @@ from moeframe.cli.common import add_json_argument, parse_int_list, print_json
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("check", help="check kernels against the torch reference kernel (the conformance kit)")
-    p.add_argument("kernels", nargs="*", metavar="KERNEL", help="kernels to check (default: every registered kernel)")
+    p.add_argument("kernels", nargs="*", metavar="KERNEL",
+                   help="kernels to check (default: every registered kernel); a transformers checkpoint directory given "
+                        "first checks them on one of its MoE layers, with its weights (see --layer)")
+    p.add_argument("--layer", type=int, default=None, metavar="N",
+                   help="with a checkpoint directory: the decoder layer whose MoE block to check on (default: the first MoE layer)")
     p.add_argument("--device", default="cpu", help="device (default cpu)")
     p.add_argument("--tokens", default="0,1,7,64", help="comma-separated token counts (default 0,1,7,64)")
     p.add_argument("--dtype", action="append", dest="dtypes", metavar="DTYPE", help="dtypes to check (default: all the kernel supports)")
@@ -36,13 +40,17 @@ def run(args: argparse.Namespace) -> int:
     for dtype in args.dtypes or ():
         if dtype not in DTYPE_NAMES:
             raise InputError(f"--dtype: unknown dtype {dtype!r}; choose from {', '.join(DTYPE_NAMES)}")
-    names = args.kernels or get_registry().names("kernel")
+    from moeframe.integrations.transformers.checkpoint import check_kernel_on_checkpoint, split_checkpoint_argument
+
+    checkpoint, kernels = split_checkpoint_argument(args.kernels, args.layer)
+    names = kernels or get_registry().names("kernel")
     for name in names:
         get_registry().get("kernel", name)  # unknown names fail before any work
     report = []
     failed = 0
     for name in names:
-        results = check_kernel(name, device, tokens, args.dtypes)
+        results = (check_kernel(name, device, tokens, args.dtypes) if checkpoint is None
+                   else check_kernel_on_checkpoint(name, checkpoint, args.layer, device, tokens, args.dtypes))
         bad = [r for r in results if not r.ok]
         failed += len(bad) + (not results)  # a kernel that no case fits has not passed anything
         report.append({

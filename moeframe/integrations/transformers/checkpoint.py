@@ -46,7 +46,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "BLOCKS", "BlockLayout", "is_checkpoint_dir", "read_hf_config", "hf_layer_config", "load_hf", "load_layer_weights",
-    "config_from_args", "load_checkpoint_weights",
+    "config_from_args", "load_checkpoint_weights", "split_checkpoint_argument", "check_kernel_on_checkpoint",
 ]
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -495,3 +495,71 @@ def load_checkpoint_weights(args: Any, layer: MoELayer) -> None:
     found = getattr(args, "hf_checkpoint", None)
     if found is not None:
         load_layer_weights(layer, *found)
+
+
+@attrs.frozen
+class CheckpointCase:
+    """One case of ``moeframe check HF_DIR``: a kernel on one layer of a checkpoint."""
+
+    layer: int
+    dtype: str
+    num_tokens: int
+
+    @property
+    def id(self) -> str:
+        return f"layer{self.layer}-{self.dtype}-T{self.num_tokens}"
+
+
+def split_checkpoint_argument(arguments: list[str], layer: int | None) -> tuple[Path | None, list[str]]:
+    """``moeframe check``'s positional arguments: (a checkpoint directory given first, or
+    None; the kernel names)."""
+    if arguments and Path(arguments[0]).is_dir():
+        return Path(arguments[0]), list(arguments[1:])
+    if layer is not None:
+        raise InputError("--layer applies to a transformers checkpoint directory given as the first argument "
+                         "(a directory with config.json), e.g. moeframe check HF_DIR fused_cpu --layer 1")
+    return None, list(arguments)
+
+
+def check_kernel_on_checkpoint(
+    name: str,
+    checkpoint_dir: str | Path,
+    layer: int | None,
+    device: torch.device | str,
+    token_counts: list[int],
+    dtypes: list[str] | None = None,
+) -> list[Any]:
+    """Kernel ``name`` on one MoE layer of a checkpoint (its weights, its router), against
+    the reference stack on the same weights, for each token count and dtype (default:
+    the checkpoint's).  A dtype or device the kernel does not support gives no case."""
+    from moeframe.cli.run import seeded_hidden_states
+    from moeframe.conformance import CaseResult
+    from moeframe.errors import StackError
+    from moeframe.layer import MoELayer
+    from moeframe.numerics import compare
+
+    results = []
+    for dtype in dtypes or [None]:
+        overrides: dict[str, Any] = {"stack.kernel": name}
+        if dtype is not None:
+            overrides["model.dtype"] = dtype
+        config, index = hf_layer_config(checkpoint_dir, layer, overrides=overrides)
+        try:
+            moe = MoELayer(config, device=device)
+        except StackError:
+            continue  # the kernel does not run this dtype or device: no case
+        load_layer_weights(moe, checkpoint_dir, index)
+        reference = moe.reference()
+        m = config.model
+        for num_tokens in token_counts:
+            case = CheckpointCase(index, m.dtype, num_tokens)
+            x = seeded_hidden_states(num_tokens, m.hidden_size, m.torch_dtype, moe.config.seed, device)
+            with torch.inference_mode():
+                try:
+                    out = moe(x)
+                except Exception as exc:  # report, do not stop the other cases
+                    results.append(CaseResult(case, None, f"{type(exc).__name__}: {exc}"))  # type: ignore[arg-type]
+                    continue
+                expected = reference(x)
+            results.append(CaseResult(case, compare(out, expected)))  # type: ignore[arg-type]
+    return results

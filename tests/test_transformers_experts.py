@@ -345,3 +345,12 @@ def test_e2e_benchmark_refuses_zero_repeats(capsys):
         e2e.main([*TINY_E2E, "--repeat", "0"])
     assert info.value.code == 2
     assert "--repeat: must be >= 1" in capsys.readouterr().err
+
+
+def test_a_model_made_under_inference_mode():
+    with torch.inference_mode():
+        model = tiny_model("gpt_oss")
+        x = tiny_inputs()
+        ref = _logits(model, "eager", x)
+        got = _logits(model, "moeframe:fused_cpu", x)
+    torch.testing.assert_close(got, ref, atol=1e-5, rtol=1e-5)

@@ -233,9 +233,15 @@ def _source_tensors(module: torch.nn.Module, layout: _Layout) -> list[torch.Tens
     return [getattr(module, n) for n in names]
 
 
+def _version(t: torch.Tensor) -> int:
+    """``t._version`` (it counts in-place writes); -1 for an inference tensor, which has no
+    counter (created under ``torch.inference_mode``)."""
+    return -1 if t.is_inference() else t._version
+
+
 def _fingerprint(tensors: list[torch.Tensor]) -> tuple[Any, ...]:
-    """Changes when a tensor is replaced or written in place (``_version`` counts writes)."""
-    return tuple((t.data_ptr(), t._version, tuple(t.shape), t.dtype) for t in tensors)
+    """Changes when a tensor is replaced or written in place."""
+    return tuple((t.data_ptr(), _version(t), tuple(t.shape), t.dtype) for t in tensors)
 
 
 def _canonical(module: torch.nn.Module, layout: _Layout) -> ExpertWeights:

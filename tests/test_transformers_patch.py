@@ -306,6 +306,15 @@ def test_load_state_dict_and_to_dtype_reach_the_patched_layers(family):
     assert_close(run(model, x).logits, run(other, x).logits, torch.bfloat16)
 
 
+def test_a_model_made_under_inference_mode_patches():
+    with torch.inference_mode():
+        model = tiny_model("gpt_oss")  # inference tensors: no version counter
+        x = tiny_inputs()
+        reference = model(x).logits
+        patch_model(model)
+        assert_close(model(x).logits, reference, torch.float32)
+
+
 def test_unpatch_restores_the_original_blocks():
     model = tiny_model("qwen2_moe")
     original = model.model.layers[1].mlp

@@ -246,7 +246,8 @@ class PatchedLayer(torch.nn.Module):
     def _current_signature(self) -> tuple[Any, ...]:
         """What identifies the HF tensors the layer was built from: their storage (moved by
         ``.to``, replaced by a new tensor) and, for the converted ones, their version
-        counter (bumped by in-place writes such as ``load_state_dict``)."""
+        counter (bumped by in-place writes such as ``load_state_dict``; inference tensors
+        have none, so an in-place write to them is not seen)."""
         sig: list[Any] = []
         for holder, leaf, converted in self._watch:
             t = holder._parameters.get(leaf)
@@ -256,7 +257,8 @@ class PatchedLayer(torch.nn.Module):
                 return ()
             sig += (t.data_ptr(), t.dtype, t.get_device())
             if converted:
-                sig.append(t._version)
+                # inference tensors (made under torch.inference_mode) keep no version counter
+                sig.append(-1 if t.is_inference() else t._version)
         return tuple(sig)
 
     def _build(self) -> None:

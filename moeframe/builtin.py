@@ -6,7 +6,8 @@ imports nothing beyond this module.
 
 from __future__ import annotations
 
-from moeframe.plugins import Capabilities, OrderingRules, Strategy, hookimpl
+from moeframe.plugins.hookspecs import hookimpl
+from moeframe.plugins.records import Capabilities, OrderingRules, Strategy
 
 ALL_DTYPES = ("float32", "bfloat16", "float16")
 
@@ -33,7 +34,7 @@ def register_kernels() -> list[Strategy]:
                  Capabilities(dtypes=ALL_DTYPES)),
         Strategy("fused_cpu", "moeframe.kernels.fused_cpu:FusedCpuKernel",
                  "fast CPU kernel: sort-and-group, fused gate/up GEMMs, decode and prefill paths, fp32 accumulation",
-                 Capabilities(dtypes=ALL_DTYPES, devices=("cpu",))),
+                 Capabilities(dtypes=ALL_DTYPES, devices=("cpu",), activations=("silu", "gelu", "swigluoai"))),
     ]
 
 

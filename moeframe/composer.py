@@ -3,25 +3,34 @@ parts do not fit.
 
 A stack is the wrappers (outermost first) around one runner, which uses one router, one
 dispatcher and one kernel.  Every check happens here, before any tensor is touched:
-capabilities (dtype, device, activation, biases, expert map), each part's own
-``check_stack``, and the wrappers' ordering rules.  A refusal is one
-:class:`~moeframe.errors.StackError` saying which rule failed and what would work.
+capabilities (dtype, device, activation, biases, expert map, distributed), each part's
+own :meth:`~moeframe.plugins.contract.StrategyBase.supports` given its own parameters,
+and the wrappers' ordering rules.  A refusal is one :class:`~moeframe.errors.StackError`
+naming the config's source and key, saying which rule failed and what would work.
 """
 
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
+from types import TracebackType
+from typing import Any, cast
 
 import attrs
 import torch
 
 from moeframe.config import Config, StrategyConfig, unstructure
 from moeframe.context import BuildContext
-from moeframe.errors import StackError
+from moeframe.dispatchers import Dispatcher
+from moeframe.errors import PluginError, StackError
+from moeframe.kernels import Kernel, KernelOutputError
 from moeframe.plugins import Entry, Registry, get_registry
-from moeframe.workspace import Workspace, layout_bytes
+from moeframe.plugins.contract import StrategyBase
+from moeframe.routers import Router
+from moeframe.runners import Runner
+from moeframe.weights import WeightSpec
+from moeframe.workspace import Workspace
+from moeframe.wrappers import Wrapper
 
 __all__ = ["Part", "Stack", "check_stack", "build_stack", "check_wrapper_order", "reference_config"]
 
@@ -33,7 +42,7 @@ class Part:
     kind: str
     entry: Entry
     params: Any
-    instance: Any
+    instance: StrategyBase
     workspace_bytes: int = 0
 
     def describe(self) -> dict[str, Any]:
@@ -44,7 +53,7 @@ class Part:
             "params": unstructure(self.params),
             "workspace_bytes": self.workspace_bytes,
         }
-        extra = self.instance.describe() if hasattr(self.instance, "describe") else {}
+        extra = self.instance.describe()
         if extra:
             out["details"] = extra
         return out
@@ -54,17 +63,27 @@ class Part:
 class Stack:
     """A composed stack: call :meth:`forward` like a runner."""
 
-    runner: Any
-    router: Any
-    kernel: Any
-    dispatcher: Any
+    #: the outermost part: the first wrapper, or the runner when there is none
+    runner: Runner
+    router: Router
+    kernel: Kernel
+    dispatcher: Dispatcher
     #: outermost first: the wrappers, the runner, then router, dispatcher, kernel
     parts: list[Part]
     #: the staging buffers the parts use (outputs never alias them)
     workspace: Workspace
 
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
-        out = self.runner.forward(hidden_states, router_logits)
+        """The stack's output for ``hidden_states [T, H]`` (a new tensor).
+
+        A part that exits (``sys.exit`` in plugin code) or a kernel that returns something
+        other than its ``[T, H]`` output is a :class:`~moeframe.errors.PluginError`
+        naming the part and its provider.
+        """
+        try:
+            out = self.runner.forward(hidden_states, router_logits)
+        except (SystemExit, KernelOutputError) as exc:
+            raise self._blame(exc) from exc
         if self.workspace.holds(out):
             # a part handed back a view of a staging buffer, which the next call overwrites
             out = out.clone()
@@ -78,9 +97,35 @@ class Stack:
     def workspace_bytes(self) -> int:
         return sum(p.workspace_bytes for p in self.parts)
 
-    def weight_specs(self) -> list[Any]:
+    def router_logits(self, hidden_states: torch.Tensor, tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        """The router's logits ``[T, E]`` for ``hidden_states`` (what the layer passes to
+        :meth:`forward`); a router that calls ``sys.exit()`` is named like in :meth:`forward`."""
+        try:
+            return self.router.logits(hidden_states, tensors)
+        except SystemExit as exc:
+            raise self._blame(exc) from exc
+
+    def _blame(self, exc: BaseException) -> PluginError:
+        """The error naming the part in whose code ``exc`` was raised (the innermost frame
+        of the traceback that runs a method of one of the parts)."""
+        by_instance = {id(part.instance): part for part in self.parts}
+        culprit: Part | None = None
+        tb: TracebackType | None = exc.__traceback__
+        while tb is not None:
+            culprit = by_instance.get(id(tb.tb_frame.f_locals.get("self")), culprit)
+            tb = tb.tb_next
+        if isinstance(exc, SystemExit):
+            what = f"called sys.exit({exc.code!r}) during a forward; a strategy raises an exception instead"
+        else:
+            what = str(exc)
+        if culprit is None:  # pragma: no cover - raised outside every part's methods
+            return PluginError(f"a part of the stack {what}")
+        entry = culprit.entry
+        return PluginError(f"{culprit.kind} {entry.strategy.display_name!r} from {entry.provider} {what}")
+
+    def weight_specs(self) -> list[WeightSpec]:
         """Tensors owned by the runner and the wrappers (the router's and experts' aside)."""
-        specs: list[Any] = []
+        specs: list[WeightSpec] = []
         for part in self.parts:
             if part.kind in ("wrapper", "runner"):
                 specs.extend(part.instance.weight_specs())
@@ -90,12 +135,9 @@ class Stack:
         return [p.describe() for p in self.parts]
 
     def release(self) -> None:
-        """Ask every part that keeps memory between calls (a ``release()`` method, as
-        kernels have) to free it."""
+        """Ask every part to free the memory it keeps between calls (``release()``)."""
         for part in self.parts:
-            release = getattr(part.instance, "release", None)
-            if callable(release):
-                release()
+            part.instance.release()
 
 
 # -- checks -------------------------------------------------------------------------------
@@ -103,7 +145,8 @@ def _device_type(device: torch.device | str | None) -> str:
     return torch.device(device or "cpu").type
 
 
-def _kernel_problem(entry: Entry, config: Config, device_type: str, ep_size: int = 1) -> str | None:
+def _capability_problem(entry: Entry, config: Config, device_type: str, ep_size: int = 1) -> str | None:
+    """Why ``entry``'s declared :class:`~moeframe.Capabilities` exclude this stack, or None."""
     caps = entry.capabilities
     m = config.model
     if caps.dtypes is not None and m.dtype not in caps.dtypes:
@@ -112,11 +155,52 @@ def _kernel_problem(entry: Entry, config: Config, device_type: str, ep_size: int
         return f"does not run on device {device_type!r} (runs on {', '.join(sorted(caps.devices))})"
     if caps.activations is not None and m.activation not in caps.activations:
         return f"does not support model.activation = {m.activation!r} (supports {', '.join(sorted(caps.activations))})"
-    if m.expert_bias and not caps.biases:
-        return "does not support expert biases (model.expert_bias = true)"
-    if ep_size > 1 and not caps.expert_map:
-        return f"does not support an expert map, which expert parallelism (parallel.ep_size = {ep_size}) needs"
+    if entry.kind == "kernel":
+        if m.expert_bias and not caps.biases:
+            return "does not support expert biases (model.expert_bias = true)"
+        if ep_size > 1 and not caps.expert_map:
+            return f"does not support an expert map, which expert parallelism (parallel.ep_size = {ep_size}) needs"
+    if entry.kind == "dispatcher" and config.parallel.dp_size > 1 and not caps.distributed:
+        return (
+            f"cannot serve data parallelism (parallel.dp_size = {config.parallel.dp_size}): ranks hold different "
+            "tokens and it does not move tokens between ranks (Capabilities(distributed=False))"
+        )
     return None
+
+
+def _strategy_problem(entry: Entry, config: Config, params: Any, device_type: str, ep_size: int) -> str | None:
+    """Why the strategy of ``entry`` with ``params`` cannot serve ``config``: its
+    capabilities, then its own :meth:`~moeframe.plugins.contract.StrategyBase.supports`."""
+    problem = _capability_problem(entry, config, device_type, ep_size)
+    if problem:
+        return f"{entry.kind} {entry.strategy.display_name!r} {problem}"
+    return entry.load().supports(config, params)
+
+
+def _fitting(kind: str, chosen: str, config: Config, registry: Registry, device_type: str, ep_size: int) -> str:
+    """``"; dispatchers that fit: a, b"``: the other strategies of ``kind`` that would
+    serve ``config`` with their default parameters (kernels: by capabilities only, so
+    that no kernel's implementation is imported for a suggestion)."""
+    fits = []
+    for entry in registry.entries(kind):
+        if entry.name == chosen or _capability_problem(entry, config, device_type, ep_size):
+            continue
+        if kind != "kernel":
+            try:
+                cls = entry.load()
+                if cls.supports(config, cls.Params()) is not None:
+                    continue
+            except Exception:  # a broken or unconfigurable alternative is not suggested
+                continue
+        fits.append(entry.name)
+    return f"; {kind}s that fit: {', '.join(fits)}" if fits else ""
+
+
+def _refusal(config: Config, path: str, message: str) -> StackError:
+    """A :class:`StackError` at ``path``, prefixed with the config's source like a
+    :class:`~moeframe.errors.ConfigError`."""
+    where = f"{config.source}: " if config.source else ""
+    return StackError(f"{where}{path}: {message}")
 
 
 def check_wrapper_order(names: Sequence[str], entries: dict[str, Entry]) -> str | None:
@@ -167,30 +251,28 @@ def check_stack(
     ep_size: int | None = None,
 ) -> None:
     """Raise :class:`StackError` if ``config``'s stack cannot be built on ``device`` with
-    ``ep_size`` expert-parallel ranks (default: the config's, or 1)."""
+    ``ep_size`` expert-parallel ranks (default: the config's, or 1).
+
+    Every part is asked, with its own parameters: its record's capabilities, then its
+    class's ``supports(config, params)``; then the wrappers' ordering rules.
+    """
     registry = registry or get_registry()
     device_type = _device_type(device)
     stack = config.stack
     ep = ep_size if ep_size is not None else (config.parallel.ep_size or 1)
 
-    kernel_entry = registry.get("kernel", stack.kernel.name)
-    problem = _kernel_problem(kernel_entry, config, device_type, ep)
-    if problem:
-        fits = [e.name for e in registry.entries("kernel") if _kernel_problem(e, config, device_type, ep) is None]
-        alternatives = f"; kernels that fit: {', '.join(fits)}" if fits else ""
-        raise StackError(f"stack.kernel: kernel {kernel_entry.strategy.display_name!r} {problem}{alternatives}")
-
-    for kind, chosen in (("runner", stack.runner), ("dispatcher", stack.dispatcher)):
+    singles = (
+        ("kernel", "stack.kernel", stack.kernel),
+        ("router", "router", config.router),
+        ("dispatcher", "stack.dispatcher", stack.dispatcher),
+        ("runner", "stack.runner", stack.runner),
+    )
+    for kind, path, chosen in singles:
         entry = registry.get(kind, chosen.name)
-        cls = entry.load()
-        why = cls.check_stack(config) if hasattr(cls, "check_stack") else None
-        if why:
-            fits = [
-                e.name for e in registry.entries(kind)
-                if e.name != chosen.name and not (getattr(e.load(), "check_stack", lambda c: None)(config))
-            ]
-            alternatives = f"; {kind}s that fit: {', '.join(fits)}" if fits else ""
-            raise StackError(f"stack.{kind}: {why}{alternatives}")
+        problem = _strategy_problem(entry, config, chosen.params, device_type, ep)
+        if problem:
+            alternatives = "" if kind == "router" else _fitting(kind, chosen.name, config, registry, device_type, ep)
+            raise _refusal(config, path, f"{problem}{alternatives}")
 
     names = [w.name for w in stack.wrappers]
     entries = {w.name: registry.get("wrapper", w.name) for w in stack.wrappers}
@@ -203,20 +285,14 @@ def check_stack(
             hint = "; no order of these wrappers satisfies every rule: remove one"
         else:
             hint = ""
-        raise StackError(f"stack.wrappers: {problem}{hint}")
+        raise _refusal(config, "stack.wrappers", f"{problem}{hint}")
     for i, w in enumerate(stack.wrappers):
-        cls = entries[w.name].load()
-        why = cls.check_stack(config) if hasattr(cls, "check_stack") else None
-        if why:
-            raise StackError(f"stack.wrappers[{i}]: {why}")
+        problem = _strategy_problem(entries[w.name], config, w.params, device_type, ep)
+        if problem:
+            raise _refusal(config, f"stack.wrappers[{i}]", problem)
 
 
 # -- building -----------------------------------------------------------------------------
-def _instantiate(kind: str, chosen: StrategyConfig, registry: Registry, *args: Any) -> tuple[Entry, Any]:
-    entry = registry.get(kind, chosen.name)
-    return entry, entry.load()(*args, chosen.params)
-
-
 def build_stack(context: BuildContext, registry: Registry | None = None) -> Stack:
     """Check and build the stack of ``context.config``; reserve its workspace.
 
@@ -229,29 +305,37 @@ def build_stack(context: BuildContext, registry: Registry | None = None) -> Stac
     check_stack(config, context.device, registry, context.parallel.ep_size)
     stack_cfg = config.stack
 
-    router_entry, context.router = _instantiate("router", config.router, registry, context)
-    kernel_entry, context.kernel = _instantiate("kernel", stack_cfg.kernel, registry, context)
-    dispatcher_entry, context.dispatcher = _instantiate("dispatcher", stack_cfg.dispatcher, registry, context)
-    runner_entry, runner = _instantiate("runner", stack_cfg.runner, registry, context)
+    def entry_and_class(kind: str, chosen: StrategyConfig) -> tuple[Entry, Any]:
+        entry = registry.get(kind, chosen.name)
+        return entry, entry.load()
+
+    router_entry, router_cls = entry_and_class("router", config.router)
+    router = context.router = cast(Router, router_cls(context, config.router.params))
+    kernel_entry, kernel_cls = entry_and_class("kernel", stack_cfg.kernel)
+    kernel = context.kernel = cast(Kernel, kernel_cls(context, stack_cfg.kernel.params))
+    dispatcher_entry, dispatcher_cls = entry_and_class("dispatcher", stack_cfg.dispatcher)
+    dispatcher = context.dispatcher = cast(Dispatcher, dispatcher_cls(context, stack_cfg.dispatcher.params))
+    runner_entry, runner_cls = entry_and_class("runner", stack_cfg.runner)
+    runner = cast(Runner, runner_cls(context, stack_cfg.runner.params))
 
     inner_parts = [
         Part("runner", runner_entry, stack_cfg.runner.params, runner),
-        Part("router", router_entry, config.router.params, context.router),
-        Part("dispatcher", dispatcher_entry, stack_cfg.dispatcher.params, context.dispatcher),
-        Part("kernel", kernel_entry, stack_cfg.kernel.params, context.kernel),
+        Part("router", router_entry, config.router.params, router),
+        Part("dispatcher", dispatcher_entry, stack_cfg.dispatcher.params, dispatcher),
+        Part("kernel", kernel_entry, stack_cfg.kernel.params, kernel),
     ]
     wrapper_parts: list[Part] = []
     outer = runner
     for wrapper_cfg in reversed(stack_cfg.wrappers):
-        entry = registry.get("wrapper", wrapper_cfg.name)
-        outer = entry.load()(outer, context, wrapper_cfg.params)
+        entry, wrapper_cls = entry_and_class("wrapper", wrapper_cfg)
+        outer = cast(Wrapper, wrapper_cls(outer, context, wrapper_cfg.params))
         wrapper_parts.insert(0, Part("wrapper", entry, wrapper_cfg.params, outer))
     parts = wrapper_parts + inner_parts
     for part in parts:
-        requests = part.instance.workspace_requests() if hasattr(part.instance, "workspace_requests") else ()
+        requests = part.instance.workspace_requests()
         if requests:
             part.workspace_bytes = context.workspace.reserve(requests, context.device)
-    return Stack(outer, context.router, context.kernel, context.dispatcher, parts, context.workspace)
+    return Stack(outer, router, kernel, dispatcher, parts, context.workspace)
 
 
 def reference_config(config: Config, registry: Registry | None = None) -> Config:
@@ -261,7 +345,11 @@ def reference_config(config: Config, registry: Registry | None = None) -> Config
     from moeframe.config import ParallelConfig, StackConfig
 
     registry = registry or get_registry()
-    kept = tuple(w for w in config.stack.wrappers if not getattr(registry.get("wrapper", w.name).load(), "transparent", True))
+    kept = tuple(w for w in config.stack.wrappers if not _wrapper_class(registry, w.name).transparent)
     stack = StackConfig(runner=StrategyConfig("default"), kernel=StrategyConfig("torch"),
                         dispatcher=StrategyConfig("local"), wrappers=kept)
     return attrs.evolve(config, stack=stack, parallel=ParallelConfig())
+
+
+def _wrapper_class(registry: Registry, name: str) -> type[Wrapper]:
+    return cast("type[Wrapper]", registry.get("wrapper", name).load())

@@ -165,7 +165,7 @@ def run_kernel_case(entry: Entry, case: KernelCase, device: torch.device | str =
     model = case.model()
     context = kernel_context(model, device)
     cls = entry.load()
-    kernel = cls(context, params if params is not None else getattr(cls, "Params", NoParams)())
+    kernel = cls(context, params if params is not None else cls.Params())
     reference = TorchReferenceKernel(context, NoParams())
     inputs = make_case_inputs(case, device)
     try:

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import attrs
 import torch
 
 if TYPE_CHECKING:
     from moeframe.config import Config, ModelConfig
+    from moeframe.dispatchers import Dispatcher
+    from moeframe.kernels import Kernel
     from moeframe.parallel import ParallelContext
+    from moeframe.routers import Router
     from moeframe.workspace import Workspace
 
 
@@ -32,9 +35,10 @@ class BuildContext:
     #: incremented by the layer at the start of every forward (wrappers that keep per-call
     #: state, e.g. statistics of the last call, compare it to know a new call began)
     forward_index: int = 0
-    router: Any = None
-    kernel: Any = None
-    dispatcher: Any = None
+    #: set by the composer (None until it has built that part)
+    router: Router | None = None
+    kernel: Kernel | None = None
+    dispatcher: Dispatcher | None = None
 
     @property
     def model(self) -> ModelConfig:

@@ -200,7 +200,7 @@ class MoELayer(torch.nn.Module):
             raise InputError(f"hidden_states is {hidden_states.dtype}, but the layer is {model.dtype} (model.dtype)")
         x = hidden_states.reshape(-1, model.hidden_size)
         if router_logits is None:
-            router_logits = self._router.logits(x, self._tensors)
+            router_logits = self.stack.router_logits(x, self._tensors)
         elif router_logits.shape != (x.shape[0], model.num_experts):
             raise InputError(
                 f"router_logits has shape {list(router_logits.shape)}; expected [{x.shape[0]}, {model.num_experts}] "

@@ -3,15 +3,21 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
+from types import SimpleNamespace
 
+import attrs
 import pytest
+import torch
 
 import moeframe
 from moeframe.errors import DuplicateStrategyError, PluginError, UnknownStrategyError
 from moeframe.plugins import PluginWarning, get_host, get_registry
+from moeframe.testing import small_config
 
 GOOD = """
     from moeframe import Strategy, Capabilities, hookimpl
@@ -162,7 +168,7 @@ def test_hookimpl_with_wrong_arguments_is_refused(fake_dists):
 
 def test_newer_plugin_api_is_refused_with_what_to_do(fake_dists):
     fake_dists.add("moeframe-future", "9.0", {"future_plugin": "moeframe_plugin_api = 99\n"}, {"future": "future_plugin"})
-    with pytest.warns(PluginWarning, match=r"written for plugin API 99, but this moeframe provides API 1; upgrade moeframe"):
+    with pytest.warns(PluginWarning, match=r"written for plugin API 99, but this moeframe provides API 2; upgrade moeframe"):
         get_registry()
 
 
@@ -272,3 +278,387 @@ def test_in_process_plugin_registration():
 
     with pytest.warns(PluginWarning, match=r"'my-typo' was skipped: implements unknown hook 'register_kernel'"):
         moeframe.register_plugin(SimpleNamespace(register_kernel=register_kernel), "my-typo")
+
+
+# -- the contract of each kind, enforced when a strategy is loaded ---------------------------
+def _plugin(kind: str, hook: str, name: str, impl: str) -> str:
+    return f"""
+        from moeframe import Strategy, hookimpl
+        @hookimpl
+        def {hook}():
+            return [Strategy({name!r}, {impl!r}, "a {kind}")]
+    """
+
+
+BROKEN_IMPLS = """
+    import attrs
+    from moeframe import Wrapper
+    from moeframe.config import NoParams
+    from moeframe.kernels.torch_reference import TorchReferenceKernel
+
+    class NotAWrapper:  # forgot to subclass moeframe.Wrapper
+        transparent = False
+        def __init__(self, inner, context, params):
+            self.inner = inner
+        def forward(self, hidden_states, router_logits):
+            return self.inner.forward(hidden_states, router_logits) * 2
+
+    class PlainParams:  # not an attrs class
+        scale: float = 1.0
+
+    class BadParamsKernel(TorchReferenceKernel):
+        Params = PlainParams
+
+    NOT_A_CLASS = NoParams()
+"""
+
+
+@pytest.mark.parametrize(
+    ("kind", "hook", "impl", "message"),
+    [
+        ("wrapper", "register_wrappers", "broken_impls:NotAWrapper",
+         r"wrapper 'broken' from moeframe-contract 0.4 breaks the plugin contract: impl broken_impls.NotAWrapper "
+         r"does not subclass moeframe.Wrapper$"),
+        ("kernel", "register_kernels", "broken_impls:BadParamsKernel",
+         r"kernel 'broken' from moeframe-contract 0.4 breaks the plugin contract: BadParamsKernel.Params must be an "
+         r"attrs class \(decorate it with @attrs.frozen\), not <class 'broken_impls.PlainParams'>$"),
+        ("router", "register_routers", "broken_impls:NOT_A_CLASS",
+         r"router 'broken' from moeframe-contract 0.4 breaks the plugin contract: impl must be a class subclassing "
+         r"moeframe.Router, not NoParams"),
+    ],
+)
+def test_an_impl_that_breaks_its_kinds_contract_is_a_plugin_error_naming_it(fake_dists, kind, hook, impl, message):
+    fake_dists.add("moeframe-contract", "0.4", {"contract_plugin": _plugin(kind, hook, "broken", impl),
+                                                "broken_impls": BROKEN_IMPLS}, {"contract": "contract_plugin"})
+    entry = get_registry().get(kind, "broken")  # registering imports nothing
+    with pytest.raises(PluginError, match=message):
+        entry.load()
+    record = next(r for r in get_host().verify().plugins if r.name == "moeframe-contract")
+    assert not record.ok and re.search(message, record.errors[0])
+    assert get_host().plugins[0].ok  # the builtins keep their contract
+
+
+def test_moeframe_plugins_reports_a_broken_impl(fake_dists, capsys):
+    from moeframe.cli.main import main
+
+    fake_dists.add("moeframe-contract", "0.4", {"contract_plugin": _plugin("wrapper", "register_wrappers", "broken",
+                                                                           "broken_impls:NotAWrapper"),
+                                                "broken_impls": BROKEN_IMPLS}, {"contract": "contract_plugin"})
+    assert main(["plugins"]) == 0
+    out = capsys.readouterr().out
+    assert "moeframe-contract 0.4: failed" in out
+    assert "error: wrapper 'broken' from moeframe-contract 0.4 breaks the plugin contract" in out
+
+
+def test_a_stack_with_a_broken_impl_is_a_one_line_error():
+    class Forgetful:  # not a moeframe.Kernel
+        def __init__(self, context, params):
+            pass
+
+    @moeframe.hookimpl
+    def register_kernels():
+        return [moeframe.Strategy("forgetful", Forgetful, "no base class")]
+
+    moeframe.register_plugin(SimpleNamespace(register_kernels=register_kernels), "my-app", "1.0")
+    with pytest.raises(PluginError, match=r"^kernel 'forgetful' from my-app 1.0 breaks the plugin contract: impl "
+                                          r".*Forgetful does not subclass moeframe.Kernel$"):
+        moeframe.MoELayer("qwen3-moe", overrides={"stack.kernel": "forgetful"})
+
+
+# -- supports(config, params): one question for every kind, given the part's own params -----
+def test_supports_is_asked_of_every_part_with_its_own_params():
+    asked: list[tuple[str, object]] = []
+
+    def recorder(kind, base):
+        @attrs.frozen
+        class Params:
+            limit: int = moeframe.option(100, help="refuse more experts than this")
+
+        class Recorder(base):
+            @classmethod
+            def supports(cls, config, params):
+                asked.append((kind, params))
+                if config.model.num_experts > params.limit:
+                    return f"{kind} recorder handles at most {params.limit} experts"
+                return None
+        Recorder.Params = Params
+        return Recorder
+
+    from moeframe.kernels.torch_reference import TorchReferenceKernel
+    from moeframe.routers.softmax_topk import SoftmaxTopKRouter
+
+    class PassWrapper(moeframe.Wrapper):
+        def forward(self, hidden_states, router_logits):
+            return self.inner.forward(hidden_states, router_logits)
+
+    kernel, wrapper = recorder("kernel", TorchReferenceKernel), recorder("wrapper", PassWrapper)
+    router = recorder("router", SoftmaxTopKRouter)
+    plugin = SimpleNamespace(
+        register_kernels=moeframe.hookimpl(lambda: [moeframe.Strategy("rec_kernel", kernel)]),
+        register_wrappers=moeframe.hookimpl(lambda: [moeframe.Strategy("rec_wrapper", wrapper)]),
+        register_routers=moeframe.hookimpl(lambda: [moeframe.Strategy("rec_router", router)]),
+    )
+    moeframe.register_plugin(plugin, "recorders", "1.0")
+    source = dict(small_config(), router={"name": "rec_router", "limit": 16},
+                  stack={"kernel": {"name": "rec_kernel", "params": {"limit": 8}},
+                         "wrappers": [{"name": "rec_wrapper", "params": {"limit": 4}}]})
+    with pytest.raises(moeframe.StackError, match=r"^stack.wrappers\[0\]: wrapper recorder handles at most 4 experts$"):
+        moeframe.MoELayer(source)
+    assert [(kind, params.limit) for kind, params in asked] == [("kernel", 8), ("router", 16), ("wrapper", 4)]
+
+
+def test_stack_errors_name_the_configs_source(tmp_path):
+    path = tmp_path / "grouped.toml"
+    path.write_text('extends = "deepseek-v3"\n[router]\nn_group = 3\n')
+    config = moeframe.load_config(path)  # each field is valid; the router cannot serve this model
+    with pytest.raises(moeframe.StackError, match=rf"^{re.escape(str(path))}: router: n_group = 3 must divide "
+                                                  r"model.num_experts \(\d+\)$"):
+        moeframe.MoELayer(config)
+
+
+def test_shared_experts_is_given_its_own_params():
+    from moeframe.composer import check_stack
+
+    config = moeframe.load_config("qwen2-moe", {"parallel.tp_size": 2, "stack.wrappers": [
+        {"name": "shared_experts", "params": {"intermediate_size": 7, "gated": True}}]})
+    with pytest.raises(moeframe.StackError, match=r"^preset:qwen2-moe: stack.wrappers\[0\]: shared_experts: "
+                                                  r"intermediate_size 7 is not divisible by parallel.tp_size 2$"):
+        check_stack(config)
+
+
+def test_distributed_capability_decides_data_parallelism():
+    from moeframe.composer import check_stack
+
+    local = get_registry().get("dispatcher", "local")
+    assert not local.capabilities.distributed and get_registry().get("dispatcher", "all2all").capabilities.distributed
+    config = moeframe.load_config(small_config(), {"parallel.ep_size": 2, "parallel.dp_size": 2})
+    with pytest.raises(moeframe.StackError, match=r"dispatcher 'local' cannot serve data parallelism"):
+        check_stack(config)
+    check_stack(attrs.evolve(config, stack=attrs.evolve(config.stack, dispatcher=attrs.evolve(
+        config.stack.dispatcher, name="all2all"))))
+
+
+def test_optional_members_live_on_the_base_classes():
+    """The host calls these members, it never asks whether they exist (no hasattr probes)."""
+    from moeframe.plugins.contract import StrategyBase
+
+    shared = ("Params", "supports", "weight_specs", "workspace_requests", "describe", "report", "release")
+    for base in (moeframe.Router, moeframe.Kernel, moeframe.Dispatcher, moeframe.Runner, moeframe.Wrapper):
+        assert issubclass(base, StrategyBase)
+        for member in shared:
+            assert getattr(base, member).__doc__ or member == "Params", (base, member)
+    assert moeframe.Wrapper.transparent is True and moeframe.Router.weight_on_input is False
+    assert not moeframe.Kernel.tunable()
+    probe = re.compile(r"(hasattr|getattr)\([^)]*[\"'](describe|release|report|tune|transparent|workspace_requests|"
+                       r"weight_specs|supports|check_config|check_stack|Params)[\"']")
+    roots = [Path(moeframe.__file__).parent, Path(moeframe.__file__).parent.parent / "plugins"]
+    offenders = [f"{path}:{i}" for root in roots for path in root.rglob("*.py")
+                 for i, line in enumerate(path.read_text().splitlines(), 1) if probe.search(line)]
+    assert offenders == []
+
+
+# -- hooks through pluggy: opt-in arguments, deprecation, builtins as data ------------------------
+GROWN_SPECS = '''
+    from moeframe.plugins.hookspecs import hookspec
+
+    @hookspec
+    def register_routers(): ...
+    @hookspec
+    def register_kernels(host_version, register): ...
+    @hookspec
+    def register_dispatchers(): ...
+    @hookspec
+    def register_runners(): ...
+    @hookspec(warn_on_impl=DeprecationWarning("register_wrappers is going away; return wrappers from register_kernels"))
+    def register_wrappers(): ...
+'''
+
+
+def test_a_hook_can_grow_an_argument_without_breaking_plugins_written_before(tmp_path, monkeypatch):
+    from moeframe.plugins import MoeframeDeprecationWarning
+    from moeframe.plugins.manager import PluginHost
+
+    (tmp_path / "grown_specs.py").write_text(textwrap.dedent(GROWN_SPECS))
+    monkeypatch.syspath_prepend(str(tmp_path))
+    import grown_specs
+
+    registered: list[str] = []
+
+    class GrownHost(PluginHost):
+        def hook_arguments(self, hook_name):
+            return {"host_version": "9.0", "register": registered.append} if hook_name == "register_kernels" else {}
+
+    from moeframe.kernels.torch_reference import TorchReferenceKernel
+
+    @moeframe.hookimpl
+    def register_kernels():  # written for the hook without arguments
+        return [moeframe.Strategy("old_style", TorchReferenceKernel)]
+
+    @moeframe.hookimpl
+    def register_kernels_new(host_version):  # opts in to one of the new arguments
+        return [moeframe.Strategy(f"new_style_{host_version.replace('.', '_')}", TorchReferenceKernel)]
+
+    @moeframe.hookimpl
+    def register_wrappers():
+        return []
+
+    host = GrownHost(autoload=False, specs=grown_specs).load()
+    host.add_plugin(SimpleNamespace(register_kernels=register_kernels), "old-plugin", "1.0")
+    host.add_plugin(SimpleNamespace(register_kernels=register_kernels_new), "new-plugin", "2.0")
+    assert {"torch", "old_style", "new_style_9_0"} <= set(host.registry.names("kernel"))
+    assert all(r.ok for r in host.plugins)
+    with pytest.warns(MoeframeDeprecationWarning, match=r"moeframe plugin 'wrapping-plugin': register_wrappers is "
+                                                        r"going away; return wrappers from register_kernels"):
+        host.add_plugin(SimpleNamespace(register_wrappers=register_wrappers), "wrapping-plugin")
+
+
+def test_builtins_are_named_as_data_and_imported_by_name():
+    import ast
+
+    from moeframe.plugins import manager
+
+    assert manager.BUILTIN_PLUGINS == ("moeframe.builtin",)
+    tree = ast.parse(Path(manager.__file__).read_text())
+    imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+    imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+    assert not {name for name in imported if name.startswith("moeframe.builtin") or name == "moeframe"}
+    proc = subprocess.run([sys.executable, "-c", "import sys, moeframe.plugins.manager; "
+                           "print('moeframe.builtin' in sys.modules)"], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "False"
+
+
+# -- plugins that exit (issue 11, item 5) ---------------------------------------------------------
+EXITING_IMPL = """
+    import sys
+    from moeframe.kernels.torch_reference import TorchReferenceKernel
+
+    class ExitingKernel(TorchReferenceKernel):
+        def __call__(self, hidden_states, topk_weights, topk_ids, experts):
+            sys.exit(4)
+
+    class NoneKernel(TorchReferenceKernel):
+        def __call__(self, hidden_states, topk_weights, topk_ids, experts):
+            return None
+
+    class ShapeKernel(TorchReferenceKernel):
+        def __call__(self, hidden_states, topk_weights, topk_ids, experts):
+            out = super().__call__(hidden_states, topk_weights, topk_ids, experts)
+            return out[:, :-1]
+
+    class DtypeKernel(TorchReferenceKernel):
+        def __call__(self, hidden_states, topk_weights, topk_ids, experts):
+            return super().__call__(hidden_states, topk_weights, topk_ids, experts).double()
+
+    class InputKernel(TorchReferenceKernel):
+        def __call__(self, hidden_states, topk_weights, topk_ids, experts):
+            return hidden_states
+"""
+EXITING_PLUGIN = """
+    from moeframe import Strategy, hookimpl
+
+    @hookimpl
+    def register_kernels():
+        return [Strategy(name, f"exiting_impl:{cls}") for name, cls in (
+            ("exits", "ExitingKernel"), ("returns_none", "NoneKernel"), ("wrong_shape", "ShapeKernel"),
+            ("wrong_dtype", "DtypeKernel"), ("returns_input", "InputKernel"))]
+"""
+
+
+def test_sys_exit_at_import_is_a_plugin_failure_like_any_other(fake_dists):
+    add_good(fake_dists)
+    fake_dists.add("moeframe-exits", "0.2", {"exiting_plugin": "import sys\nsys.exit(3)\n"}, {"exits": "exiting_plugin"})
+    with pytest.warns(PluginWarning, match=r"'moeframe-exits' 0.2 was skipped: import of 'exiting_plugin' failed: "
+                                           r"SystemExit\(3\): a plugin called sys.exit\(\)"):
+        registry = get_registry()
+    assert "good_kernel" in registry.names("kernel")
+
+
+def test_sys_exit_in_a_hook_or_a_lazy_import_is_reported(fake_dists, monkeypatch):
+    fake_dists.add("moeframe-hookexit", "0.1", {"hookexit_plugin": """
+        import sys
+        from moeframe import Strategy, hookimpl
+        @hookimpl
+        def register_kernels():
+            sys.exit("no kernels today")
+        @hookimpl
+        def register_wrappers():
+            return [Strategy("lazy_exit", "lazy_exit_impl:Wrapper")]
+    """, "lazy_exit_impl": "import sys\nsys.exit(5)\n"}, {"hookexit": "hookexit_plugin"})
+    with pytest.warns(PluginWarning, match=r"hook register_kernels raised SystemExit\('no kernels today'\)"):
+        entry = get_registry().get("wrapper", "lazy_exit")
+    with pytest.raises(PluginError, match=r"^wrapper 'lazy_exit' from moeframe-hookexit 0.1 failed to load "
+                                          r"\(lazy_exit_impl:Wrapper\): SystemExit\(5\): a plugin called sys.exit\(\)$"):
+        entry.load()
+
+
+@pytest.mark.parametrize(
+    ("kernel", "message"),
+    [
+        ("exits", r"called sys.exit\(4\) during a forward; a strategy raises an exception instead"),
+        ("returns_none", r"returned NoneType instead of a tensor"),
+        ("wrong_shape", r"returned a \[5, 255\] torch.float32 tensor on cpu where \[5, 256\] torch.float32 on cpu was expected"),
+        ("wrong_dtype", r"returned a \[5, 256\] torch.float64 tensor on cpu where \[5, 256\] torch.float32 on cpu"),
+        ("returns_input", r"returned its input tensor; a kernel returns a new tensor"),
+    ],
+)
+def test_a_kernel_that_exits_or_returns_the_wrong_thing_is_named(fake_dists, kernel, message):
+    fake_dists.add("moeframe-exiting", "1.1", {"exiting_plugin": EXITING_PLUGIN, "exiting_impl": EXITING_IMPL},
+                   {"exiting": "exiting_plugin"})
+    layer = moeframe.MoELayer("qwen3-moe", overrides={"stack.kernel": kernel})
+    with pytest.raises(PluginError, match=rf"^kernel '{kernel}' from moeframe-exiting 1.1 {message}"):
+        layer(torch.randn(5, 256))
+
+
+def _cli(site, *args, **env):
+    import os
+
+    full = {k: v for k, v in os.environ.items() if not k.startswith("MOEFRAME_")}
+    full.update(PYTHONPATH=str(site), **env)
+    return subprocess.run([sys.executable, "-m", "moeframe", *args], capture_output=True, text=True, env=full,
+                          timeout=300)
+
+
+def test_cli_exit_codes_for_plugins_that_exit_or_interrupt(fake_dists):
+    fake_dists.add("moeframe-exits", "0.2", {"exiting_plugin": "import sys\nsys.exit(3)\n"}, {"exits": "exiting_plugin"})
+    proc = _cli(fake_dists.root, "plugins")
+    assert proc.returncode == 0, proc.stderr
+    assert "moeframe-exits 0.2: failed" in proc.stdout and "SystemExit(3)" in proc.stdout
+    strict = _cli(fake_dists.root, "list", MOEFRAME_STRICT_PLUGINS="1")
+    assert strict.returncode == 2
+    assert strict.stderr.strip().splitlines() == [
+        "moeframe: error: moeframe plugin 'moeframe-exits' 0.2 was skipped: import of 'exiting_plugin' failed: "
+        "SystemExit(3): a plugin called sys.exit() (MOEFRAME_STRICT_PLUGINS is set)"]
+    fake_dists.add("moeframe-interrupts", "0.3", {"interrupting_plugin": "raise KeyboardInterrupt\n"},
+                   {"interrupts": "interrupting_plugin"})
+    interrupted = _cli(fake_dists.root, "list")
+    assert interrupted.returncode == 130
+    assert interrupted.stderr.strip().splitlines()[-1] == "moeframe: interrupted"  # one line, no traceback
+    assert "Traceback" not in interrupted.stderr
+
+
+def test_cli_run_with_a_kernel_that_exits_names_it(fake_dists):
+    fake_dists.add("moeframe-exiting", "1.1", {"exiting_plugin": EXITING_PLUGIN, "exiting_impl": EXITING_IMPL},
+                   {"exiting": "exiting_plugin"})
+    proc = _cli(fake_dists.root, "run", "qwen3-moe", "--set", "stack.kernel=exits", "--tokens", "4")
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert proc.stderr.strip().splitlines()[-1] == (
+        "moeframe: error: kernel 'exits' from moeframe-exiting 1.1 called sys.exit(4) during a forward; "
+        "a strategy raises an exception instead")
+
+
+def test_a_router_that_exits_is_named():
+    from moeframe.routers.softmax_topk import SoftmaxTopKRouter
+
+    class ExitingRouter(SoftmaxTopKRouter):
+        def logits(self, hidden_states, weights):
+            raise SystemExit(6)
+
+    @moeframe.hookimpl
+    def register_routers():
+        return [moeframe.Strategy("exiting_router", ExitingRouter)]
+
+    moeframe.register_plugin(SimpleNamespace(register_routers=register_routers), "my-routers", "0.5")
+    layer = moeframe.MoELayer(dict(small_config(), router={"name": "exiting_router"}))
+    with pytest.raises(PluginError, match=r"^router 'exiting_router' from my-routers 0.5 called sys.exit\(6\) during a "
+                                          r"forward"):
+        layer(torch.randn(3, 32))

@@ -10,7 +10,6 @@ import pytest
 import torch
 
 from moeframe.config import ModelConfig, load_config
-from moeframe.errors import ConfigError
 from moeframe.routers.sigmoid_grouped_topk import SigmoidGroupedTopKParams, SigmoidGroupedTopKRouter
 from moeframe.routers.sigmoid_top1 import SigmoidTop1Router
 from moeframe.routers.softmax_topk import SoftmaxTopKParams, SoftmaxTopKRouter
@@ -130,9 +129,13 @@ def test_sigmoid_top1_by_hand():
 
 
 def test_sigmoid_top1_needs_top_k_1():
-    with pytest.raises(ConfigError, match=r"router.name: .*top_k = 1"):
-        load_config({"model": {"num_experts": 4, "top_k": 2, "hidden_size": 8, "intermediate_size": 4},
-                     "router": {"name": "sigmoid_top1"}})
+    from moeframe.composer import check_stack
+    from moeframe.errors import StackError
+
+    config = load_config({"model": {"num_experts": 4, "top_k": 2, "hidden_size": 8, "intermediate_size": 4},
+                          "router": {"name": "sigmoid_top1"}})
+    with pytest.raises(StackError, match=r"^router: sigmoid_top1 .*needs model.top_k = 1 \(got 2\)$"):
+        check_stack(config)
 
 
 # -- an independent per-token implementation, on tie-free random inputs -------------------

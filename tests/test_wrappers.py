@@ -170,12 +170,12 @@ RULED_IMPL = """
 @pytest.mark.parametrize(
     ("wrappers", "message"),
     [
-        (["chunking", "timer"], r"^stack.wrappers: wrapper 'timer' must be outermost \(stack.wrappers\[0\]\) but is stack.wrappers\[1\]; an order that works: \[timer, chunking\]$"),
-        (["limiter", "chunking"], r"^stack.wrappers: wrapper 'limiter' must sit inside 'chunking' \(come after it in stack.wrappers\); an order that works: \[chunking, limiter\]$"),
-        (["shared_experts", "probe"], r"^stack.wrappers: wrapper 'probe' must sit outside 'shared_experts' .*; an order that works: \[probe, shared_experts\]$"),
-        (["exclusive", "expert_stats"], r"^stack.wrappers: wrapper 'exclusive' cannot be used together with 'expert_stats'; no order of these wrappers satisfies every rule: remove one$"),
-        (["chunking", "chunking"], r"^stack.wrappers: wrapper 'chunking' appears twice \(stack.wrappers\[0\] and stack.wrappers\[1\]\)"),
-        (["last", "chunking"], r"^stack.wrappers: wrapper 'last' must be innermost .*; an order that works: \[chunking, last\]$"),
+        (["chunking", "timer"], r"^preset:qwen3-moe: stack.wrappers: wrapper 'timer' must be outermost \(stack.wrappers\[0\]\) but is stack.wrappers\[1\]; an order that works: \[timer, chunking\]$"),
+        (["limiter", "chunking"], r"^preset:qwen3-moe: stack.wrappers: wrapper 'limiter' must sit inside 'chunking' \(come after it in stack.wrappers\); an order that works: \[chunking, limiter\]$"),
+        (["shared_experts", "probe"], r"^preset:qwen3-moe: stack.wrappers: wrapper 'probe' must sit outside 'shared_experts' .*; an order that works: \[probe, shared_experts\]$"),
+        (["exclusive", "expert_stats"], r"^preset:qwen3-moe: stack.wrappers: wrapper 'exclusive' cannot be used together with 'expert_stats'; no order of these wrappers satisfies every rule: remove one$"),
+        (["chunking", "chunking"], r"^preset:qwen3-moe: stack.wrappers: wrapper 'chunking' appears twice \(stack.wrappers\[0\] and stack.wrappers\[1\]\)"),
+        (["last", "chunking"], r"^preset:qwen3-moe: stack.wrappers: wrapper 'last' must be innermost .*; an order that works: \[chunking, last\]$"),
     ],
 )
 def test_rule_violations_say_what_would_work(fake_dists, wrappers, message):
@@ -211,7 +211,7 @@ CAPABLE = """
 @pytest.mark.parametrize(
     ("preset", "overrides", "message"),
     [
-        ("qwen3-moe", {"stack.kernel": "fp32_only", "model.dtype": "bfloat16"}, r"^stack.kernel: kernel 'fp32_only' does not support model.dtype = 'bfloat16' \(supports float32\); kernels that fit: "),
+        ("qwen3-moe", {"stack.kernel": "fp32_only", "model.dtype": "bfloat16"}, r"^preset:qwen3-moe: stack.kernel: kernel 'fp32_only' does not support model.dtype = 'bfloat16' \(supports float32\); kernels that fit: "),
         ("qwen3-moe", {"stack.kernel": "cuda_only"}, r"kernel 'cuda_only' does not run on device 'cpu' \(runs on cuda\)"),
         ("gpt-oss", {"stack.kernel": "silu_only"}, r"kernel 'silu_only' does not support model.activation = 'swigluoai' \(supports silu\)"),
         ("gpt-oss", {"stack.kernel": "no_bias", "model.activation": "swigluoai"}, r"kernel 'no_bias' does not support expert biases"),
@@ -232,7 +232,7 @@ def test_expert_map_capability_under_expert_parallelism(fake_dists):
 
 def test_local_dispatcher_refuses_data_parallelism():
     ctx = ParallelContext(ParallelConfig(ep_size=2, dp_size=2), rank=0, world_size=2, collectives=CountingCollectives())
-    with pytest.raises(StackError, match=r"^stack.dispatcher: dispatcher 'local' cannot serve data parallelism"):
+    with pytest.raises(StackError, match=r"^preset:qwen3-moe: stack.dispatcher: dispatcher 'local' cannot serve data parallelism \(parallel.dp_size = 2\).*; dispatchers that fit: all2all, allgather_reducescatter$"):
         moeframe.MoELayer("qwen3-moe", overrides={"parallel.ep_size": 2, "parallel.dp_size": 2}, parallel=ctx)
 
 
@@ -382,7 +382,7 @@ def test_lockstep_iterations_and_the_unclamped_guard(T, peer_tokens, sizes):
 @pytest.mark.parametrize("dispatcher", ["all2all", "allgather_reducescatter"])
 def test_token_exchange_dispatchers_refuse_tensor_parallelism(dispatcher):
     ctx = ParallelContext(ParallelConfig(tp_size=2), rank=0, world_size=2, collectives=CountingCollectives())
-    with pytest.raises(StackError, match=rf"^stack.dispatcher: dispatcher '{dispatcher}' moves whole tokens between ranks and "
+    with pytest.raises(StackError, match=rf"^preset:qwen3-moe: stack.dispatcher: dispatcher '{dispatcher}' moves whole tokens between ranks and "
                                          r"does not combine with tensor parallelism .*; dispatchers that fit: local$"):
         moeframe.MoELayer("qwen3-moe", overrides={"parallel.tp_size": 2, "stack.dispatcher": dispatcher}, parallel=ctx)
 

@@ -139,8 +139,7 @@ def _measure_dtype(config: Config, dtype: str, kernels: Sequence[str], options: 
     for name in kernels:
         entry = registry.get("kernel", name)
         cls = entry.load()
-        params = cfg.stack.kernel.params if name == cfg.stack.kernel.name else getattr(cls, "Params", None)
-        params = params() if isinstance(params, type) else params
+        params = cfg.stack.kernel.params if name == cfg.stack.kernel.name else cls.Params()
         kernel_objs[name] = cls(context, params)
     reference = TorchReferenceKernel(context, None)
 

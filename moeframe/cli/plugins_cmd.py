@@ -16,7 +16,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from moeframe.plugins import get_host
 
-    host = get_host()
+    # import every strategy's implementation and check it against its kind's contract,
+    # so that a plugin whose classes are broken shows up here (a few seconds: torch)
+    host = get_host().verify()
     records = [r.as_dict() for r in host.plugins]
     if args.json:
         print_json({"plugins": records, "conflicts": [str(c) for c in host.registry.conflicts]})

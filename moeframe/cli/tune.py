@@ -15,9 +15,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING, cast
 
 from moeframe.cli.common import add_config_arguments, add_json_argument, load_from_args, parse_int_list, print_json
 from moeframe.errors import InputError, UserError
+
+if TYPE_CHECKING:
+    from moeframe.kernels import Kernel
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -43,16 +47,15 @@ def run(args: argparse.Namespace) -> int:
     config = load_from_args(args)
     name = config.stack.kernel.name
     registry = get_registry()
-    cls = registry.get("kernel", name).load()
-    tune = getattr(cls, "tune", None)
-    if not callable(tune):
-        tunable = [e.name for e in registry.entries("kernel") if e.name != name and callable(getattr(e.load(), "tune", None))]
+    cls = cast("type[Kernel]", registry.get("kernel", name).load())
+    if not cls.tunable():
+        tunable = [e.name for e in registry.entries("kernel") if e.name != name and cast("type[Kernel]", e.load()).tunable()]
         hint = f"; kernels that can: {', '.join(tunable)} (--set stack.kernel=NAME)" if tunable else ""
         raise UserError(f"kernel {name!r} has nothing to tune{hint}")
     log = (lambda msg: None) if args.json else (lambda msg: print(f"  {msg}", flush=True))
     if not args.json:
         print(f"moeframe tune: {config.source or '(dict)'} · kernel {name} · {config.model.dtype} · {args.device}", flush=True)
-    written = tune(config, batch_sizes=sizes, output_dir=args.output, device=args.device, log=log)
+    written = cls.tune(config, batch_sizes=sizes, output_dir=args.output, device=args.device, log=log)
     paths = [str(p) for p in written]
     if args.json:
         print_json({"kernel": name, "written": paths})

@@ -9,11 +9,11 @@ that share the tokens; if not, the layer all-reduces it exactly once.
 from __future__ import annotations
 
 import abc
-from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import torch
 
-from moeframe.config import NoParams
+from moeframe.plugins.contract import StrategyBase
 
 if TYPE_CHECKING:
     from moeframe.config import Config
@@ -31,20 +31,19 @@ class Dispatched(NamedTuple):
     state: Any = None
 
 
-class Dispatcher(abc.ABC):
-    """Base class of dispatcher strategies; built as ``cls(context, params)``."""
+class Dispatcher(StrategyBase):
+    """Base class of dispatcher strategies; built as ``cls(context, params)``.
 
-    Params: ClassVar[type] = NoParams
+    A dispatcher implements :meth:`dispatch`, :meth:`combine` and :attr:`output_reduced`;
+    :meth:`~moeframe.plugins.contract.StrategyBase.supports` says which parallel layouts
+    it cannot serve.  ``self.parallel`` is the :class:`~moeframe.parallel.ParallelContext`
+    (ranks, groups, collectives).
+    """
 
     def __init__(self, context: BuildContext, params: Any) -> None:
         self.model = context.model
         self.params = params
         self.parallel = context.parallel
-
-    @classmethod
-    def check_stack(cls, config: Config) -> str | None:
-        """Return why this dispatcher cannot serve ``config`` (its parallel layout), or None."""
-        return None
 
     @property
     @abc.abstractmethod
@@ -53,14 +52,12 @@ class Dispatcher(abc.ABC):
 
     @abc.abstractmethod
     def dispatch(self, hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> Dispatched:
-        ...
+        """The tokens ``[T, H]`` and their routing ``[T, K]`` -> what this rank's kernel
+        computes, plus any state :meth:`combine` needs (in :attr:`Dispatched.state`)."""
 
     @abc.abstractmethod
     def combine(self, expert_output: torch.Tensor, dispatched: Dispatched) -> torch.Tensor:
-        ...
-
-    def describe(self) -> dict[str, Any]:
-        return {}
+        """This rank's kernel output -> ``[T, H]`` in the original token order."""
 
 
 class TokenExchangeDispatcher(Dispatcher):
@@ -71,7 +68,7 @@ class TokenExchangeDispatcher(Dispatcher):
     """
 
     @classmethod
-    def check_stack(cls, config: Config) -> str | None:
+    def supports(cls, config: Config, params: Any) -> str | None:
         if config.parallel.tp_size > 1:
             return (
                 f"dispatcher {config.stack.dispatcher.name!r} moves whole tokens between ranks and does not combine "

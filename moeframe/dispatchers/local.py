@@ -9,20 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from moeframe.config import Config
 from moeframe.dispatchers import Dispatched, Dispatcher
 
 
 class LocalDispatcher(Dispatcher):
-    @classmethod
-    def check_stack(cls, config: Config) -> str | None:
-        p = config.parallel
-        if p.dp_size > 1:
-            return (
-                f"dispatcher 'local' cannot serve data parallelism (parallel.dp_size = {p.dp_size}): "
-                "ranks hold different tokens; use 'all2all' or 'allgather_reducescatter'"
-            )
-        return None
+    """Registered with ``Capabilities(distributed=False)``: the composer refuses it under
+    data parallelism, where ranks hold different tokens."""
 
     @property
     def output_reduced(self) -> bool:

@@ -37,7 +37,6 @@ from moeframe.kernels import ExpertWeights, Kernel, expert_mlp
 from moeframe.kernels.activations import apply_activation
 
 if TYPE_CHECKING:
-    from moeframe.config import ModelConfig
     from moeframe.context import BuildContext
 
 __all__ = ["FusedCpuParams", "FusedCpuKernel"]
@@ -140,11 +139,6 @@ class FusedCpuKernel(Kernel):
                 warnings.warn(f"fused_cpu: native core unavailable ({exc}); using the torch path", stacklevel=2)
         else:
             self._why_not_native = "backend = 'torch'"
-
-    @classmethod
-    def check_config(cls, model: ModelConfig, params: FusedCpuParams) -> None:
-        if model.activation not in _ACTIVATION_CODES:
-            raise ValueError(f"fused_cpu does not support activation {model.activation!r}")
 
     @property
     def backend(self) -> str:

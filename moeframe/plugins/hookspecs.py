@@ -13,15 +13,19 @@ registry adds the kind and the provider (the distribution's name and version).
 moeframe's own strategies are registered through these same hooks, by the builtin plugin
 :mod:`moeframe.builtin`.
 
-**Versioning.**  This is contract version :data:`PLUGIN_API_VERSION`.  A plugin module
-may declare ``moeframe_plugin_api = N`` (the version it was written for).  Hook
-signatures change only with a deprecation path (pluggy's ``warn_on_impl``); a plugin
-written for a version this host no longer supports is refused with a message that says
-what to change.
+**Growing and versioning.**  Each implementation is called with the arguments it names
+(pluggy's argument selection), so a hook can gain an argument without breaking the
+implementations written before it.  A hook (or an argument) is deprecated by marking
+its spec with pluggy's ``warn_on_impl`` (``warn_on_impl_args``) for one release; a plugin
+implementing it is then warned, with its distribution's name, when it loads.  This is
+contract version :data:`PLUGIN_API_VERSION`; a plugin module may declare
+``moeframe_plugin_api = N``, the version it relies on (see the plugin guide's "Changes to
+the contract").
 
 Hooks are called once, the first time a registry is used (never on ``import moeframe``).
-A hook that raises, or returns something that is not a :class:`moeframe.Strategy`, is
-reported with its distribution's name and skipped; the rest keeps working.
+A hook that raises (``SystemExit`` included), or returns something that is not a
+:class:`moeframe.Strategy`, is reported with its distribution's name and skipped; the
+rest keeps working.
 """
 
 from __future__ import annotations
@@ -35,20 +39,29 @@ if TYPE_CHECKING:
     from moeframe.plugins.records import Strategy
 
 PROJECT_NAME = "moeframe"
-#: The version of this hook contract.
-PLUGIN_API_VERSION = 1
-#: The oldest contract version a plugin may declare and still be loaded.
+#: The version of this hook contract.  A plugin module may declare the version it relies
+#: on (``moeframe_plugin_api = N``): a host older than N refuses it with "upgrade
+#: moeframe".  It goes up whenever something is added that a plugin may rely on (a hook,
+#: a hook argument, a member the host calls).
+PLUGIN_API_VERSION = 2
+#: The oldest contract version a plugin may declare and still be loaded; it goes up when
+#: a deprecated hook or member is removed (after one release of warnings).
 OLDEST_SUPPORTED_PLUGIN_API = 1
 
+#: Marks a hook specification (moeframe's own; plugins never need it).
 hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+#: Marks a function of a plugin module as the implementation of a moeframe hook
+#: (re-exported as :data:`moeframe.hookimpl`).
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
 
 @hookspec
 def register_routers() -> Iterable[Strategy]:
-    """Return router strategies: ``router_logits -> (topk_weights, topk_ids)``.
+    """Return router strategies: router logits -> :class:`moeframe.TopKOutput`
+    (``weights [T, K]``, ``ids [T, K]``, ``weight_on_input``).
 
     Called once when the router registry is first used.  Each ``impl`` must subclass
-    :class:`moeframe.routers.Router`.
+    :class:`moeframe.routers.Router` and implement ``select``.
     """
 
 

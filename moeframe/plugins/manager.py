@@ -16,12 +16,14 @@ their hooks and builds the registry.  Environment variables (read at that moment
 
 from __future__ import annotations
 
+import importlib
 import importlib.metadata as importlib_metadata
 import os
 import re
 import threading
 import warnings
 from collections.abc import Iterable, Sequence
+from types import ModuleType
 from typing import Any
 
 import attrs
@@ -29,7 +31,15 @@ import pluggy
 
 from moeframe.errors import DuplicateStrategyError, PluginError, UnknownStrategyError
 from moeframe.plugins import hookspecs
-from moeframe.plugins.records import KINDS, Entry, Provider, Strategy
+from moeframe.plugins.records import (
+    _WARNED,
+    KINDS,
+    Entry,
+    MoeframeDeprecationWarning,
+    Provider,
+    Strategy,
+    _describe_exception,
+)
 
 __all__ = [
     "PluginWarning",
@@ -45,6 +55,9 @@ __all__ = [
 
 ENTRY_POINT_GROUP = "moeframe"
 BUILTIN_PROVIDER = Provider(name="moeframe", version=None, builtin=True)
+#: moeframe's own plugins, named as data and imported by name when the host loads (as
+#: pytest's ``default_plugins``): the host does not import them, so there is no cycle.
+BUILTIN_PLUGINS: tuple[str, ...] = ("moeframe.builtin",)
 
 
 class PluginWarning(UserWarning):
@@ -100,6 +113,8 @@ class Registry:
     def __init__(self) -> None:
         self._entries: dict[str, dict[str, Entry]] = {kind: {} for kind in KINDS}
         self._conflicts: dict[tuple[str, str], list[Entry]] = {}
+        #: appended to "unknown strategy" errors (set when MOEFRAME_PLUGINS limits the plugins)
+        self.unknown_note = ""
 
     def add(self, entry: Entry) -> DuplicateStrategyError | None:
         """Add an entry; return the conflict it creates, if any."""
@@ -126,7 +141,10 @@ class Registry:
         try:
             return self._entries[kind][name]
         except (KeyError, TypeError):
-            raise UnknownStrategyError(kind, str(name), self.names(kind)) from None
+            error = UnknownStrategyError(kind, str(name), self.names(kind))
+            if self.unknown_note:
+                error.args = (f"{error.args[0]}; {self.unknown_note}",)
+            raise error from None
 
     def names(self, kind: str) -> list[str]:
         _check_kind(kind)
@@ -160,6 +178,7 @@ class PluginHost:
         autoload: bool | None = None,
         allow: Sequence[str] | None = None,
         strict: bool | None = None,
+        specs: ModuleType | type = hookspecs,
     ) -> None:
         env = os.environ
         self.autoload = (
@@ -170,7 +189,7 @@ class PluginHost:
         self.allow = None if allow is None else {normalize_dist_name(a.strip()) for a in allow}
         self.strict = _truthy(env.get("MOEFRAME_STRICT_PLUGINS")) if strict is None else strict
         self.pm = pluggy.PluginManager(hookspecs.PROJECT_NAME)
-        self.pm.add_hookspecs(hookspecs)
+        self.pm.add_hookspecs(specs)
         self.plugins: list[PluginRecord] = []
         self.registry = Registry()
         self._records_by_plugin_name: dict[str, PluginRecord] = {}
@@ -184,10 +203,9 @@ class PluginHost:
             if self._loaded:
                 return self
             self._loaded = True
-            from moeframe import builtin
-
             builtin_record = PluginRecord(name="moeframe", version=_version("moeframe"), builtin=True)
-            self._register(builtin, "moeframe.builtin", builtin_record)
+            for module in BUILTIN_PLUGINS:
+                self._register(importlib.import_module(module), module, builtin_record)
             self.plugins.append(builtin_record)
             if self.autoload:
                 self._load_entry_points()
@@ -196,9 +214,11 @@ class PluginHost:
 
     def _load_entry_points(self) -> None:
         by_dist: dict[str, PluginRecord] = {}
+        installed: dict[str, str] = {}
         for ep in _entry_points():
             dist = getattr(ep, "dist", None)
             dist_name = dist.name if dist is not None else ep.name
+            installed[normalize_dist_name(dist_name)] = dist_name
             if self.allow is not None and normalize_dist_name(dist_name) not in self.allow:
                 continue
             record = by_dist.get(dist_name)
@@ -209,18 +229,37 @@ class PluginHost:
             record.entry_points.append(f"{ep.name} = {ep.value}")
             try:
                 plugin = ep.load()
-            except Exception as exc:
-                self._fail(record, f"import of {ep.value!r} failed: {type(exc).__name__}: {exc}")
+            except (Exception, SystemExit) as exc:  # KeyboardInterrupt stays an interrupt
+                self._fail(record, f"import of {ep.value!r} failed: {_describe_exception(exc)}")
                 continue
             version_problem = _check_api_version(plugin)
             if version_problem:
                 self._fail(record, version_problem)
                 continue
             self._register(plugin, f"{dist_name}:{ep.name}", record)
+        if self.allow is not None:
+            self._check_allow_list(installed)
+
+    def _check_allow_list(self, installed: dict[str, str]) -> None:
+        """Warn about MOEFRAME_PLUGINS names that match no installed plugin distribution
+        (with a did-you-mean), and make "unknown strategy" errors mention the list."""
+        from moeframe.errors import did_you_mean
+
+        for name in sorted(self.allow or ()):
+            if name not in installed:
+                hint = did_you_mean(name, sorted(installed.values()))
+                _warn(f"MOEFRAME_PLUGINS names {name!r}, but no installed plugin distribution has that name{hint}; "
+                      f"installed: {', '.join(sorted(installed.values())) or 'none'}")
+        self.registry.unknown_note = (
+            f"MOEFRAME_PLUGINS allows only {', '.join(sorted(self.allow or ())) or 'no plugin'}; "
+            "add the distribution that provides it, or unset MOEFRAME_PLUGINS"
+        )
 
     def _register(self, plugin: object, plugin_name: str, record: PluginRecord) -> None:
         try:
-            self.pm.register(plugin, name=plugin_name)
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                self.pm.register(plugin, name=plugin_name)
         except ValueError as exc:  # already registered (the same module via two entry points)
             self._fail(record, str(exc))
             return
@@ -245,6 +284,11 @@ class PluginHost:
                 f"{_hook_suggestion(unknown[0])}; known hooks: {', '.join(sorted(known))}",
             )
             return
+        for warning in caught:  # pluggy's warn_on_impl / warn_on_impl_args: say whose hook it is
+            if issubclass(warning.category, DeprecationWarning):
+                warnings.warn(MoeframeDeprecationWarning(f"moeframe plugin {record.name!r}: {warning.message}"), stacklevel=4)
+            else:
+                warnings.warn(warning.message, stacklevel=4)
         self._records_by_plugin_name[plugin_name] = record
 
     def add_plugin(self, plugin: object, name: str, version: str | None = None) -> PluginRecord:
@@ -262,13 +306,45 @@ class PluginHost:
                 self._collect(only=plugin_name)
             return record
 
+    def verify(self) -> PluginHost:
+        """Load every registered strategy's class (which imports the plugins' lazily named
+        implementations) and check it against its kind's contract; a failure is added to
+        the errors of the plugin that registered the strategy (``moeframe plugins`` shows
+        them), or raised in strict mode."""
+        self.load()
+        records = {record.provider: record for record in self.plugins}
+        for entry in self.registry.entries():
+            try:
+                entry.load()
+            except PluginError as exc:
+                if self.strict:
+                    raise
+                record = records.get(entry.provider)
+                if record is not None and str(exc) not in record.errors:
+                    record.errors.append(str(exc))
+        return self
+
+    def hook_arguments(self, hook_name: str) -> dict[str, Any]:
+        """The arguments this host passes to ``hook_name``.  pluggy gives each
+        implementation only those it names, so an argument added to a hook later does
+        not break implementations written before it (none exist yet: every hook of
+        plugin API 1 takes no argument)."""
+        return {}
+
+    def _call(self, hook_name: str, impl: pluggy.HookImpl) -> Any:
+        """Call one plugin's implementation of ``hook_name`` on its own, with the arguments
+        it names: ``impl.argnames`` is pluggy's reading of its signature, checked against
+        the hook's specification when the plugin registered (what pluggy's own hook
+        calling passes).  Called one by one, so that a failing plugin is reported by name
+        and skipped while the others' strategies are kept."""
+        arguments = self.hook_arguments(hook_name)
+        return impl.function(*(arguments[name] for name in impl.argnames))
+
     def _collect(self, only: str | None = None) -> None:
-        for kind in KINDS:
-            hook_name = hookspecs.HOOK_FOR_KIND[kind]
-            caller = getattr(self.pm.hook, hook_name)
+        for kind, hook_name in hookspecs.HOOK_FOR_KIND.items():
             # Call each implementation on its own so that one raising plugin does not
             # take the others' strategies with it.
-            for impl in caller.get_hookimpls():
+            for impl in getattr(self.pm.hook, hook_name).get_hookimpls():
                 if only is not None and impl.plugin_name != only:
                     continue
                 record = self._records_by_plugin_name.get(impl.plugin_name)
@@ -276,10 +352,10 @@ class PluginHost:
                     continue
                 record.hooks.append(hook_name)
                 try:
-                    result = impl.function()
+                    result = self._call(hook_name, impl)
                     items = list(result) if result is not None else []
-                except Exception as exc:
-                    self._fail(record, f"hook {hook_name} raised {type(exc).__name__}: {exc}")
+                except (Exception, SystemExit) as exc:  # KeyboardInterrupt stays an interrupt
+                    self._fail(record, f"hook {hook_name} raised {_describe_exception(exc)}")
                     continue
                 bad = [item for item in items if not isinstance(item, Strategy)]
                 if bad:
@@ -393,3 +469,4 @@ def reset() -> None:
     global _host
     with _host_lock:
         _host = None
+        _WARNED.clear()

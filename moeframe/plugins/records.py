@@ -4,12 +4,32 @@ from __future__ import annotations
 
 import importlib
 import re
+import warnings
 from collections.abc import Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import attrs
 
-__all__ = ["Capabilities", "OrderingRules", "Strategy", "Provider", "Entry", "KINDS"]
+if TYPE_CHECKING:
+    from moeframe.plugins.contract import StrategyBase
+
+__all__ = ["Capabilities", "OrderingRules", "Strategy", "Provider", "Entry", "KINDS", "MoeframeDeprecationWarning"]
+
+
+class MoeframeDeprecationWarning(DeprecationWarning):
+    """A plugin uses a hook, an argument or a member that a later release removes; the
+    message says what to do instead."""
+
+
+#: deprecated members already warned about: (provider, kind, name, member)
+_WARNED: set[tuple[str, str, str, str]] = set()
+
+
+def _describe_exception(exc: BaseException) -> str:
+    """``SystemExit: 3`` / ``ValueError: bad``: an exception as one line."""
+    if isinstance(exc, SystemExit):
+        return f"SystemExit({exc.code!r}): a plugin called sys.exit()"
+    return f"{type(exc).__name__}: {exc}"
 
 #: The strategy kinds, in the order data flows through a stack.
 KINDS: tuple[str, ...] = ("router", "kernel", "dispatcher", "runner", "wrapper")
@@ -158,28 +178,45 @@ class Entry:
     def capabilities(self) -> Capabilities:
         return self.strategy.capabilities
 
-    def load(self) -> type:
-        """Import and return the implementing class.
+    def load(self) -> type[StrategyBase]:
+        """Import and return the implementing class, checked against its kind's contract.
 
-        A failing import is reported as a :class:`~moeframe.errors.PluginError` naming
-        the provider, so one broken plugin shows up as that plugin's fault.
+        A failing import (``SystemExit`` included), an ``impl`` that does not subclass the
+        kind's base class or a ``Params`` that is not an attrs class is a
+        :class:`~moeframe.errors.PluginError` naming the strategy and its provider, so one
+        broken plugin shows up as that plugin's fault.  A class that still defines a
+        deprecated member gets a :class:`MoeframeDeprecationWarning` saying what to do.
         """
-        impl = self.strategy.impl
-        if not isinstance(impl, str):
-            return impl
-        module_name, _, attr = impl.partition(":")
-        try:
-            obj: Any = importlib.import_module(module_name)
-            for part in attr.split("."):
-                obj = getattr(obj, part)
-        except Exception as exc:  # a plugin's import may raise anything
-            from moeframe.errors import PluginError
+        from moeframe.errors import PluginError
+        from moeframe.plugins.contract import DEPRECATED_MEMBERS, contract_problem, deprecated_members
 
-            raise PluginError(
-                f"{self.kind} {self.name!r} from {self.provider} failed to load "
-                f"({impl}): {type(exc).__name__}: {exc}"
-            ) from exc
-        return obj
+        impl = self.strategy.impl
+        where = f"{self.kind} {self.name!r} from {self.provider}"
+        if isinstance(impl, str):
+            module_name, _, attr = impl.partition(":")
+            try:
+                obj: Any = importlib.import_module(module_name)
+                for part in attr.split("."):
+                    obj = getattr(obj, part)
+            except (Exception, SystemExit) as exc:  # a plugin's import may raise anything
+                raise PluginError(f"{where} failed to load ({impl}): {_describe_exception(exc)}") from exc
+            impl = obj
+        problem = contract_problem(self.kind, impl)
+        if problem:
+            raise PluginError(f"{where} breaks the plugin contract: {problem}")
+        for member in deprecated_members(impl):
+            key = (str(self.provider), self.kind, self.name, member)
+            if key in _WARNED:  # once per process (plugins.reset() forgets)
+                continue
+            _WARNED.add(key)
+            warnings.warn(
+                MoeframeDeprecationWarning(
+                    f"{where}: {impl.__qualname__}.{member} is deprecated and will stop working in a later "
+                    f"release; {DEPRECATED_MEMBERS[member]} (see 'Changes to the contract' in the plugin guide)"
+                ),
+                stacklevel=2,
+            )
+        return impl  # type: ignore[no-any-return]
 
     def as_dict(self) -> dict[str, Any]:
         return {

@@ -1,4 +1,4 @@
-"""Routers: router logits -> (topk_weights, topk_ids).
+"""Routers: router logits -> :class:`TopKOutput` (the top-k weights and expert ids).
 
 A router owns its tensors (``router.weight`` and, for some, a bias) and two steps:
 :meth:`Router.logits` (hidden states -> logits, computed once per forward by the layer,
@@ -15,11 +15,10 @@ from typing import TYPE_CHECKING, Any, ClassVar, NamedTuple
 import torch
 import torch.nn.functional as F
 
-from moeframe.config import NoParams
+from moeframe.plugins.contract import StrategyBase
 from moeframe.weights import WeightSpec
 
 if TYPE_CHECKING:
-    from moeframe.config import ModelConfig
     from moeframe.context import BuildContext
 
 __all__ = ["TopKOutput", "Router"]
@@ -39,21 +38,20 @@ class TopKOutput(NamedTuple):
     weight_on_input: bool = False
 
 
-class Router(abc.ABC):
-    """Base class of router strategies; built as ``cls(context, params)``."""
+class Router(StrategyBase):
+    """Base class of router strategies; built as ``cls(context, params)``.
 
-    #: attrs class of this router's parameters (the keys of ``[router]`` besides ``name``)
-    Params: ClassVar[type] = NoParams
+    ``Params`` holds the keys of ``[router]`` besides ``name``.  A router must implement
+    :meth:`select`; :meth:`logits`, :meth:`weight_specs` and :attr:`logits_dtype` have
+    defaults for the usual ``linear(x, router.weight)``.
+    """
+
     #: the chosen weight scales the expert input, not its output (needs top_k == 1)
     weight_on_input: ClassVar[bool] = False
 
     def __init__(self, context: BuildContext, params: Any) -> None:
         self.model = context.model
         self.params = params
-
-    @classmethod
-    def check_config(cls, model: ModelConfig, params: Any) -> None:
-        """Raise ``ValueError`` (or ``FieldError``) when ``params`` do not fit ``model``."""
 
     def weight_specs(self) -> list[WeightSpec]:
         """The tensors this router owns: ``router.weight [E, H]`` and any bias."""
@@ -71,7 +69,10 @@ class Router(abc.ABC):
 
     @abc.abstractmethod
     def select(self, logits: torch.Tensor, weights: Mapping[str, torch.Tensor]) -> TopKOutput:
-        """Choose ``top_k`` experts per token from ``logits [T, E]``."""
+        """Choose ``top_k`` experts per token from ``logits [T, E]`` (T may be 0).
 
-    def describe(self) -> dict[str, Any]:
-        return {}
+        ``weights`` are the layer's tensors by name.  Return a :class:`TopKOutput`:
+        ``ids`` int64 ``[T, K]``, distinct within a row; ``weights [T, K]`` float32 or the
+        activation dtype; ``weight_on_input=True`` when the weight scales the expert's
+        input (then the runner scales the tokens and the kernel gets weights of 1.0).
+        """

@@ -15,7 +15,7 @@ import attrs
 import torch
 import torch.nn.functional as F
 
-from moeframe.config import FieldError, ModelConfig, option
+from moeframe.config import Config, option
 from moeframe.routers import Router, TopKOutput
 from moeframe.weights import WeightSpec
 
@@ -35,19 +35,19 @@ class SigmoidGroupedTopKRouter(Router):
     Params = SigmoidGroupedTopKParams
 
     @classmethod
-    def check_config(cls, model: ModelConfig, params: Any) -> None:
+    def supports(cls, config: Config, params: Any) -> str | None:
+        model = config.model
         if model.num_experts % params.n_group:
-            raise FieldError("n_group", f"{params.n_group} must divide model.num_experts ({model.num_experts})")
+            return f"n_group = {params.n_group} must divide model.num_experts ({model.num_experts})"
         if params.topk_group > params.n_group:
-            raise FieldError("topk_group", f"{params.topk_group} must be <= n_group ({params.n_group})")
+            return f"topk_group = {params.topk_group} must be <= n_group ({params.n_group})"
         per_group = model.num_experts // params.n_group
         if params.correction_bias and per_group < 2:
-            raise FieldError("n_group", f"groups need at least 2 experts to be scored by their top-2 (have {per_group})")
+            return f"n_group = {params.n_group}: groups need at least 2 experts to be scored by their top-2 (have {per_group})"
         if model.top_k > params.topk_group * per_group:
-            raise FieldError(
-                "topk_group",
-                f"{params.topk_group} groups of {per_group} experts cannot supply top_k = {model.top_k} experts",
-            )
+            return (f"topk_group = {params.topk_group}: {params.topk_group} groups of {per_group} experts cannot "
+                    f"supply top_k = {model.top_k} experts")
+        return None
 
     def weight_specs(self) -> list[WeightSpec]:
         specs = super().weight_specs()

@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from moeframe.config import FieldError, ModelConfig
+from moeframe.config import Config
 from moeframe.routers import Router, TopKOutput
 
 
@@ -18,9 +18,11 @@ class SigmoidTop1Router(Router):
     weight_on_input = True
 
     @classmethod
-    def check_config(cls, model: ModelConfig, params: Any) -> None:
-        if model.top_k != 1:
-            raise FieldError("name", f"sigmoid_top1 applies the weight to the expert input and needs model.top_k = 1 (got {model.top_k})")
+    def supports(cls, config: Config, params: Any) -> str | None:
+        if config.model.top_k != 1:
+            return (f"sigmoid_top1 applies the weight to the expert input and needs model.top_k = 1 "
+                    f"(got {config.model.top_k})")
+        return None
 
     def select(self, logits: torch.Tensor, weights: Mapping[str, torch.Tensor]) -> TopKOutput:
         values, topk_ids = torch.topk(logits, 1, dim=-1)

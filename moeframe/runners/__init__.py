@@ -8,7 +8,9 @@ The runner interface is exactly:
   the tokens (the layer all-reduces once when it is not);
 * ``workspace_requests()``: staging buffers needed during ``forward``;
 * ``weight_specs()``: tensors the part owns (the layer creates and loads them);
-* ``describe()``: parameters to show in ``moeframe explain``.
+* ``describe()``: parameters to show in ``moeframe explain``;
+* ``report()`` and ``release()``, like every part (see
+  :class:`~moeframe.plugins.contract.StrategyBase`).
 
 Nothing else is reached through a wrapper: there is no attribute forwarding.
 """
@@ -16,34 +18,28 @@ Nothing else is reached through a wrapper: there is no attribute forwarding.
 from __future__ import annotations
 
 import abc
-from collections.abc import Sequence
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from moeframe.config import NoParams
-from moeframe.weights import WeightSpec
-from moeframe.workspace import WorkspaceRequest
+from moeframe.plugins.contract import StrategyBase
 
 if TYPE_CHECKING:
-    from moeframe.config import Config
     from moeframe.context import BuildContext
 
 __all__ = ["Runner"]
 
 
-class Runner(abc.ABC):
-    """Base class of runner strategies; built as ``cls(context, params)``."""
+class Runner(StrategyBase):
+    """Base class of runner strategies; built as ``cls(context, params)``.
 
-    Params: ClassVar[type] = NoParams
+    A runner implements :meth:`forward` and :attr:`output_reduced`; it finds the router,
+    kernel and dispatcher the composer built in ``context`` (``context.router``...) and
+    calls the kernel through :meth:`moeframe.Kernel.run`.
+    """
 
     def __init__(self, context: BuildContext, params: Any) -> None:
         self.params = params
-
-    @classmethod
-    def check_stack(cls, config: Config) -> str | None:
-        """Return why this part cannot be used in ``config``'s stack, or None."""
-        return None
 
     @abc.abstractmethod
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
@@ -53,12 +49,3 @@ class Runner(abc.ABC):
     @abc.abstractmethod
     def output_reduced(self) -> bool:
         """Whether :meth:`forward`'s output is already summed over the token group."""
-
-    def workspace_requests(self) -> Sequence[WorkspaceRequest]:
-        return ()
-
-    def weight_specs(self) -> list[WeightSpec]:
-        return []
-
-    def describe(self) -> dict[str, Any]:
-        return {}

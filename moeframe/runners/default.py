@@ -51,5 +51,5 @@ class DefaultRunner(Runner):
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         hidden_states, topk_weights, topk_ids = route(self.router, hidden_states, router_logits, self.weights)
         dispatched = self.dispatcher.dispatch(hidden_states, topk_weights, topk_ids)
-        expert_output = self.kernel(dispatched.hidden_states, dispatched.topk_weights, dispatched.topk_ids, self.experts())
+        expert_output = self.kernel.run(dispatched.hidden_states, dispatched.topk_weights, dispatched.topk_ids, self.experts())
         return self.dispatcher.combine(expert_output, dispatched)

@@ -20,7 +20,12 @@ __all__ = ["Wrapper"]
 
 
 class Wrapper(Runner):
-    """Base class of wrapper strategies; built as ``cls(inner, context, params)``."""
+    """Base class of wrapper strategies; built as ``cls(inner, context, params)``.
+
+    A wrapper implements :meth:`forward`, calling ``self.inner.forward``; the default
+    :attr:`output_reduced` passes the inner runner's on.  A wrapper that is not
+    :attr:`transparent` is part of the reference stack.
+    """
 
     #: The output equals the inner runner's (chunking, statistics, timing...).  Such
     #: wrappers are left out of the reference stack; a wrapper that changes the result

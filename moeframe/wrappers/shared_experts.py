@@ -54,11 +54,8 @@ class SharedExpertsWrapper(Wrapper):
         self._side_stream = torch.cuda.Stream(context.device) if context.device.type == "cuda" else None
 
     @classmethod
-    def check_stack(cls, config: Config) -> str | None:
-        size = config.model.intermediate_size
-        for w in config.stack.wrappers:
-            if w.name == "shared_experts" and w.params.intermediate_size:
-                size = w.params.intermediate_size
+    def supports(cls, config: Config, params: SharedExpertsParams) -> str | None:
+        size = params.intermediate_size or config.model.intermediate_size
         if size % config.parallel.tp_size:
             return f"shared_experts: intermediate_size {size} is not divisible by parallel.tp_size {config.parallel.tp_size}"
         return None

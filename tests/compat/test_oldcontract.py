@@ -129,3 +129,18 @@ def _stack_with_tp(cfg: dict) -> None:
     from moeframe.composer import check_stack
 
     check_stack(moeframe.load_config(cfg, {"parallel.tp_size": 2}))
+
+
+def test_what_moved_on_warns_once_saying_what_to_do(site):
+    from moeframe.plugins import MoeframeDeprecationWarning
+
+    with pytest.warns(MoeframeDeprecationWarning) as caught:
+        moeframe.MoELayer(config(kernel="old_gathered", wrappers=["old_staging"]))
+        moeframe.MoELayer(config(wrappers=["old_staging"]))
+    messages = sorted(str(w.message) for w in caught if issubclass(w.category, MoeframeDeprecationWarning))
+    assert len(messages) == 2  # once per strategy and member, not per use
+    assert messages[0].startswith(f"router 'old_softmax' from {DIST} 0.1.0: TemperatureSoftmaxRouter.check_config is "
+                                  "deprecated")
+    assert "supports(cls, config, params) returning the reason as a string, or None" in messages[0]
+    assert messages[1].startswith(f"wrapper 'old_staging' from {DIST} 0.1.0: StagingWrapper.check_stack is deprecated")
+    assert "rename the classmethod check_stack(cls, config) to supports(cls, config, params)" in messages[1]

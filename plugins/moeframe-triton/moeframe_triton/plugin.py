@@ -20,13 +20,23 @@ _DESCRIPTION = "fused MoE in Triton: align, grouped GEMMs with bias/activation/r
 @hookimpl
 def register_kernels() -> list[Strategy]:
     """The ``triton`` kernel: on CUDA devices, or on the CPU through Triton's interpreter
-    (variant ``interpreter``) where no CUDA device is available."""
+    (variant ``interpreter``) where no CUDA device is available.
+
+    Side effect, in CPU-only processes only: ``TRITON_INTERPRET=1`` is put in the
+    environment (unless the user set the variable).  Registration is the only safe moment,
+    because Triton chooses between interpreter and compiler when a function is *decorated*,
+    not when it is launched: ``triton.jit`` reads ``triton.knobs.runtime.interpret`` at
+    decoration (``triton/runtime/jit.py``, triton 3.9), and Triton decorates its own
+    library (``triton.language.standard``: ``cdiv``, the reductions' combine functions)
+    at ``import triton``.  Setting the knob when our kernel is built is too late once
+    anything has imported triton (``torch.profiler`` and ``torch.compile`` do, early): the
+    interpreted kernels then fail with "Cannot call @triton.jit'd outside of the scope of
+    a kernel".  Registration runs when the first registry is used, before any stack is
+    built.  Where a CUDA device exists nothing is written: compiled Triton is untouched.
+    """
     interpreter = interpreter_mode()
     if interpreter and not os.environ.get(INTERPRET_ENV, "").strip():
-        # no CUDA device: whoever imports triton in this process from now on (torch's
-        # profiler does) gets the interpreter our kernels run on; compiled triton could
-        # not run here anyway
-        os.environ[INTERPRET_ENV] = "1"
+        os.environ[INTERPRET_ENV] = "1"  # CPU-only process: see the docstring
     capabilities = Capabilities(
         dtypes=("float32", "bfloat16", "float16"),
         devices=("cpu",) if interpreter else ("cuda",),

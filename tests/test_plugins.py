@@ -662,3 +662,22 @@ def test_a_router_that_exits_is_named():
     with pytest.raises(PluginError, match=r"^router 'exiting_router' from my-routers 0.5 called sys.exit\(6\) during a "
                                           r"forward"):
         layer(torch.randn(3, 32))
+
+
+def test_the_triton_plugin_selects_its_interpreter_only_in_cpu_only_processes(monkeypatch):
+    """Registration writes TRITON_INTERPRET (the reason is in the hook's docstring) only
+    where no CUDA device exists, and never over the user's own setting."""
+    import os
+
+    plugin = pytest.importorskip("moeframe_triton.plugin")
+    assert "decorat" in plugin.register_kernels.__doc__  # says why registration is the moment
+    monkeypatch.setenv("TRITON_INTERPRET", "")
+    monkeypatch.setattr(plugin, "interpreter_mode", lambda: False)  # a CUDA device is available
+    (compiled,) = plugin.register_kernels()
+    assert os.environ["TRITON_INTERPRET"] == "" and compiled.capabilities.devices == frozenset({"cuda"})
+    monkeypatch.setattr(plugin, "interpreter_mode", lambda: True)  # CPU only
+    (interpreted,) = plugin.register_kernels()
+    assert os.environ["TRITON_INTERPRET"] == "1" and interpreted.variant == "interpreter"
+    monkeypatch.setenv("TRITON_INTERPRET", "0")  # the user's choice stays
+    plugin.register_kernels()
+    assert os.environ["TRITON_INTERPRET"] == "0"

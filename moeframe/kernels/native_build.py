@@ -26,6 +26,15 @@ version, platform).  What makes the cache safe to load from:
   checked like the cache) and found there by the next run.
 
 POSIX only (Linux, macOS): elsewhere every build is refused with a reason.
+
+Why a plain C build rather than ``torch.utils.cpp_extension``: the kernel needs no torch
+headers (it takes raw pointers; the torch op around it is registered in Python with
+``torch.library``), so a build is one ``cc`` call of a few seconds instead of a C++
+compile against torch's headers (tens of seconds per variant, and ninja); it links only
+``libgomp.so.1``, which resolves to the OpenMP runtime torch has already loaded; and the
+cache rules above are ours to state and test, where torch's extension directory (per user
+by default, anywhere with ``TORCH_EXTENSIONS_DIR``) loads what it finds there without
+checking who could write it or what it holds.
 """
 
 from __future__ import annotations

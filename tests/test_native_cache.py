@@ -407,3 +407,22 @@ def test_one_openmp_runtime_in_the_process():
     maps = Path("/proc/self/maps").read_text().splitlines()
     gomp = {line.split()[-1] for line in maps if "gomp" in line.split()[-1]}
     assert len(gomp) <= 1, gomp
+
+
+def test_every_c_source_ships_as_package_data():
+    """Each file of csrc/ matches a package-data pattern (else an installed moeframe could
+    not build its core), and every variant's source is there."""
+    from fnmatch import fnmatch
+
+    from moeframe.kernels.cpu_isa import VARIANTS
+
+    try:
+        import tomllib
+    except ModuleNotFoundError:  # Python 3.10
+        import tomli as tomllib
+    root = Path(__file__).resolve().parent.parent
+    patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["moeframe.kernels"]
+    csrc = root / "moeframe" / "kernels" / "csrc"
+    files = sorted(p.name for p in csrc.iterdir() if p.is_file())
+    assert files and all(any(fnmatch(f"csrc/{name}", pat) for pat in patterns) for name in files), (files, patterns)
+    assert {v.source for v in VARIANTS.values()} <= set(files)

@@ -88,3 +88,10 @@ def test_loading_the_plugin_imports_no_torch():
     code = "import sys, moeframe; moeframe.get_registry(); print('torch' in sys.modules, 'moeframe_expert_stats.wrapper' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]
+
+
+@pytest.mark.moeframe_conformance(kind="wrapper", name="expert_stats")
+def test_conformance_kit(moeframe_case):
+    """moeframe's pytest plugin: the wrapper against the reference stack (alone, in bf16,
+    around and inside chunking at its boundaries) and reduce-once on two EP ranks."""
+    moeframe_case.check()

@@ -248,3 +248,11 @@ def test_fp16_split_keeps_h_beyond_the_fp16_range():
     assert gate_up.abs().amax() ** 2 > 65504  # h = silu(gate) * up overflows fp16 somewhere
     assert torch.isfinite(expected).all() and torch.isfinite(out).all()
     assert_matches(case, out, expected, inputs)
+
+
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # numpy, in the interpreter
+@pytest.mark.moeframe_conformance(kind="kernel", name="triton", dtypes=("float16",), token_counts=(1, 7))
+def test_conformance_kit_float16(moeframe_case):
+    """moeframe's pytest plugin: the kit's fp16 cases and fp16 scale sweep (the core's
+    test_kernels runs fp32 and bf16 for every kernel; fp16 is slow through the interpreter)."""
+    moeframe_case.check()

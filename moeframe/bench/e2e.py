@@ -149,25 +149,26 @@ def _decode(model: Any, cache: Any, token: torch.Tensor, steps: int) -> list[int
 
 def _run_once(
     path: _Path, model: Any, prompt: torch.Tensor, steps: int, skip_prefill: str | None, default: str
-) -> tuple[float | None, float, list[int]]:
+) -> tuple[tuple[float, float] | None, tuple[float, float], list[int]]:
     """One prefill (which gives the first new token) and ``steps`` greedy decode steps on
-    ``path``: (prefill seconds, or None when ``skip_prefill`` says why the path cannot
-    afford it and the default path makes the cache; decode seconds; the ``steps + 1``
-    tokens)."""
+    ``path``: (prefill (wall, CPU) seconds, or None when ``skip_prefill`` says why the path
+    cannot afford it and the default path makes the cache; decode (wall, CPU) seconds; the
+    ``steps + 1`` tokens).  CPU seconds are the process's (every thread's)."""
     prefill_s = None
+    clocks = (time.perf_counter, time.process_time)
     if skip_prefill:
         model.set_experts_implementation(default)
         cache, token = _prefill(model, prompt)
         path.enter()
     else:
         path.enter()
-        start = time.perf_counter()
+        start = [c() for c in clocks]
         cache, token = _prefill(model, prompt)
-        prefill_s = time.perf_counter() - start
+        prefill_s = tuple(c() - s for c, s in zip(clocks, start))
     try:
-        start = time.perf_counter()
+        start = [c() for c in clocks]
         tokens = [int(token)] + _decode(model, cache, token, steps)
-        decode_s = time.perf_counter() - start
+        decode_s = tuple(c() - s for c, s in zip(clocks, start))
     finally:
         path.leave()
     return prefill_s, decode_s, tokens
@@ -216,7 +217,7 @@ def run_e2e(
     partial: Callable[[dict[str, Any]], None] = lambda result: None,
 ) -> dict[str, Any]:
     """Measure every path of ``options.paths`` for every dtype; see the module docstring.
-    ``partial(result)`` is called after each dtype (to save what is measured so far)."""
+    ``partial(result)`` is called after each round (to save what is measured so far)."""
     import transformers
 
     from moeframe.integrations.transformers.experts import register_experts
@@ -245,7 +246,8 @@ def run_e2e(
             warm = prompt[:, : min(16, options.prompt)]
             for path in paths:
                 _run_once(path, model, warm, 2, path.skips("prefill", options), default)
-                section["paths"][path.name] = {"prefill": [], "decode": [], "identical": True}
+                section["paths"][path.name] = {"prefill": [], "decode": [], "prefill_cpu": [], "decode_cpu": [],
+                                               "identical": True}
             # 2. the reference tokens: transformers' default path, through generate()
             model.set_experts_implementation(default)
             reference = _greedy(model, prompt, options.new_tokens + 1)
@@ -269,11 +271,16 @@ def run_e2e(
                             "reference_logit_gap": _logit_gap(model, prompt, reference, step),
                         }
                     if prefill_s is not None:
-                        entry["prefill"].append(prefill_s)
-                    entry["decode"].append(decode_s)
-                    log(f"{dtype_name} {path.name}: prefill {'-' if prefill_s is None else f'{prefill_s:.3f}'} s, "
-                        f"decode {decode_s:.3f} s, greedy tokens {'identical' if tokens == reference else 'DIFFER'}")
+                        entry["prefill"].append(prefill_s[0])
+                        entry["prefill_cpu"].append(prefill_s[1])
+                    entry["decode"].append(decode_s[0])
+                    entry["decode_cpu"].append(decode_s[1])
+                    shown = "-" if prefill_s is None else f"{prefill_s[0]:.2f} s (CPU {prefill_s[1]:.2f} s)"
+                    log(f"{dtype_name} {path.name}: prefill {shown}, decode {decode_s[0]:.2f} s (CPU {decode_s[1]:.2f} s), "
+                        f"greedy tokens {'identical' if tokens == reference else 'DIFFER'}")
                 log(f"{dtype_name}: round {round_ + 1}/{options.repeat} done")
+                _summarise(section, options)
+                partial(result)  # what is measured so far, should the run be stopped
             # 4. where the time goes: the patched model and transformers' best path, per phase
             if options.profile:
                 section["profile"] = {}
@@ -300,8 +307,10 @@ def run_e2e(
 
 
 def _best(section: dict[str, Any], names: Sequence[str], phase: str) -> str | None:
-    timed = {n: statistics.median(section["paths"][n][phase]) for n in names
-             if n in section["paths"] and section["paths"][n][phase]}
+    """The path of ``names`` with the least median CPU time in ``phase`` (under load, CPU
+    time is the steadier measure; see the module docstring)."""
+    timed = {n: statistics.median(section["paths"][n][f"{phase}_cpu"]) for n in names
+             if n in section["paths"] and section["paths"][n][f"{phase}_cpu"]}
     return min(timed, key=timed.__getitem__) if timed else None
 
 
@@ -309,58 +318,66 @@ def _summarise(section: dict[str, Any], options: E2EOptions) -> None:
     counts = {"prefill": options.prompt, "decode": options.new_tokens}
     for entry in section["paths"].values():
         for phase, n in counts.items():
-            times = entry[phase]
-            entry[f"{phase}_tokens_per_s"] = n / statistics.median(times) if times else None
-            entry[f"{phase}_spread"] = [n / max(times), n / min(times)] if times else None
+            for clock, key in (("", phase), ("_cpu", f"{phase}_cpu")):
+                times = entry[key]
+                entry[f"{phase}_tokens_per{clock}_s"] = n / statistics.median(times) if times else None
+                entry[f"{phase}{clock}_spread"] = [n / max(times), n / min(times)] if times else None
     for phase in counts:
         best = _best(section, HF_PATHS, phase)
         section[f"best_hf_{phase}"] = best
         if best is None:
             continue
-        base = section["paths"][best][f"{phase}_tokens_per_s"]
-        for entry in section["paths"].values():
-            rate = entry[f"{phase}_tokens_per_s"]
-            entry[f"{phase}_vs_best_hf"] = rate / base if rate else None
+        for clock in ("", "_cpu"):
+            base = section["paths"][best][f"{phase}_tokens_per{clock}_s"]
+            for entry in section["paths"].values():
+                rate = entry[f"{phase}_tokens_per{clock}_s"]
+                entry[f"{phase}{clock}_vs_best_hf"] = rate / base if rate else None
 
 
 def markdown_table(result: dict[str, Any]) -> str:
-    """The result as a Markdown table (one row per dtype and path)."""
+    """The result as a Markdown table (one row per dtype and path): tokens per CPU-second
+    (the process's CPU time) and per wall-clock second, each the median over rounds with
+    the spread (min..max), and the ratio to transformers' best path (by CPU time)."""
     o = result["options"]
     lines = [
         f"Qwen3-MoE-shaped model, {o['layers']} layers, H={o['hidden']}, E={o['experts']}, top_k={o['top_k']}, "
         f"I={o['intermediate']}, vocabulary {o['vocab']}, random weights; prefill {o['prompt']} tokens, then "
-        f"{o['new_tokens']} decode steps with a KV cache; batch 1.  CPU: {result['cpu']}, {result['threads']} threads; "
-        f"torch {result['torch']}, transformers {result['transformers']}; median of {o['repeat']} round-robin rounds "
-        "(min..max in brackets).",
+        f"{o['new_tokens']} decode steps with a KV cache; batch 1.  CPU: {result['cpu']}, {result['threads']} "
+        f"thread(s); torch {result['torch']}, transformers {result['transformers']}; median of {o['repeat']} "
+        "round-robin rounds, [min..max].",
         "",
-        "| dtype | experts path | prefill tok/s | vs best HF | decode tok/s | vs best HF | greedy tokens |",
-        "|---|---|---|---|---|---|---|",
+        "| dtype | experts path | prefill tok/CPU-s | vs best HF | prefill tok/s (wall) | decode tok/CPU-s | vs best HF "
+        "| decode tok/s (wall) | greedy tokens |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
 
-    def rate(entry: dict[str, Any], phase: str) -> str:
-        value = entry[f"{phase}_tokens_per_s"]
+    def rate(entry: dict[str, Any], phase: str, clock: str) -> str:
+        value = entry[f"{phase}_tokens_per{clock}_s"]
         if value is None:
             return "not measured"
-        low, high = entry[f"{phase}_spread"]
+        low, high = entry[f"{phase}{clock}_spread"]
         return f"{value:,.1f} [{low:,.1f}..{high:,.1f}]"
 
     def ratio(entry: dict[str, Any], phase: str) -> str:
-        value = entry.get(f"{phase}_vs_best_hf")
+        value = entry.get(f"{phase}_cpu_vs_best_hf")
         return f"{value:.2f}x" if value else ""
 
     for dtype, section in result["dtypes"].items():
         for name, entry in section["paths"].items():
             label = name + (" (default)" if name == section["default"] else "")
-            if name == section.get("best_hf_prefill") or name == section.get("best_hf_decode"):
-                label += " (best HF: " + ", ".join(
-                    p for p in ("prefill", "decode") if section.get(f"best_hf_{p}") == name) + ")"
+            best = [p for p in ("prefill", "decode") if section.get(f"best_hf_{p}") == name]
+            if best:
+                label += f" (best HF: {', '.join(best)})"
             if entry["identical"]:
                 check = "identical"
             else:
                 diff = entry["first_difference"]
                 check = f"differ from step {diff['step']} (reference gap {diff['reference_logit_gap']:.3f})"
-            lines.append(f"| {dtype} | {label} | {rate(entry, 'prefill')} | {ratio(entry, 'prefill')} | "
-                         f"{rate(entry, 'decode')} | {ratio(entry, 'decode')} | {check} |")
+            lines.append(
+                f"| {dtype} | {label} | {rate(entry, 'prefill', '_cpu')} | {ratio(entry, 'prefill')} | "
+                f"{rate(entry, 'prefill', '')} | {rate(entry, 'decode', '_cpu')} | {ratio(entry, 'decode')} | "
+                f"{rate(entry, 'decode', '')} | {check} |"
+            )
     for dtype, section in result["dtypes"].items():
         for name, phases in section.get("profile", {}).items():
             for phase, ops in phases.items():
@@ -414,6 +431,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--paths", default=None,
                    help=f"comma-separated experts paths (default: {','.join(HF_PATHS + OWN_PATHS)})")
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the prompt (default 0)")
+    p.add_argument("--threads", type=_positive, default=None,
+                   help="torch threads (default: torch's); 1 keeps CPU time meaningful on a loaded machine")
     p.add_argument("--profile", action="store_true", help="add torch.profiler's top ops of the patched model and the best HF path")
     p.add_argument("--json", type=Path, metavar="FILE", help="write the full result as JSON to FILE")
     p.add_argument("--markdown", type=Path, metavar="FILE.md",
@@ -446,6 +465,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         for target in (args.json, args.markdown):
             if target is not None and not target.parent.is_dir():
                 raise UserError(f"{target}: the folder {str(target.parent)!r} does not exist")
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
         options = E2EOptions(
             layers=args.layers, hidden=args.hidden, experts=args.experts, top_k=args.top_k,
             intermediate=args.intermediate, vocab=args.vocab, heads=args.heads, kv_heads=args.kv_heads,

@@ -284,6 +284,51 @@ def _attach_fractions(rows: list[dict[str, Any]], probe_rows: list[dict[str, Any
         row["bandwidth_fraction_of_best"] = row["bytes_per_s"] / limits.read_bytes_per_s if limits.read_bytes_per_s else None
 
 
+def machine_info() -> dict[str, Any]:
+    """The CPU the benchmark ran on: its model, architecture, the flags that matter to the
+    kernels, the native variants it runs (best first) and torch's own CPU capability."""
+    from moeframe.kernels import cpu_isa
+
+    flags = cpu_isa.cpu_flags()
+    return {
+        "cpu": cpu_isa.cpu_model(),
+        "arch": cpu_isa.machine_arch(),
+        "isa_flags": sorted(f for f in flags if f in _ISA_FLAGS),
+        "native_variants": cpu_isa.supported(),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+    }
+
+
+#: the CPU flags worth recording with a result (vector width, 16-bit arithmetic, matrix units)
+_ISA_FLAGS = frozenset({
+    "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_fp16",
+    "avx512_vnni", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16", "asimd", "sve", "sve2", "bf16", "i8mm",
+})
+
+
+def _kernel_details(config: Config, kernels: Sequence[str], dtypes: Sequence[str]) -> dict[str, dict[str, Any]]:
+    """What each kernel reports about itself (``describe()``: for ``fused_cpu`` the ISA
+    variant in use and where torch's matmul takes over), per dtype."""
+    from moeframe.conformance import kernel_context
+    from moeframe.plugins import get_registry
+
+    registry = get_registry()
+    out: dict[str, dict[str, Any]] = {}
+    for dtype in dtypes:
+        cfg = config.evolve({"model.dtype": dtype})
+        for name in kernels:
+            cls = registry.get("kernel", name).load()
+            params = cfg.stack.kernel.params if name == cfg.stack.kernel.name else cls.Params()
+            try:
+                kernel = cls(kernel_context(cfg.model), params)
+                details = kernel.describe()
+                kernel.release()
+            except Exception as exc:  # a kernel that cannot be built here is reported by the sweep
+                details = {"error": f"{type(exc).__name__}: {exc}"}
+            out.setdefault(name, {})[dtype] = {k: v for k, v in details.items() if isinstance(v, (str, int, float, bool, type(None), dict, list))}
+    return out
+
+
 def run_benchmark(config: Config, options: BenchOptions, progress: Progress | None = None) -> dict[str, Any]:
     """Measure ``config``'s kernels, stack and peers; return the results as plain data.
 
@@ -327,6 +372,8 @@ def run_benchmark(config: Config, options: BenchOptions, progress: Progress | No
         "moeframe": __version__,
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
+        "machine": machine_info(),
+        "kernel_details": _kernel_details(config, kernels, dtypes),
         "source": config.source,
         "config": config.to_dict(),
         "kernels": kernels,

@@ -29,6 +29,22 @@ def _fmt(value: float | None, spec: str) -> str:
     return "" if value is None else format(value, spec)
 
 
+def _machine_line(result: dict[str, Any]) -> str:
+    """The CPU and what each kernel ran on it (results written before these were recorded
+    say so)."""
+    machine = result.get("machine")
+    if not machine:
+        return "machine: not recorded"
+    flags = ", ".join(machine["isa_flags"]) or "none recorded"
+    line = (f"machine: {machine['cpu']} ({machine['arch']}; {flags}; torch CPU capability "
+            f"{machine['torch_cpu_capability']}; native variants here: {', '.join(machine['native_variants']) or 'none'})")
+    for name, per_dtype in result.get("kernel_details", {}).items():
+        summaries = {d: details.get("summary") for d, details in per_dtype.items() if details.get("summary")}
+        if summaries:
+            line += f"; {name}: " + ", ".join(f"{s} ({d})" for d, s in summaries.items())
+    return line
+
+
 def _limits_line(result: dict[str, Any]) -> str:
     lim = result["limits"]
     peaks = ", ".join(f"{d} {v / 1e9:.1f} GFLOP/s" for d, v in lim["gemm_flops"].items())
@@ -86,6 +102,7 @@ def _sections(result: dict[str, Any], markdown: bool) -> list[str]:
         f"torch {result['torch']}, transformers {result['peers'].get('transformers') or 'not installed'}; "
         f"{result['repeat']} rounds"
     )
+    parts.append(_machine_line(result))
     parts.append(_limits_line(result))
     if result["peers"].get("skipped"):
         parts.append(f"peers skipped: {result['peers']['skipped']}")

@@ -216,30 +216,35 @@ def detect(flags: frozenset[str] | None = None) -> str:
     return usable[0]
 
 
-def matmul_min_tokens(dtype: str) -> int | None:
+def matmul_min_tokens(dtype: str, isa: str | None = None) -> int | None:
     """Tokens per expert from which ``fused_cpu`` hands an expert's GEMMs to torch's matmul
-    on this CPU (``None``: the native core is faster at every count), for ``dtype``
-    (``float32``, ``bfloat16``, ``float16``).  Measured, not derived: see "CPU variants"
-    in ``docs/performance.md`` for the figures behind each entry."""
+    on this CPU (``None``: the native core is at least as fast at every count), for
+    ``dtype`` (``float32``, ``bfloat16``, ``float16``) and the native variant ``isa`` in
+    use (default: :func:`detect`'s).  Measured, not derived: see "CPU variants" in
+    ``docs/performance.md`` for the figures behind each entry."""
     flags = cpu_flags()
     if dtype == "bfloat16" and "amx_bf16" in flags:
         return _MATMUL_MIN["amx_bf16"]
     if dtype == "bfloat16" and "avx512_bf16" in flags:
         return _MATMUL_MIN["avx512_bf16"]
-    if dtype == "float16" and "amx_fp16" in flags:
-        return _MATMUL_MIN["amx_fp16"]
-    if dtype == "float16" and "avx512_fp16" in flags:
-        return _MATMUL_MIN["avx512_fp16"]
     if dtype == "float32" and {"avx512f", "avx512bw", "avx512vl"} <= flags:
-        return _MATMUL_MIN["avx512_f32"]
-    return None  # AVX2 (torch's 16-bit matmul is emulated there), aarch64: not measured
+        if isa is None:
+            try:
+                isa = detect()
+            except CpuIsaError:
+                isa = "avx2"
+        return _MATMUL_MIN["avx512_f32" if isa == "avx512" else "avx512_f32_avx2_core"]
+    # AVX2 (torch's bf16 matmul is emulated there), fp16 (its GEMMs would overflow in fp16:
+    # fused_cpu runs them in fp32), aarch64 (not measured): the native core throughout
+    return None
 
 
-#: calibrated on an Intel Xeon (Sapphire Rapids class, 2 cores), torch 2.13; None: never
-_MATMUL_MIN: dict[str, int | None] = {
-    "amx_bf16": 16,
-    "avx512_bf16": 32,
-    "amx_fp16": 16,
-    "avx512_fp16": 32,
-    "avx512_f32": 64,
+#: per-core crossovers measured on an Intel Xeon (Sapphire Rapids class: AVX-512, AMX-BF16),
+#: torch 2.13, the benchmark's shape (H=1024, I=512); avx512_bf16 without AMX (AMD Zen 4)
+#: was not available: a guess from the AMX figures, between the crossovers measured here
+_MATMUL_MIN: dict[str, int] = {
+    "amx_bf16": 32,  # oneDNN on AMX: 1.3x the native core at 32 tokens, 1.6x at 64, 2.9x at 256
+    "avx512_bf16": 64,
+    "avx512_f32": 256,  # MKL on AVX-512 against the AVX-512 core: 0.67x at 64 tokens, 0.86x at 128, 1.0x at 256
+    "avx512_f32_avx2_core": 128,  # against the AVX2 core forced on an AVX-512 CPU: 1.08x at 128, 1.2x at 256
 }

@@ -148,8 +148,12 @@ class FusedCpuKernel(Kernel):
     def describe(self) -> dict[str, Any]:
         op = "moeframe::fused_cpu_experts"
         if self._native is not None:
-            return {"summary": f"native {self._native.isa}", "backend": "native", "isa": self._native.isa,
-                    "library": str(self._native.path), "op": op, "kept_scratch_bytes": _SCRATCH.kept_bytes}
+            dtype = self.model.torch_dtype
+            threshold = self.matmul_threshold(dtype) if dtype in _DTYPE_CODES else None
+            matmul = f", torch matmul from {threshold} tokens per expert" if threshold is not None else ""
+            return {"summary": f"native {self._native.isa}{matmul}", "backend": "native", "isa": self._native.isa,
+                    "matmul_from_tokens": threshold, "library": str(self._native.path), "op": op,
+                    "kept_scratch_bytes": _SCRATCH.kept_bytes}
         return {"summary": f"torch path: {self._why_not_native}", "backend": "torch", "why": self._why_not_native, "op": op}
 
     def release(self) -> None:
@@ -276,7 +280,7 @@ class FusedCpuKernel(Kernel):
             return setting
         from moeframe.kernels.cpu_isa import matmul_min_tokens
 
-        return matmul_min_tokens(str(dtype).removeprefix("torch."))
+        return matmul_min_tokens(str(dtype).removeprefix("torch."), self._native.isa if self._native is not None else None)
 
     def _split_for_matmul(
         self, dtype: torch.dtype, ids: torch.Tensor, expert_map: torch.Tensor | None, num_experts: int, local_experts: int
@@ -321,20 +325,23 @@ class FusedCpuKernel(Kernel):
     ) -> None:
         """``acc[t] += w[t,k] * f_e(x[t])`` for the big experts, one after another (a fixed
         order: the result does not depend on the number of threads), with torch's matmul
-        on each expert's gathered tokens and the weights read in place.  16-bit GEMMs
-        return 16-bit results (torch's CPU matmul has no fp32 output for them); the
-        activation, biases, routed weights and sums are fp32."""
+        on each expert's gathered tokens and the weights read in place.  bf16 GEMMs
+        return bf16 results (torch's CPU matmul has no fp32 output for them); fp16 ones
+        would overflow where fp32 does not (65504 is fp16's largest value), so fp16 runs
+        them in fp32 on widened copies (correct, not fast: the CPU table never picks this
+        path for fp16).  The activation, biases, routed weights and sums are fp32."""
         K = weights.shape[1]
         flat_weights = weights.view(-1)
         pairs = big.pairs.split(big.counts)
+        gemm_dtype = torch.float32 if x.dtype == torch.float16 else x.dtype
         for e, p in zip(big.experts, pairs):
             tok = p // K
-            xs = x.index_select(0, tok)
-            gate_up = torch.mm(xs, experts.w13[e].t()).float()
+            xs = x.index_select(0, tok).to(gemm_dtype)
+            gate_up = torch.mm(xs, experts.w13[e].t().to(gemm_dtype)).float()
             if experts.b13 is not None:
                 gate_up += experts.b13[e].float()
-            h = apply_activation(gate_up, self.activation).to(x.dtype)
-            y = torch.mm(h, experts.w2[e].t()).float()
+            h = apply_activation(gate_up, self.activation).to(gemm_dtype)
+            y = torch.mm(h, experts.w2[e].t().to(gemm_dtype)).float()
             if experts.b2 is not None:
                 y += experts.b2[e].float()
             y *= flat_weights[p].unsqueeze(1)

@@ -97,6 +97,18 @@ def test_bench_smoke_json_shape(capsys, tiny, tmp_path):
     prefill = next(t for t in data["targets"] if t["name"] == "fused_cpu prefill float32")
     assert prefill["met"] is None  # no T >= 512 measured
     assert not list(tmp_path.glob(".bench.json*"))  # the atomic write left no temp file
+    # the machine and what each kernel ran on it are recorded with the result
+    from moeframe.kernels import cpu_isa
+
+    machine = data["machine"]
+    assert machine["cpu"] == cpu_isa.cpu_model() and machine["arch"] == cpu_isa.machine_arch()
+    assert machine["native_variants"] == cpu_isa.supported() and machine["torch_cpu_capability"]
+    assert set(machine["isa_flags"]) <= cpu_isa.cpu_flags()
+    fused = data["kernel_details"]["fused_cpu"]["float32"]
+    assert fused["backend"] in ("native", "torch") and fused["summary"]
+    if fused["backend"] == "native":
+        assert fused["isa"] == cpu_isa.detect() and f"native {fused['isa']}" in out
+    assert f"machine: {cpu_isa.cpu_model()} ({cpu_isa.machine_arch()};" in out
 
 
 def test_bench_refuses_a_kernel_that_disagrees(capsys, tiny, tmp_path, fake_dists, fixed_limits):

@@ -138,11 +138,11 @@ def test_bench_refuses_a_kernel_that_disagrees(capsys, tiny, tmp_path, fake_dist
     (["--memory-tokens", "0"], "--memory-tokens must be >= 1, got 0"),
     (["--json", "."], "--json: '.' is a directory"),
     (["--plot", "."], "--plot: '.' is a directory"),
-    (["--plot", "/nonexistent/dir/x.png"], "--plot: directory"),
+    (["--plot", "/nonexistent/dir/x.png"], "--plot: folder '/nonexistent/dir' does not exist"),
     (["--kernels", "nosuch"], "unknown kernel 'nosuch'"),
     (["--dtype", "float64"], "--dtype: unknown dtype 'float64'"),
     (["--repeat", "0"], "--repeat must be >= 1"),
-    (["--json", "/nonexistent/dir/x.json"], "--json: directory"),
+    (["--json", "/nonexistent/dir/x.json"], "--json: folder '/nonexistent/dir' does not exist"),
     (["--markdown", "/nonexistent.md"], "--markdown: file"),
 ])
 def test_bench_bad_input_is_one_line_and_status_2(capsys, tiny, argv, message):

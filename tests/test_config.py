@@ -36,9 +36,11 @@ def test_preset_contents_follow_the_reference_page():
 def test_defaults_are_filled_in():
     config = load_config(small_config())
     d = config.to_dict()
-    assert d["stack"]["runner"] == "default" and d["stack"]["kernel"] == "torch" and d["stack"]["dispatcher"] == "local"
+    assert d["stack"]["runner"] == {"name": "default", "params": {}}
+    assert d["stack"]["kernel"] == {"name": "torch", "params": {}}
+    assert d["stack"]["dispatcher"] == {"name": "local", "params": {}}
     assert d["model"]["activation"] == "silu" and d["model"]["dtype"] == "float32"
-    assert d["router"] == {"name": "softmax_topk", "renormalize": True, "weights_dtype": "float32"}
+    assert d["router"] == {"name": "softmax_topk", "params": {"renormalize": True, "weights_dtype": "float32"}}
     assert d["parallel"]["placement"] == "linear"
 
 
@@ -114,7 +116,6 @@ def test_fingerprint_tracks_every_field():
         (small_config(), ["seed=1.5"], r"^seed: expected an integer, got 1.5"),
         ({"router": {"name": "softmax_topk"}}, [], r"^model: missing required table \[model\]"),
         ({"model": {"num_experts": 4, "top_k": 1, "hidden_size": 4}, "router": {"name": "softmax_topk"}}, [], r"^model.intermediate_size: missing required key"),
-        (small_config(), ['router.name="sigmoid_grouped_topk"', "router.n_group=3"], r"^router.n_group: 3 must divide model.num_experts \(8\)"),
     ],
 )
 def test_errors_name_the_key_path(source, overrides, message):
@@ -358,3 +359,144 @@ def test_a_folder_named_like_a_preset_does_not_hide_it(tmp_path: Path, monkeypat
     (tmp_path / "mixtral").write_text('extends = "qwen3-moe"\n')  # a file without .toml: the preset still wins
     assert load_config("mixtral").source == "preset:mixtral"
     assert load_config("./mixtral").model == load_config("qwen3-moe").model
+
+
+# -- one shape: every spelling of a strategy is normalised to {name, params} -------------
+SUGAR = [
+    # the documented short forms ...
+    '[router]\nname = "sigmoid_grouped_topk"\nn_group = 2\n'
+    '[stack]\nkernel = "fused_cpu"\nkernel_params = { backend = "torch" }\nwrappers = ["chunking"]\n',
+    # ... the tables they stand for ...
+    '[router]\nname = "sigmoid_grouped_topk"\nparams = { n_group = 2 }\n'
+    '[stack]\nkernel = { name = "fused_cpu", params = { backend = "torch" } }\nwrappers = [{ name = "chunking" }]\n',
+    # ... and a mix, with empty params spelt out
+    '[router.params]\nn_group = 2\n[router]\nname = "sigmoid_grouped_topk"\n'
+    '[stack]\nrunner = "default"\nrunner_params = {}\nkernel = { name = "fused_cpu" }\nkernel_params = { backend = "torch" }\n'
+    'wrappers = [{ name = "chunking", params = {} }]\n',
+]
+MODEL = '[model]\nnum_experts = 8\ntop_k = 2\nhidden_size = 16\nintermediate_size = 8\n'
+
+
+def test_every_spelling_of_a_strategy_gives_one_config(tmp_path: Path):
+    configs = []
+    for i, text in enumerate(SUGAR):
+        path = tmp_path / f"c{i}.toml"
+        path.write_text(MODEL + text)
+        configs.append(load_config(path))
+    assert configs[0] == configs[1] == configs[2]
+    c = configs[0]
+    assert (c.router.params.n_group, c.stack.kernel.params.backend, c.stack.wrappers[0].params.max_num_tokens) == (2, "torch", 256)
+
+
+def _strategies(d: dict) -> list:
+    return [d["router"], d["stack"]["runner"], d["stack"]["kernel"], d["stack"]["dispatcher"], *d["stack"]["wrappers"]]
+
+
+@pytest.mark.parametrize("preset", PRESETS)
+def test_to_dict_writes_the_one_shape_and_reads_it_back(preset):
+    config = load_config(preset, ['stack.wrappers=["chunking"]', "stack.kernel=fused_cpu"])
+    d = config.to_dict()
+    assert all(set(s) == {"name", "params"} and isinstance(s["params"], dict) for s in _strategies(d))
+    assert set(d["stack"]) == {"runner", "kernel", "dispatcher", "wrappers"}
+    again = load_config(d)
+    assert again == config and again.to_dict() == d and again.fingerprint() == config.fingerprint()
+
+
+def test_load_config_uses_the_registry_given():
+    import attrs
+
+    import moeframe
+    from moeframe.plugins.manager import PluginHost
+
+    @attrs.frozen
+    class Params:
+        scale: float = moeframe.option(1.0, help="a scale", min=0.0)
+
+    class Scaled(moeframe.Wrapper):
+        pass
+
+    Scaled.Params = Params
+
+    class Plugin:
+        @staticmethod
+        @moeframe.hookimpl
+        def register_wrappers():
+            return [moeframe.Strategy("scaled", Scaled, "only in a private registry")]
+
+    host = PluginHost(autoload=False).load()
+    host.add_plugin(Plugin(), "private-plugin", "1.0")
+    overrides = ['stack.wrappers=[{ name = "scaled", params = { scale = 2.0 } }]']
+    config = load_config("mixtral", overrides, registry=host.registry)
+    assert config.stack.wrappers[0].params.scale == 2.0
+    with pytest.raises(ConfigError, match=r"^preset:mixtral: stack.wrappers\[0\].name: unknown wrapper 'scaled'"):
+        load_config("mixtral", overrides)  # the process-wide registry does not have it
+    assert config.evolve({"stack.wrappers[0].params.scale": 3.0}, registry=host.registry).stack.wrappers[0].params.scale == 3.0
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (["router.renormalise=true"], r"^router.renormalise: unknown key"),
+        (["router.params.renormalise=true"], r"^router.params.renormalise: unknown key"),
+        (["stack.kernel_params.block=3"], r"^stack.kernel_params.block: unknown key"),
+        (["stack.kernel.params.block=3"], r"^stack.kernel.params.block: unknown key"),
+        (["stack.kernel=torchh"], r"^stack.kernel: unknown kernel 'torchh'"),
+        (['stack.kernel={name="torchh"}'], r"^stack.kernel.name: unknown kernel 'torchh'"),
+        (["stack.kernel=5"], r"^stack.kernel: expected a kernel name or a table"),
+        (['stack.kernel={name="torch", parms={}}'], r"^stack.kernel.parms: unknown key; did you mean 'params'\?"),
+        (['router={name="softmax_topk", renormalize=true, params={}}'], r"^router.renormalize: give the router's parameters either beside its name or in router.params, not both"),
+    ],
+)
+def test_errors_name_the_path_as_it_was_written(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(small_config(), overrides)
+
+
+def test_both_spellings_of_params_in_one_file_are_refused(tmp_path: Path):
+    conf = tmp_path / "both.toml"
+    conf.write_text(MODEL + '[router]\nname = "softmax_topk"\n[stack]\nkernel = { name = "fused_cpu", params = {} }\nkernel_params = { backend = "torch" }\n')
+    with pytest.raises(ConfigError, match=rf"^{conf}: stack.kernel: give parameters either in stack.kernel.params or in stack.kernel_params, not both"):
+        load_config(conf)
+
+
+def test_extends_replaces_a_strategy_named_anew_and_merges_the_same_one(tmp_path: Path):
+    base = tmp_path / "base.toml"
+    base.write_text(MODEL + '[router]\nname = "softmax_topk"\nrenormalize = false\n'
+                    '[stack]\nkernel = "fused_cpu"\nkernel_params = { backend = "torch" }\n')
+    other = tmp_path / "other.toml"  # another kernel, router: the base's parameters go
+    other.write_text('extends = "base.toml"\n[router]\nname = "topk_softmax"\n[stack]\nkernel = "torch"\n')
+    config = load_config(other)
+    assert (config.router.name, config.stack.kernel.name) == ("topk_softmax", "torch")
+    same = tmp_path / "same.toml"  # the same ones: parameters merge
+    same.write_text('extends = "base.toml"\n[router]\nweights_dtype = "activation"\n[stack]\nkernel = { name = "fused_cpu" }\n')
+    config = load_config(same)
+    assert (config.router.params.renormalize, config.router.params.weights_dtype) == (False, "activation")
+    assert config.stack.kernel.params.backend == "torch"
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"stack.kernel": "fused_cpu", "stack.kernel_params.backend": "torch"},
+        {"stack.kernel_params.backend": "torch", "stack.kernel": "fused_cpu"},  # order does not matter
+        {"stack.kernel.params.backend": "torch", "stack.kernel.name": "fused_cpu"},
+        {"stack.kernel": {"name": "fused_cpu", "params": {"backend": "torch"}}},
+    ],
+)
+def test_overrides_that_choose_a_strategy_apply_first(overrides):
+    config = load_config("mixtral", overrides)
+    assert (config.stack.kernel.name, config.stack.kernel.params.backend) == ("fused_cpu", "torch")
+
+
+def test_choosing_another_strategy_drops_the_old_ones_params():
+    on_fused = load_config("mixtral", ['stack.kernel={name="fused_cpu", params={backend="torch"}}'])
+    assert on_fused.evolve(["stack.kernel=torch"]).stack.kernel.name == "torch"
+    assert load_config("qwen3-moe", ["router=sigmoid_top1", "model.top_k=1"]).router.name == "sigmoid_top1"
+    with pytest.raises(ConfigError, match=r"^preset:qwen3-moe: router.renormalize: unknown key"):
+        load_config("qwen3-moe", ["router.name=sigmoid_top1", "model.top_k=1"])  # .name sets the name only
+
+
+def test_overrides_may_be_one_string_or_tuples_in_a_mapping():
+    assert load_config("mixtral", "model.top_k=1").model.top_k == 1
+    config = load_config({**small_config(), "stack": {"wrappers": ({"name": "chunking"},)}}, ["stack.wrappers[0].params.max_num_tokens=3"])
+    assert config.stack.wrappers[0].params.max_num_tokens == 3

@@ -55,6 +55,8 @@ def _fraction_target(name: str, goal: str, threshold: float, rows: dict[int, dic
 def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     """Every target, with its measured ratio, for the configured kernel of ``result``."""
     kernel = result["config"]["stack"]["kernel"]
+    if isinstance(kernel, dict):  # {name, params}; results written before the config had one shape hold the name
+        kernel = kernel["name"]
     out: list[dict[str, Any]] = []
     for dtype in result["dtypes"]:
         rows = {r["tokens"]: r for r in _rows(result, dtype=dtype, impl=kernel)}

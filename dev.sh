@@ -81,8 +81,9 @@ case "$cmd" in
     exec "$VENV/bin/moeframe" run "$config" "$@" ;;
   test)
     setup "test,bench,peers,transformers"
-    log "running: pytest $*"
-    exec "$VENV/bin/python" -m pytest "$@" ;;
+    # one pytest worker per core (pytest-xdist); MOEFRAME_TEST_WORKERS=0 runs in one process
+    log "running: pytest -n ${MOEFRAME_TEST_WORKERS:-auto} $*"
+    exec "$VENV/bin/python" -m pytest -n "${MOEFRAME_TEST_WORKERS:-auto}" "$@" ;;
   bench)
     setup "bench,peers"
     exec "$VENV/bin/moeframe" bench docs/bench-e64.toml --dtype float32,bfloat16 \

@@ -71,7 +71,7 @@ VARIANTS: dict[str, Variant] = {
     for v in (
         Variant(
             name="avx512",
-            source="fused_cpu_avx512.c",
+            source="fused_cpu.c",
             cflags=("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c", *_COMMON[1:]),
             cpu_flags=frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"}),
             arch="x86_64",
@@ -79,7 +79,7 @@ VARIANTS: dict[str, Variant] = {
         ),
         Variant(
             name="avx2",
-            source="fused_cpu_avx2.c",
+            source="fused_cpu.c",
             cflags=("-O3", "-mavx2", "-mfma", "-mf16c", *_COMMON[1:]),
             cpu_flags=frozenset({"avx2", "fma", "f16c"}),
             arch="x86_64",

@@ -1,9 +1,36 @@
-/* moeframe fused_cpu, AVX-512 variant: the AVX2 core (fused_cpu_avx2.c, whose header comment
- * describes the algorithm) with a 16-lane panel kernel: each 16-token panel is one AVX-512
- * vector, so the prefill GEMMs run at twice the AVX2 width.  Everything else (grouping, work
- * items, the decode dot kernels, packing, activations) is the AVX2 code, compiled for
- * AVX-512 (memory bound in decode either way).  tests/test_cpu_isa.py checks that this file
- * is fused_cpu_avx2.c outside the panel section, so the two cannot drift apart.
+/* moeframe fused_cpu: the routed experts of a MoE layer on x86-64 CPUs with AVX2 and FMA
+ * (compiled with -mavx512f as well, the prefill panel kernel is 16 lanes wide; see below).
+ *
+ * One call computes out[t] = sum_k w[t,k] * f_{ids[t,k]}(x[t]) for the local experts:
+ *
+ *   group    (one thread)  counting sort of the (token, k) pairs by local expert (stable);
+ *                          each expert's pairs are cut into work items of 64 tokens (the
+ *                          last one up to 80);
+ *   phase 1  (all threads) per item: h = act(x W_gate^T + b) * (x W_up^T + b); in prefill the
+ *                          threads claim (item, 96 neurons) units in order, so that one slowed
+ *                          down by another process leaves work to the others; in decode each
+ *                          thread takes half of the rows, as long contiguous runs;
+ *   phase 2  (all threads) per item: out[t, rows] += w[t,k] * (h W2^T + b2)[rows]; each thread
+ *                          owns a fixed range of hidden rows, so every output element is
+ *                          summed by one thread, in expert order: the result does not depend
+ *                          on the number of threads.
+ * A call holds at most `hbuf_slots` rows of h; larger calls run in groups of items, with
+ * one barrier after phase 1 and one after phase 2 of each group.
+ *
+ * Two ways through an item, chosen by its token count m:
+ *   tile mode   (m >= 7, compute bound, prefill): weight rows are taken 6 at a time (a tile,
+ *               read from memory once, the next tile prefetched meanwhile); the item's full
+ *               16-token panels (tokens packed [K][16], fp32) go through the panel kernel:
+ *               each weight element is broadcast into 16 fused multiply-adds, 6 rows x 16
+ *               tokens in 12 accumulators; the m % 16 tail tokens go through the dot kernel
+ *               on the same rows while they are in cache (no padding);
+ *   stream mode (m <= 6, memory bound, decode): the dot kernel over a few long contiguous
+ *               runs of rows at once, each weight element loaded once and multiplied into
+ *               all m tokens.
+ * Weights stay in the canonical layout (w13 [E, 2I, H], w2 [E, H, I]) and dtype: fp32 rows
+ * are read in place, bf16/fp16 rows are widened to fp32 in registers (dot) or into a small
+ * per-thread tile (panel).  Everything is accumulated in fp32.  Every buffer is allocated by
+ * the caller (with torch, so that the profiler sees it).
  */
 #include <immintrin.h>
 #include <omp.h>
@@ -129,6 +156,7 @@ static void act_rows(float *h, const float *g, const float *u, long n, act_t act
 }
 
 /* ------------------------------------------------------------------ micro-kernels */
+#if defined(__AVX512F__)
 /* AVX-512 panel kernel: the 16 tokens of a panel are one 16-lane vector; each weight element
    is broadcast (an embedded-broadcast memory operand) into one fused multiply-add per row.
    The reduction dimension is taken two steps at a time into two sets of accumulators
@@ -172,6 +200,42 @@ static void act_rows(float *h, const float *g, const float *u, long n, act_t act
         }                                                                                                     \
         PK_OUT(0) PK_OUT(1) PK_OUT(2) PK_OUT(3) PK_OUT(4) PK_OUT(5)                                           \
     }
+#else /* AVX2: 8 lanes, two vectors per 16-token panel */
+/* panel: out[2r + i] = sum_k wp[k][r] * xp[k][8i .. 8i+8) for R <= 6 weight rows packed as
+   [K][R] (fp32) and a [K][16] token panel.  The 12 accumulators are named variables (an
+   array would be kept in memory by the compiler). */
+#define PK_STEP(r)                                                  \
+    if (R > r) {                                                    \
+        const __m256 b = _mm256_broadcast_ss(wp + r * rs + k * ks);  \
+        a##r##0 = _mm256_fmadd_ps(b, x0, a##r##0);                  \
+        a##r##1 = _mm256_fmadd_ps(b, x1, a##r##1);                  \
+    }
+#define PK_OUT(r)                   \
+    if (R > r) {                    \
+        out[2 * r] = a##r##0;       \
+        out[2 * r + 1] = a##r##1;   \
+    }
+#define PANEL_DEF(RR)                                                                                      \
+    static __attribute__((noinline)) void panel_##RR(const float *wp, long rs, long ks, const float *xp, long K,  \
+                                                     __m256 *out, const char *const *pf, long pf_bytes) {      \
+        enum { R = RR };                                                                                  \
+        const __m256 z = _mm256_setzero_ps();                                                             \
+        __m256 a00 = z, a01 = z, a10 = z, a11 = z, a20 = z, a21 = z, a30 = z, a31 = z, a40 = z, a41 = z;   \
+        __m256 a50 = z, a51 = z;                                                                          \
+        for (long k0 = 0; k0 < K; k0 += 16) {                                                             \
+            if (pf) { /* the next tile's weight rows: one line of each per 16 steps */                    \
+                const long off = k0 * pf_bytes / K;                                                       \
+                for (int r = 0; r < R; r++) _mm_prefetch(pf[r] + off, _MM_HINT_T0);                       \
+            }                                                                                             \
+            const long k1 = k0 + 16 < K ? k0 + 16 : K;                                                    \
+            for (long k = k0; k < k1; k++) {                                                              \
+                const __m256 x0 = _mm256_loadu_ps(xp + PANEL * k), x1 = _mm256_loadu_ps(xp + PANEL * k + 8); \
+                PK_STEP(0) PK_STEP(1) PK_STEP(2) PK_STEP(3) PK_STEP(4) PK_STEP(5)                         \
+            }                                                                                             \
+        }                                                                                                 \
+        PK_OUT(0) PK_OUT(1) PK_OUT(2) PK_OUT(3) PK_OUT(4) PK_OUT(5)                                       \
+    }
+#endif
 typedef void (*panel_fn)(const float *wp, long rs, long ks, const float *xp, long K, __m256 *out, const char *const *pf,
                          long pf_bytes);
 PANEL_DEF(1) PANEL_DEF(2) PANEL_DEF(3) PANEL_DEF(4) PANEL_DEF(5) PANEL_DEF(6)

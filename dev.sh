@@ -6,6 +6,8 @@
 #   ./dev.sh test [PYTEST ARGS...]    set up .venv with the test, bench, peers and transformers extras, then run the tests
 #   ./dev.sh bench [ARGS...]          set up .venv with the bench and peers extras, then run the benchmark of
 #                                     docs/performance.md and regenerate its tables and plot
+#   ./dev.sh docs                     set up .venv with the docs extra, then build the documentation site
+#                                     (mkdocs --strict: a broken link or API reference fails) into site/
 #   ./dev.sh setup                    set up .venv with every extra (what `test` and `bench` need)
 #
 # Set-up: a virtual environment in .venv (or $MOEFRAME_VENV) with the core and every plugin
@@ -84,6 +86,10 @@ case "$cmd" in
     # one pytest worker per core (pytest-xdist); MOEFRAME_TEST_WORKERS=0 runs in one process
     log "running: pytest -n ${MOEFRAME_TEST_WORKERS:-auto} $*"
     exec "$VENV/bin/python" -m pytest -n "${MOEFRAME_TEST_WORKERS:-auto}" "$@" ;;
+  docs)
+    setup "docs"
+    log "running: mkdocs build --strict"
+    exec "$VENV/bin/python" -m mkdocs build --strict "$@" ;;
   bench)
     setup "bench,peers"
     exec "$VENV/bin/moeframe" bench docs/bench-e64.toml --dtype float32,bfloat16 \

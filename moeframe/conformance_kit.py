@@ -74,14 +74,10 @@ class ConformanceCase:
     check: Callable[[], None] = attrs.field(repr=False, eq=False)
 
     def run(self) -> None:
-        import torch
+        from moeframe.testing import torch_threads
 
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
+        with torch_threads(1):
             self.check()
-        finally:
-            torch.set_num_threads(threads)
 
 
 def conformance_cases(kind: str, name: str, **options: Any) -> list[ConformanceCase]:

@@ -6,9 +6,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import sys
 import textwrap
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,19 @@ class FakeDistributions:
         eps = "\n".join(f"{name} = {target}" for name, target in entry_points.items())
         (info / "entry_points.txt").write_text(f"[moeframe]\n{eps}\n")
         importlib.invalidate_caches()
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """Run the block with ``torch.set_num_threads(count)``; the previous count is restored."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def small_config(**model: Any) -> dict[str, Any]:

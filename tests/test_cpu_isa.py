@@ -14,6 +14,7 @@ from moeframe.kernels.fused_cpu import FusedCpuKernel, FusedCpuParams
 from moeframe.kernels.torch_reference import TorchReferenceKernel
 from moeframe.numerics import compare, tolerance_for
 from moeframe.plugins import get_registry
+from moeframe.testing import torch_threads
 
 AVX2 = frozenset({"avx2", "fma", "f16c", "sse4_2"})
 AVX512 = AVX2 | {"avx512f", "avx512bw", "avx512vl", "avx512dq"}
@@ -212,14 +213,10 @@ def test_variant_result_does_not_depend_on_threads(path, dtype):
     case = KernelCase("silu", True, False, dtype, 200, num_experts=8, top_k=4, hidden_size=256, intermediate_size=192)
     inputs = make_case_inputs(case, seed=2)
     kernel = native_kernel(case, matmul_tokens=path)
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with torch_threads(1):
         one = kernel(**inputs)
-        torch.set_num_threads(max(2, threads))
+    with torch_threads(max(2, torch.get_num_threads())):
         several = kernel(**inputs)
-    finally:
-        torch.set_num_threads(threads)
     assert torch.equal(one, several)
     assert torch.equal(several, kernel(**inputs))
 

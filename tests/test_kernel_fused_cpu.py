@@ -16,6 +16,7 @@ from moeframe.kernels.fused_cpu import GROUP_PAIRS, FusedCpuKernel, FusedCpuPara
 from moeframe.kernels.torch_reference import TorchReferenceKernel
 from moeframe.numerics import compare, tolerance_for
 from moeframe.plugins import get_registry
+from moeframe.testing import torch_threads
 
 BACKENDS = ["native", "torch"]
 
@@ -153,14 +154,10 @@ def test_native_result_does_not_depend_on_threads(native):
     case = KernelCase("silu", True, False, "float32", 200, num_experts=8, top_k=4, hidden_size=64, intermediate_size=48)
     inputs = make_case_inputs(case)
     kernel = make(case, "native")
-    threads = torch.get_num_threads()
-    try:
-        torch.set_num_threads(1)
+    with torch_threads(1):
         one = kernel(**inputs)
-        torch.set_num_threads(max(2, threads))
+    with torch_threads(max(2, torch.get_num_threads())):
         several = kernel(**inputs)
-    finally:
-        torch.set_num_threads(threads)
     assert torch.equal(one, several)
     assert torch.equal(several, kernel(**inputs))
 

@@ -244,36 +244,62 @@ def test_gradients_are_not_computed_and_the_user_is_told_once():
 
 
 # -- bad input -------------------------------------------------------------------------------------------
-def test_unknown_kernel_at_construction_is_transformers_error_with_did_you_mean():
+def test_register_experts_leaves_transformers_classes_as_they_are():
+    from transformers.integrations.moe import ExpertsInterface
+    from transformers.modeling_utils import PreTrainedModel
+
+    register_experts()
+    for method in (PreTrainedModel.get_correct_experts_implementation, ExpertsInterface.get_interface):
+        assert method.__module__.startswith("transformers.")
+        assert not hasattr(method, "_moeframe_hint")
+        assert "moeframe" not in method.__qualname__
+
+
+def test_unknown_kernel_at_construction_is_transformers_own_error_listing_moeframes_names():
     import transformers
 
     with pytest.raises(ValueError) as info:
         transformers.AutoModelForCausalLM.from_config(tiny_config("qwen3_moe"), experts_implementation="moeframe:fused_cpux")
     message = str(info.value)
     assert message.startswith('Specified `experts_implementation="moeframe:fused_cpux"` is not supported')
-    assert "did you mean 'moeframe:fused_cpu'?" in message
+    assert '`experts_implementation="moeframe:fused_cpu"`' in message  # the registered names are listed
     assert "\n" not in message
 
 
-def test_unknown_kernel_when_switching_has_the_did_you_mean():
+def test_unknown_kernel_when_switching_is_transformers_own_error():
     model = tiny_model("mixtral")
-    with pytest.raises(ValueError, match=r"did you mean 'moeframe:torch'\?"):
+    with pytest.raises(ValueError, match=r'experts_implementation="moeframe:torhc"` is not supported'):
         model.set_experts_implementation("moeframe:torhc")
 
 
-def test_unknown_kernel_in_the_config_at_forward_has_the_did_you_mean():
-    model = tiny_model("mixtral")
-    model.config._experts_implementation_internal = "moeframe:fused_cp"
-    with pytest.raises(KeyError, match=r"did you mean 'moeframe:fused_cpu'\?"):
-        model(tiny_inputs())
+@pytest.mark.parametrize(
+    ("name", "suggestion"),
+    [("moeframe:fused_cpux", "moeframe:fused_cpu"), ("moeframe:torhc", "moeframe:torch"), ("grouped", "grouped_mm")],
+)
+def test_check_experts_implementation_gives_the_did_you_mean(name, suggestion):
+    with pytest.raises(moeframe.UserError) as info:
+        hf_experts.check_experts_implementation(name)
+    message = str(info.value)
+    assert f"{name!r} is not an experts implementation transformers knows; did you mean {suggestion!r}?" in message
+    assert "moeframe:fused_cpu" in message.split("known: ")[1] and "\n" not in message
 
 
-def test_other_unknown_names_keep_transformers_message():
-    model = tiny_model("mixtral")
-    with pytest.raises(ValueError) as info:
-        model.set_experts_implementation("grouped")
-    assert "moeframe" not in str(info.value).split("The only possible")[0]
-    assert "did you mean" not in str(info.value)
+@pytest.mark.parametrize("name", ["moeframe", "moeframe:torch", "eager", "grouped_mm"])
+def test_check_experts_implementation_passes_known_names(name):
+    assert hf_experts.check_experts_implementation(name) == name
+
+
+def test_check_experts_implementation_of_a_kernel_registered_after_register_experts():
+    from transformers.integrations.moe import ExpertsInterface
+
+    removed = ExpertsInterface._global_mapping.pop("moeframe:torch")
+    try:
+        with pytest.raises(moeframe.UserError, match=r"'moeframe:torch' is moeframe's but not registered in transformers yet"):
+            hf_experts.check_experts_implementation("moeframe:torch")
+    finally:
+        ExpertsInterface._global_mapping["moeframe:torch"] = removed
+    with pytest.raises(moeframe.UserError, match="expected a name"):
+        hf_experts.check_experts_implementation(None)  # type: ignore[arg-type]
 
 
 def test_a_dtype_no_kernel_supports_names_the_module():

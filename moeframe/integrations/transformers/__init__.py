@@ -13,12 +13,13 @@ Importing this package does not import transformers; the functions do, when call
 from __future__ import annotations
 
 from moeframe.integrations.transformers.config import SUPPORTED_FAMILIES, config_from_hf, moe_layer_indices
-from moeframe.integrations.transformers.experts import register_experts
+from moeframe.integrations.transformers.experts import check_experts_implementation, register_experts
 from moeframe.integrations.transformers.patch import PatchedBlock, PatchedLayer, PatchReport, patch_model, unpatch_model
 
 __all__ = [
     "SUPPORTED_FAMILIES",
     "register_experts",
+    "check_experts_implementation",
     "config_from_hf",
     "moe_layer_indices",
     "patch_model",

@@ -21,7 +21,6 @@ the module's tensors change (a new tensor, or an in-place write such as
 
 from __future__ import annotations
 
-import functools
 import threading
 import warnings
 from collections.abc import Callable
@@ -33,7 +32,7 @@ import torch
 from moeframe.errors import UserError, did_you_mean
 from moeframe.kernels import ExpertWeights
 
-__all__ = ["PREFIX", "FAST_KERNELS", "register_experts", "experts_keys", "kernel_for_key"]
+__all__ = ["PREFIX", "FAST_KERNELS", "register_experts", "experts_keys", "kernel_for_key", "check_experts_implementation"]
 
 #: the name under which moeframe registers; kernels are ``"moeframe:<kernel>"``
 PREFIX = "moeframe"
@@ -76,9 +75,11 @@ def register_experts() -> list[str]:
 
     Afterwards ``AutoModelForCausalLM.from_config(cfg, experts_implementation=
     "moeframe:fused_cpu")`` or ``model.set_experts_implementation("moeframe")`` run
-    moeframe's kernels under HF's routing.  An unknown ``"moeframe:..."`` name raises
-    transformers' own error, with moeframe's did-you-mean added.  Calling it again is
-    harmless, and registers kernels added since (``moeframe.register_plugin``).
+    moeframe's kernels under HF's routing.  An unknown name raises transformers' own
+    error, which lists every registered name (moeframe's included); transformers' classes
+    are not altered, so moeframe's did-you-mean comes from
+    :func:`check_experts_implementation`.  Calling it again is harmless, and registers
+    kernels added since (``moeframe.register_plugin``).
     """
     # the registry first: a plugin may need to act before transformers imports its
     # dependencies (moeframe-triton selects Triton's interpreter on a machine without CUDA)
@@ -97,8 +98,40 @@ def register_experts() -> list[str]:
             ExpertsInterface.register(key, _make_forward(key, kernel_for_key(key)))
             if key not in _registered:
                 _registered.append(key)
-        _install_hints()
     return keys
+
+
+def check_experts_implementation(name: str) -> str:
+    """``name`` when transformers' ``ExpertsInterface`` knows it (moeframe's keys once
+    :func:`register_experts` has run, transformers' own, ``"eager"``); otherwise a
+    one-line :class:`~moeframe.errors.UserError` with moeframe's did-you-mean.
+
+    transformers 5 checks the name itself (``from_config``, ``from_pretrained``,
+    ``set_experts_implementation``) with a fixed membership test and no hook, and moeframe
+    does not patch it; pass the name through this function first to get the did-you-mean:
+    ``from_config(cfg, experts_implementation=check_experts_implementation(name))``."""
+    try:
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+    except ImportError:
+        raise UserError(
+            "the transformers integration needs transformers >= 5.24 (pip install 'moeframe[transformers]')"
+        ) from None
+    if not isinstance(name, str):
+        raise UserError(f"experts implementation: expected a name (str), got {name!r}")
+    known = ["eager", *ALL_EXPERTS_FUNCTIONS.keys()]
+    if name in known:
+        return name
+    ours = experts_keys()
+    if name in ours:
+        raise UserError(
+            f"experts implementation {name!r} is moeframe's but not registered in transformers yet; "
+            "call moeframe.integrations.transformers.register_experts() first"
+        )
+    candidates = list(dict.fromkeys([*ours, *known]))
+    raise UserError(
+        f"{name!r} is not an experts implementation transformers knows{did_you_mean(name, candidates)}; "
+        f"known: {', '.join(candidates)} (moeframe kernels registered later need register_experts() again)"
+    )
 
 
 # -- the experts function -------------------------------------------------------------------
@@ -348,50 +381,8 @@ class _Runner:
         return self.kernel(hidden_states, top_k_weights, ids, experts)
 
 
-# -- moeframe's did-you-mean on transformers' error path ----------------------------------
+# -- moeframe's did-you-mean ------------------------------------------------------------------
 def _hint(key: str) -> str:
     """``"; did you mean 'moeframe:fused_cpu'? (moeframe's: ...)"``"""
     keys = experts_keys()
     return f"{did_you_mean(key, keys)} (moeframe's: {', '.join(keys)}; kernels registered later need register_experts() again)"
-
-
-def _wants_moeframe(key: Any) -> bool:
-    return isinstance(key, str) and (key.startswith(PREFIX) or bool(did_you_mean(key, experts_keys())))
-
-
-def _install_hints() -> None:
-    """Add moeframe's did-you-mean to the two places transformers refuses an unknown
-    experts implementation: model construction / ``set_experts_implementation``
-    (``ValueError``) and a forward with an unknown name in the config (``KeyError``)."""
-    from transformers.integrations.moe import ExpertsInterface
-    from transformers.modeling_utils import PreTrainedModel
-
-    check = PreTrainedModel.get_correct_experts_implementation
-    if not getattr(check, "_moeframe_hint", False):
-
-        @functools.wraps(check)
-        def get_correct_experts_implementation(self: Any, requested_experts: str | None) -> str:
-            try:
-                return check(self, requested_experts)
-            except ValueError as exc:
-                if _wants_moeframe(requested_experts):
-                    raise ValueError(f"{exc} moeframe: no experts implementation {requested_experts!r}{_hint(requested_experts)}") from None
-                raise
-
-        get_correct_experts_implementation._moeframe_hint = True  # type: ignore[attr-defined]
-        PreTrainedModel.get_correct_experts_implementation = get_correct_experts_implementation  # type: ignore[method-assign]
-
-    get_interface = ExpertsInterface.get_interface
-    if not getattr(get_interface, "_moeframe_hint", False):
-
-        @functools.wraps(get_interface)
-        def get_interface_with_hint(self: Any, experts_implementation: str, default: Callable) -> Callable:
-            try:
-                return get_interface(self, experts_implementation, default)
-            except KeyError as exc:
-                if _wants_moeframe(experts_implementation):
-                    raise KeyError(f"{exc.args[0]}{_hint(experts_implementation)}") from None
-                raise
-
-        get_interface_with_hint._moeframe_hint = True  # type: ignore[attr-defined]
-        ExpertsInterface.get_interface = get_interface_with_hint  # type: ignore[method-assign]

@@ -8,6 +8,8 @@
 #                                     docs/performance.md and regenerate its tables and plot
 #   ./dev.sh docs                     set up .venv with the docs extra, then build the documentation site
 #                                     (mkdocs --strict: a broken link or API reference fails) into site/
+#   ./dev.sh lint                     set up .venv with the lint extra (and what mypy needs to see every
+#                                     import), then ruff check, ruff format --check and mypy on moeframe/ and plugins/
 #   ./dev.sh setup                    set up .venv with every extra (what `test` and `bench` need)
 #
 # Set-up: a virtual environment in .venv (or $MOEFRAME_VENV) with the core and every plugin
@@ -90,6 +92,16 @@ case "$cmd" in
     setup "docs"
     log "running: mkdocs build --strict"
     exec "$VENV/bin/python" -m mkdocs build --strict "$@" ;;
+  lint)
+    # mypy reads the types of every import: the extras the tests use, plus the lint tools
+    setup "test,bench,peers,transformers,lint"
+    log "running: ruff check, ruff format --check, mypy (moeframe/ and plugins/)"
+    # all three run, so that one pass shows every finding; any failure fails the command
+    status=0
+    "$VENV/bin/ruff" check moeframe plugins || status=1
+    "$VENV/bin/ruff" format --check moeframe plugins || status=1
+    "$VENV/bin/mypy" || status=1
+    exit "$status" ;;
   bench)
     setup "bench,peers"
     exec "$VENV/bin/moeframe" bench docs/bench-e64.toml --dtype float32,bfloat16 \

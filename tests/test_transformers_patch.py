@@ -125,6 +125,42 @@ def test_mixed_models_list_only_their_moe_layers():
         assert moe_layer_indices(tiny_config(family)) == MOE_LAYERS[family]
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_the_table_of_hf_names_matches_transformers_blocks(family):
+    """blocks.BLOCKS (used by patch_model and load_hf) against the tiny model's own block:
+    every name exists, its shape is moeframe's (reversed where transposed), and the experts'
+    layout flags are the ones transformers' experts decorator sets."""
+    from moeframe.integrations.transformers.blocks import BLOCKS
+    from moeframe.weights import expert_weight_specs
+
+    spec = BLOCKS[family]
+    model = tiny_model(family)
+    config = config_from_hf(model.config)
+    block = getattr(model.model.layers[MOE_LAYERS[family][0]], spec.attribute)
+    assert type(block).__name__ in spec.classes
+    assert isinstance(getattr(block, spec.router), torch.nn.Module)
+    hf = dict(block.named_parameters()) | dict(block.named_buffers())
+    moe = moeframe.MoELayer(config)
+    shapes = {s.name: tuple(s.shape) for s in moe.weight_specs}
+    table = spec.tensors(config)
+    assert set(table) == set(shapes)  # every tensor the layer holds, and nothing else
+    for name, where in table.items():
+        stored = [tuple(hf[p].shape) for p in where.paths]
+        expected = shapes[name]
+        if where.transposed:
+            expected = (*expected[:-2], expected[-1], expected[-2])
+        if len(stored) > 1:  # rows of several tensors
+            assert sum(s[0] for s in stored) == expected[0] and {s[1:] for s in stored} == {expected[1:]}
+        else:
+            assert stored[0] == expected, name
+    experts = block.experts
+    if hasattr(experts, "is_transposed"):  # behind transformers' ExpertsInterface (all but Llama-4)
+        assert table["experts.w13"].transposed == experts.is_transposed
+        assert table["experts.w13"].interleaved == (not experts.is_concatenated)
+        assert ("experts.b13" in table) == experts.has_bias
+    assert {s.name for s in expert_weight_specs(config.model, moe.parallel)} <= set(table)
+
+
 def test_unsupported_family_lists_the_supported_ones():
     import transformers
 
@@ -252,7 +288,7 @@ def test_experts_shared_with_the_hf_module_where_layouts_agree(family):
                 assert torch.equal(patched.experts.gate_up_proj, w13.transpose(1, 2))
         else:  # GPT-OSS (interleaved and transposed: no view expresses it): converted, reported
             assert w13.data_ptr() != patched.experts.gate_up_proj.data_ptr()
-            copied = {"experts.w13", "experts.w2", "experts.b13", "experts.b2"}
+            copied = {"experts.w13", "experts.w2", "experts.b13"}  # experts.b2 is used as it is
             assert set(block.copied) == copied
             assert block.copied_bytes == sum(patched.moe.tensors[n].nbytes for n in copied)
 

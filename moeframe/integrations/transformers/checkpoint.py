@@ -18,7 +18,8 @@ The on-disk names are mapped to the in-memory ones with transformers' own checkp
 conversion mapping (``transformers.conversion_mapping``: its renamings, and its
 converters' operations for per-expert tensors), so a family whose mapping changes in
 transformers is read the way transformers reads it.  The in-memory block is then mapped
-to moeframe's tensors by the small table :data:`BLOCKS`.
+to moeframe's tensors by the table ``patch_model`` uses too
+(:data:`moeframe.integrations.transformers.blocks.BLOCKS`).
 
 Only the tensors of the requested layer are read, lazily (safetensors' ``safe_open``),
 and of the experts only this rank's (``parallel.ep_size > 1``).
@@ -37,6 +38,7 @@ import attrs
 import torch
 
 from moeframe.errors import ConfigError, InputError
+from moeframe.integrations.transformers.blocks import BLOCKS, HFTensor
 
 if TYPE_CHECKING:
     from moeframe.config import Config
@@ -45,61 +47,11 @@ if TYPE_CHECKING:
     from moeframe.workspace import Workspace
 
 __all__ = [
-    "BLOCKS", "BlockLayout", "is_checkpoint_dir", "read_hf_config", "hf_layer_config", "load_hf", "load_layer_weights",
+    "is_checkpoint_dir", "read_hf_config", "hf_layer_config", "load_hf", "load_layer_weights",
     "config_from_args", "load_checkpoint_weights", "split_checkpoint_argument", "check_kernel_on_checkpoint",
 ]
 
 INDEX_FILE = "model.safetensors.index.json"
-
-
-@attrs.frozen
-class BlockLayout:
-    """How one family's MoE block holds its tensors in memory (names relative to the block).
-
-    ``tensors``: block tensor -> moeframe tensor, copied as they are.  ``shared_gate_up``:
-    the shared expert's gate and up projections, concatenated into ``shared.w13``.
-    ``experts_transposed``/``experts_interleaved``: ``gate_up_proj`` is ``[E, H, 2I]``
-    (``x @ W``) / has gate and up in alternate columns.
-    """
-
-    block: str
-    tensors: Mapping[str, str]
-    shared_gate_up: tuple[str, str] | None = None
-    experts_transposed: bool = False
-    experts_interleaved: bool = False
-
-
-_QWEN_SHARED = ("shared_expert.gate_proj.weight", "shared_expert.up_proj.weight")
-#: family -> in-memory layout of its MoE block (transformers 5)
-BLOCKS: dict[str, BlockLayout] = {
-    "mixtral": BlockLayout("mlp", {"gate.weight": "router.weight"}),
-    "qwen2_moe": BlockLayout(
-        "mlp",
-        {"gate.weight": "router.weight", "shared_expert.down_proj.weight": "shared.w2",
-         "shared_expert_gate.weight": "shared.gate.weight"},
-        shared_gate_up=_QWEN_SHARED,
-    ),
-    "qwen3_moe": BlockLayout("mlp", {"gate.weight": "router.weight"}),
-    "deepseek_v3": BlockLayout(
-        "mlp",
-        {"gate.weight": "router.weight", "gate.e_score_correction_bias": "router.e_score_correction_bias",
-         "shared_experts.down_proj.weight": "shared.w2"},
-        shared_gate_up=("shared_experts.gate_proj.weight", "shared_experts.up_proj.weight"),
-    ),
-    "gpt_oss": BlockLayout(
-        "mlp", {"router.weight": "router.weight", "router.bias": "router.bias"},
-        experts_transposed=True, experts_interleaved=True,
-    ),
-    "llama4": BlockLayout(
-        "feed_forward",
-        {"router.weight": "router.weight", "shared_expert.down_proj.weight": "shared.w2"},
-        shared_gate_up=("shared_expert.gate_proj.weight", "shared_expert.up_proj.weight"),
-        experts_transposed=True,
-    ),
-}
-#: in-memory experts tensors -> moeframe's
-_EXPERTS = {"gate_up_proj": "experts.w13", "down_proj": "experts.w2",
-            "gate_up_proj_bias": "experts.b13", "down_proj_bias": "experts.b2"}
 
 
 # -- the directory ---------------------------------------------------------------------------
@@ -327,12 +279,10 @@ _SUPPORTED_OPS = ("MergeModulelist", "Concatenate")
 @attrs.define
 class _LayerReader:
     files: _Files
-    layout: BlockLayout
     block_prefix: str
     sources: dict[str, _Source]
-    num_experts: int
-    hidden_size: int
-    intermediate_size: int
+    #: moeframe tensor name -> where it is in the in-memory block
+    tensors: dict[str, HFTensor]
 
     def where(self, name: str) -> str:
         return f"{self.block_prefix}{name}"
@@ -357,40 +307,43 @@ class _LayerReader:
             raise self.missing(name)
         return self.files.tensor(source.key, expected)
 
-    def expert(self, name: str, e: int) -> torch.Tensor:
-        """Expert ``e``'s slice of in-memory ``experts.<name>``, in moeframe's canonical
-        layout (``w13 [2I, H]``, ``w2 [H, I]``, ``b13 [2I]``, ``b2 [H]``)."""
-        E, H, I = self.num_experts, self.hidden_size, self.intermediate_size
-        source = self.sources.get(f"experts.{name}")
+    def expert(self, hf: HFTensor, e: int, num_experts: int, canonical: tuple[int, ...]) -> torch.Tensor:
+        """Expert ``e``'s slice of the in-memory stacked tensor ``hf``, in moeframe's
+        canonical layout of shape ``canonical`` (``w13 [2I, H]``, ``w2 [H, I]``, ``b13 [2I]``...)."""
+        (name,) = hf.paths
+        source = self.sources.get(name)
         if source is None:
-            raise self.missing(f"experts.{name}")
-        transposed, interleaved = self.layout.experts_transposed, self.layout.experts_interleaved
-        canonical = {"gate_up_proj": (2 * I, H), "down_proj": (H, I), "gate_up_proj_bias": (2 * I,), "down_proj_bias": (H,)}[name]
+            raise self.missing(name)
+        transposed = hf.transposed and len(canonical) == 2
+        stored = canonical[::-1] if transposed else canonical
         if source.converter is None:
-            stored = canonical[::-1] if transposed and len(canonical) == 2 else canonical
             assert source.key is not None
-            t = self.files.rows(source.key, e, (E, *stored))
-            if transposed and t.dim() == 2:
-                t = t.t()
-            if interleaved and name.startswith("gate_up_proj"):
-                t = torch.cat([t[0::2], t[1::2]], dim=0)
-            return t
-        converter = source.converter
+            t = self.files.rows(source.key, e, (num_experts, *stored))
+        else:
+            t = self._converted(source.converter, name, e, stored)
+        if transposed:
+            t = t.t()
+        if hf.interleaved:
+            t = torch.cat([t[0::2], t[1::2]], dim=0)
+        return t
+
+    def _converted(self, converter: Any, name: str, e: int, stored: tuple[int, ...]) -> torch.Tensor:
+        """Expert ``e``'s in-memory tensor from its on-disk tensors, by transformers' own operations."""
         ops = [type(op).__name__ for op in converter.operations]
         if any(op not in _SUPPORTED_OPS for op in ops):
             raise InputError(
-                f"{self.files.root}: transformers converts {self.where('experts.' + name)!r} with {', '.join(ops)}, "
+                f"{self.files.root}: transformers converts {self.where(name)!r} with {', '.join(ops)}, "
                 f"which moeframe does not read (it reads {', '.join(_SUPPORTED_OPS)})"
             )
         patterns = list(converter.source_patterns)
-        per_source = (canonical[0] // len(patterns), *canonical[1:])
+        per_source = (stored[0] // len(patterns), *stored[1:])
         tensors: dict[str, list[torch.Tensor]] = {}
         for pattern in patterns:
-            key = source.per_expert.get(pattern, {}).get(e)
+            key = self.sources[name].per_expert.get(pattern, {}).get(e)
             if key is None:
                 raise InputError(
                     f"{self.files.root}: missing tensor {self.disk_name(pattern, e)!r} (expert {e} of "
-                    f"{self.where('experts.' + name)!r}) in {self.files.described}"
+                    f"{self.where(name)!r}) in {self.files.described}"
                 )
             tensors[pattern] = [self.files.tensor(key, per_source)]
         return _run_ops(converter, tensors)
@@ -400,41 +353,34 @@ def _reader(files: _Files, config: Config, hf_raw: Mapping[str, Any], layer: int
     from moeframe.integrations.transformers.config import family_of, hf_text_config
 
     family = family_of(hf_raw).name
-    layout = BLOCKS[family]
+    block = BLOCKS[family]
     model_type = str(getattr(hf_text_config(hf_raw), "model_type", family))
-    prefix_re = re.compile(rf"(?:^|\.)layers\.{layer}\.{re.escape(layout.block)}\.")
+    prefix_re = re.compile(rf"(?:^|\.)layers\.{layer}\.{re.escape(block.attribute)}\.")
     prefix, sources = _sources(files, model_type, prefix_re)
     if prefix is None:
         raise InputError(
-            f"{files.root}: no tensor of layer {layer}'s MoE block (names containing 'layers.{layer}.{layout.block}.' "
+            f"{files.root}: no tensor of layer {layer}'s MoE block (names containing 'layers.{layer}.{block.attribute}.' "
             f"once read as transformers reads them) in {files.described}"
         )
-    m = config.model
-    return _LayerReader(files, layout, prefix, sources, m.num_experts, m.hidden_size, m.intermediate_size)
+    return _LayerReader(files, prefix, sources, block.tensors(config))
 
 
 def _iter_specs(layer: MoELayer, reader: _LayerReader) -> Iterator[tuple[str, torch.Tensor]]:
     """(moeframe name, this rank's part) for every tensor of ``layer``."""
-    by_target = {v: k for k, v in reader.layout.tensors.items()}
-    experts_by_target = {v: k for k, v in _EXPERTS.items()}
     for spec in layer.weight_specs:
         shard: Callable[[torch.Tensor], torch.Tensor] = spec.shard or (lambda t: t)
+        hf = reader.tensors.get(spec.name)
+        if hf is None:
+            raise InputError(f"{reader.files.root}: moeframe's {spec.name!r} has no counterpart in the checkpoint")
         if spec.expert_dim:
-            name = experts_by_target.get(spec.name)
-            if name is None:
-                raise InputError(f"{reader.files.root}: moeframe's {spec.name!r} has no counterpart in the checkpoint")
             ids = range(spec.shape[0]) if spec.local_experts is None else spec.local_experts
-            parts = [shard(reader.expert(name, e)) for e in ids]
+            parts = [shard(reader.expert(hf, e, spec.shape[0], tuple(spec.shape[1:]))) for e in ids]
             value = torch.stack(parts) if parts else torch.empty(spec.local_shape())
-        elif spec.name == "shared.w13" and reader.layout.shared_gate_up is not None:
-            Is = spec.shape[0] // 2
-            gate, up = (reader.plain(n, (Is, spec.shape[1])) for n in reader.layout.shared_gate_up)
-            value = shard(torch.cat([gate, up], dim=0))
+        elif len(hf.paths) > 1:  # rows of several tensors (the shared expert's gate and up)
+            rows = spec.shape[0] // len(hf.paths)
+            value = shard(torch.cat([reader.plain(p, (rows, *spec.shape[1:])) for p in hf.paths], dim=0))
         else:
-            name = by_target.get(spec.name)
-            if name is None:
-                raise InputError(f"{reader.files.root}: moeframe's {spec.name!r} has no counterpart in the checkpoint")
-            value = shard(reader.plain(name, spec.shape))
+            value = shard(reader.plain(hf.paths[0], spec.shape))
         yield spec.name, value.to(dtype=spec.dtype)
 
 

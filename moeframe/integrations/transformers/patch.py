@@ -27,6 +27,7 @@ The patched blocks are for inference: no gradient flows into their weights.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
@@ -36,6 +37,7 @@ import torch
 
 from moeframe.config import Config, load_config
 from moeframe.errors import UserError
+from moeframe.integrations.transformers.blocks import BLOCKS, BlockSpec, HFTensor
 from moeframe.integrations.transformers.config import (
     compose_wrappers,
     family_of,
@@ -48,20 +50,7 @@ from moeframe.integrations.transformers.config import (
 __all__ = ["PatchedLayer", "PatchedBlock", "PatchReport", "patch_model", "unpatch_model"]
 
 
-# -- what each family's block looks like -------------------------------------------------------------
-@attrs.frozen
-class _BlockSpec:
-    #: class names of the HF MoE block
-    classes: tuple[str, ...]
-    #: the router submodule's name and the index of the logits in its output
-    router: str
-    logits_index: int
-    #: "plain": returns the output; "scores": (out, router_scores); "logits": (out, router_logits)
-    returns: str
-    #: moeframe tensor name -> (HF tensor paths inside the block, conversion or None when used as is)
-    tensors: Callable[[Config], dict[str, tuple[tuple[str, ...], Callable[..., torch.Tensor] | None]]]
-
-
+# -- taking the tensors from the block (where they are: blocks.BLOCKS) -----------------------------
 def _fuse_rows_in_place(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """``[gate; up]`` as one ``[2I, H]`` tensor whose two halves ARE the HF weights.
 
@@ -100,69 +89,27 @@ def _transpose_in_place(t: torch.Tensor) -> torch.Tensor:
 _transpose_in_place.in_place = True  # type: ignore[attr-defined]
 
 
-def _shared(prefix: str, gate: str | None) -> Callable[[Config], dict[str, Any]]:
-    def tensors(config: Config) -> dict[str, Any]:
-        if not any(w.name == "shared_experts" for w in config.stack.wrappers):
-            return {}
-        out: dict[str, Any] = {
-            "shared.w13": ((f"{prefix}.gate_proj.weight", f"{prefix}.up_proj.weight"), _fuse_rows_in_place),
-            "shared.w2": ((f"{prefix}.down_proj.weight",), None),
-        }
-        if gate is not None and any(w.name == "shared_experts" and w.params.gated for w in config.stack.wrappers):
-            out["shared.gate.weight"] = ((gate,), None)
-        return out
-
-    return tensors
+def _converted_copy(t: torch.Tensor, *, transposed: bool, interleaved: bool) -> torch.Tensor:
+    """A copy of ``t`` in moeframe's layout: gate/up de-interleaved (last dimension), then
+    ``[E, in, out]`` transposed to ``[E, out, in]``."""
+    t = t.detach()
+    if interleaved:
+        t = torch.cat([t[..., 0::2], t[..., 1::2]], dim=-1)
+    if transposed:
+        t = t.transpose(1, 2)
+    return t.contiguous()
 
 
-def _canonical(router: str, extra: Mapping[str, Any] | None = None,
-               shared: Callable[[Config], dict[str, Any]] | None = None) -> Callable[[Config], dict[str, Any]]:
-    def tensors(config: Config) -> dict[str, Any]:
-        out: dict[str, Any] = {
-            "router.weight": ((f"{router}.weight",), None),
-            "experts.w13": (("experts.gate_up_proj",), None),
-            "experts.w2": (("experts.down_proj",), None),
-            **(extra or {}),
-        }
-        if shared is not None:
-            out.update(shared(config))
-        return out
-
-    return tensors
-
-
-def _gpt_oss_tensors(config: Config) -> dict[str, Any]:
-    from moeframe.weights import convert_gpt_oss_experts
-
-    paths = ("experts.gate_up_proj", "experts.gate_up_proj_bias", "experts.down_proj", "experts.down_proj_bias")
-    return {
-        "router.weight": (("router.weight",), None),
-        "router.bias": (("router.bias",), None),
-        **{name: (paths, lambda *t, _n=name: convert_gpt_oss_experts(*t)[_n])
-           for name in ("experts.w13", "experts.w2", "experts.b13", "experts.b2")},
-    }
-
-
-def _llama4_tensors(config: Config) -> dict[str, Any]:
-    return {
-        "router.weight": (("router.weight",), None),
-        "experts.w13": (("experts.gate_up_proj",), _transpose_in_place),
-        "experts.w2": (("experts.down_proj",), _transpose_in_place),
-        **_shared("shared_expert", None)(config),
-    }
-
-
-_BLOCKS: dict[str, _BlockSpec] = {
-    "mixtral": _BlockSpec(("MixtralSparseMoeBlock",), "gate", 0, "plain", _canonical("gate")),
-    "qwen2_moe": _BlockSpec(("Qwen2MoeSparseMoeBlock",), "gate", 0, "plain",
-                            _canonical("gate", shared=_shared("shared_expert", "shared_expert_gate.weight"))),
-    "qwen3_moe": _BlockSpec(("Qwen3MoeSparseMoeBlock",), "gate", 0, "plain", _canonical("gate")),
-    "deepseek_v3": _BlockSpec(("DeepseekV3MoE",), "gate", 0, "plain",
-                              _canonical("gate", {"router.e_score_correction_bias": (("gate.e_score_correction_bias",), None)},
-                                         shared=_shared("shared_experts", None))),
-    "gpt_oss": _BlockSpec(("GptOssMLP",), "router", 0, "scores", _gpt_oss_tensors),
-    "llama4": _BlockSpec(("Llama4TextMoe",), "router", 1, "logits", _llama4_tensors),
-}
+def _conversion(tensor: HFTensor, in_place: bool) -> Callable[..., torch.Tensor] | None:
+    """How a live block's tensor becomes moeframe's: used as it is (None), rearranged in
+    place (the HF tensors become views of the result), or converted into a copy."""
+    if tensor.as_is:
+        return None
+    if len(tensor.paths) > 1:
+        return _fuse_rows_in_place
+    if in_place and not tensor.interleaved:
+        return _transpose_in_place
+    return functools.partial(_converted_copy, transposed=tensor.transposed, interleaved=tensor.interleaved)
 
 
 # -- recording router logits as transformers does ----------------------------------------------------
@@ -228,10 +175,11 @@ class PatchedLayer(torch.nn.Module):
         self.__dict__["moe"] = None
         self.family = family
         self.where = where
-        self._spec = _BLOCKS[family]
+        self._spec = BLOCKS[family]
         self._config = config
         self._parallel = parallel
-        self._sources = {name: _Source(paths, convert) for name, (paths, convert) in self._spec.tensors(config).items()}
+        self._sources = {name: _Source(t.paths, _conversion(t, self._spec.in_place))
+                         for name, t in self._spec.tensors(config).items()}
         self._watch: list[tuple[torch.nn.Module, str, bool]] = []
         self._signature: tuple[Any, ...] = ()
         self._shared_bytes = 0
@@ -420,7 +368,7 @@ def _model_config(model: torch.nn.Module) -> Any:
     return config
 
 
-def _blocks(model: torch.nn.Module, spec: _BlockSpec) -> list[tuple[str, torch.nn.Module]]:
+def _blocks(model: torch.nn.Module, spec: BlockSpec) -> list[tuple[str, torch.nn.Module]]:
     found = []
     for name, module in model.named_modules():
         if isinstance(module, PatchedLayer):
@@ -480,7 +428,7 @@ def patch_model(
     """
     hf_config = _model_config(model)
     family = family_of(hf_config).name
-    spec = _BLOCKS[family]
+    spec = BLOCKS[family]
     already = _patched(model)
     if already:
         raise UserError(

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 import moeframe
-from moeframe.bench.memory import peak_extra_bytes
+from moeframe_bench.memory import peak_extra_bytes
 
 
 def extra_bytes(layer: moeframe.MoELayer, num_tokens: int) -> int:

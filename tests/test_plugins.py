@@ -54,7 +54,9 @@ def test_builtins_are_registered_through_the_hooks():
     host = get_host()
     builtin = host.plugins[0]
     assert builtin.builtin and builtin.name == "moeframe"
-    assert set(builtin.hooks) == {"register_routers", "register_kernels", "register_dispatchers", "register_runners", "register_wrappers"}
+    assert set(builtin.hooks) == {"register_routers", "register_kernels", "register_dispatchers", "register_runners",
+                                  "register_wrappers", "register_commands"}
+    assert {"run", "list", "plugins"} <= set(builtin.commands)
     assert "torch" in builtin.provides["kernel"]
     entry = get_registry().get("kernel", "torch")
     assert str(entry.provider) == "builtin"
@@ -168,7 +170,8 @@ def test_hookimpl_with_wrong_arguments_is_refused(fake_dists):
 
 def test_newer_plugin_api_is_refused_with_what_to_do(fake_dists):
     fake_dists.add("moeframe-future", "9.0", {"future_plugin": "moeframe_plugin_api = 99\n"}, {"future": "future_plugin"})
-    with pytest.warns(PluginWarning, match=r"written for plugin API 99, but this moeframe provides API 2; upgrade moeframe"):
+    with pytest.warns(PluginWarning, match=rf"written for plugin API 99, but this moeframe provides API "
+                                           rf"{moeframe.PLUGIN_API_VERSION}; upgrade moeframe"):
         get_registry()
 
 
@@ -344,7 +347,9 @@ def test_moeframe_plugins_reports_a_broken_impl(fake_dists, capsys):
     fake_dists.add("moeframe-contract", "0.4", {"contract_plugin": _plugin("wrapper", "register_wrappers", "broken",
                                                                            "broken_impls:NotAWrapper"),
                                                 "broken_impls": BROKEN_IMPLS}, {"contract": "contract_plugin"})
-    assert main(["plugins"]) == 0
+    assert main(["plugins"]) == 0  # classes are imported and checked only with --check
+    assert "moeframe-contract 0.4: ok" in capsys.readouterr().out
+    assert main(["plugins", "--check"]) == 0
     out = capsys.readouterr().out
     assert "moeframe-contract 0.4: failed" in out
     assert "error: wrapper 'broken' from moeframe-contract 0.4 breaks the plugin contract" in out
@@ -471,6 +476,8 @@ GROWN_SPECS = '''
     def register_runners(): ...
     @hookspec(warn_on_impl=DeprecationWarning("register_wrappers is going away; return wrappers from register_kernels"))
     def register_wrappers(): ...
+    @hookspec
+    def register_commands(register): ...
 '''
 
 
@@ -517,7 +524,7 @@ def test_builtins_are_named_as_data_and_imported_by_name():
 
     from moeframe.plugins import manager
 
-    assert manager.BUILTIN_PLUGINS == ("moeframe.builtin",)
+    assert manager.BUILTIN_PLUGINS == ("moeframe.builtin", "moeframe.cli.commands")
     tree = ast.parse(Path(manager.__file__).read_text())
     imported = {alias.name for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}

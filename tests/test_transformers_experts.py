@@ -323,7 +323,7 @@ TINY_E2E = ["--layers", "2", "--hidden", "64", "--experts", "8", "--top-k", "2",
 
 
 def test_e2e_benchmark_runs_every_path_and_writes_its_section(tmp_path, capsys):
-    from moeframe.bench import e2e
+    from moeframe_bench import e2e
 
     page = tmp_path / "performance.md"
     page.write_text(f"# Performance\n\nintro\n\n{e2e.MARKDOWN_BEGIN}\nold table\n{e2e.MARKDOWN_END}\n\n## after\n")
@@ -357,7 +357,7 @@ def test_e2e_benchmark_runs_every_path_and_writes_its_section(tmp_path, capsys):
     ],
 )
 def test_e2e_benchmark_bad_options_are_one_line_exit_2(args, message, capsys):
-    from moeframe.bench import e2e
+    from moeframe_bench import e2e
 
     assert e2e.main([*TINY_E2E, *args]) == 2
     err = capsys.readouterr().err.strip()
@@ -365,7 +365,7 @@ def test_e2e_benchmark_bad_options_are_one_line_exit_2(args, message, capsys):
 
 
 def test_e2e_benchmark_refuses_zero_repeats(capsys):
-    from moeframe.bench import e2e
+    from moeframe_bench import e2e
 
     with pytest.raises(SystemExit) as info:
         e2e.main([*TINY_E2E, "--repeat", "0"])

@@ -7,8 +7,8 @@ import argparse
 from moeframe.cli.common import add_json_argument, parse_int_list, print_json
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("check", help="check kernels against the torch reference kernel (the conformance kit)")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of `moeframe check`."""
     p.add_argument("kernels", nargs="*", metavar="KERNEL",
                    help="kernels to check (default: every registered kernel); a transformers checkpoint directory given "
                         "first checks them on one of its MoE layers, with its weights (see --layer)")
@@ -18,7 +18,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--tokens", default="0,1,7,64", help="comma-separated token counts (default 0,1,7,64)")
     p.add_argument("--dtype", action="append", dest="dtypes", metavar="DTYPE", help="dtypes to check (default: all the kernel supports)")
     add_json_argument(p)
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -10,15 +10,14 @@ from typing import Any
 from moeframe.cli.common import add_config_arguments, add_json_argument, format_bytes, load_from_args, print_json, stack_lines, table
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("explain", help="show the resolved config and the composed stack")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of `moeframe explain`."""
     add_config_arguments(p)
     p.add_argument("--device", default="cpu", help="device to build the stack for (default: cpu)")
     p.add_argument("--nproc", type=int, default=None, metavar="N",
                    help="describe every rank of an N-rank layout, without launching it (default: the config's "
                         "ep_size * tp_size, else dp_size * tp_size)")
     add_json_argument(p)
-    p.set_defaults(func=run)
 
 
 def default_world_size(config: Any) -> int:

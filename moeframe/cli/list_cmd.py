@@ -9,11 +9,10 @@ from moeframe.errors import UnknownStrategyError
 from moeframe.plugins.records import KINDS
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("list", help="list registered strategies by kind (or the packaged presets)")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of `moeframe list`."""
     p.add_argument("kind", nargs="?", metavar="KIND", help=f"one of: {', '.join(KINDS)}, presets")
     add_json_argument(p)
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:

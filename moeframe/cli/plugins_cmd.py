@@ -7,21 +7,26 @@ import argparse
 from moeframe.cli.common import add_json_argument, print_json
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("plugins", help="list installed plugins, their hooks and what they provide")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of `moeframe plugins`."""
+    p.add_argument("--check", action="store_true",
+                   help="also import every registered strategy's class and check it against its kind's contract "
+                        "(a few seconds: it imports torch and the plugins' backends)")
     add_json_argument(p)
-    p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
     from moeframe.plugins import get_host
 
-    # import every strategy's implementation and check it against its kind's contract,
-    # so that a plugin whose classes are broken shows up here (a few seconds: torch)
-    host = get_host().verify()
+    host = get_host()
+    if args.check:
+        # import every strategy's implementation and check it against its kind's contract,
+        # so that a plugin whose classes are broken shows up here (a few seconds: torch)
+        host.verify()
     records = [r.as_dict() for r in host.plugins]
+    conflicts = [str(c) for c in host.registry.conflicts] + list(host.commands.conflicts.values())
     if args.json:
-        print_json({"plugins": records, "conflicts": [str(c) for c in host.registry.conflicts]})
+        print_json({"plugins": records, "conflicts": conflicts, "classes_checked": bool(args.check)})
         return 0
     for r in records:
         title = f"{r['name']} {r['version'] or ''}".strip() + (" (builtin)" if r["builtin"] else "")
@@ -32,8 +37,12 @@ def run(args: argparse.Namespace) -> int:
             print(f"  hooks: {', '.join(r['hooks'])}")
         for kind, names in r["provides"].items():
             print(f"  {kind}: {', '.join(names)}")
+        if r["commands"]:
+            print(f"  commands: {', '.join(r['commands'])}")
         for err in r["errors"]:
             print(f"  error: {err}")
-    for conflict in host.registry.conflicts:
+    for conflict in conflicts:
         print(f"conflict: {conflict}")
+    if not args.check:
+        print("(strategy classes not imported: `moeframe plugins --check` imports and checks them)")
     return 0

@@ -27,8 +27,8 @@ DEFAULT_TOKENS = 128
 MAX_SEED = 2**63 - 1
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("run", help="run the configured stack, time it and check it against the reference")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of `moeframe run`."""
     add_config_arguments(p)
     p.add_argument("--tokens", default=None, metavar="N[,N...]",
                    help=f"number of tokens (default {DEFAULT_TOKENS}, or the rows of --input); under data parallelism "
@@ -46,7 +46,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--output", type=Path, metavar="Y.safetensors",
                    help="write tensor 'output' [T, H] (only when the check passes; the folder must exist)")
     add_json_argument(p)
-    p.set_defaults(func=run)
 
 
 def seeded_hidden_states(num_tokens: int, hidden_size: int, dtype: torch.dtype, seed: int, device: Any = "cpu") -> torch.Tensor:

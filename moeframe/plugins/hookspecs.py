@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING
 import pluggy
 
 if TYPE_CHECKING:
+    from moeframe.plugins.commands import Register
     from moeframe.plugins.records import Strategy
 
 PROJECT_NAME = "moeframe"
@@ -43,7 +44,7 @@ PROJECT_NAME = "moeframe"
 #: on (``moeframe_plugin_api = N``): a host older than N refuses it with "upgrade
 #: moeframe".  It goes up whenever something is added that a plugin may rely on (a hook,
 #: a hook argument, a member the host calls).
-PLUGIN_API_VERSION = 2
+PLUGIN_API_VERSION = 3
 #: The oldest contract version a plugin may declare and still be loaded; it goes up when
 #: a deprecated hook or member is removed (after one release of warnings).
 OLDEST_SUPPORTED_PLUGIN_API = 1
@@ -101,6 +102,27 @@ def register_wrappers() -> Iterable[Strategy]:
     Called once when the wrapper registry is first used.  Each ``impl`` must subclass
     :class:`moeframe.wrappers.Wrapper`; ``rules`` on the record says where the wrapper may
     sit in ``stack.wrappers``.
+    """
+
+
+@hookspec
+def register_commands(register: Register) -> None:
+    """Add commands to the ``moeframe`` command line: call ``register`` once per command::
+
+        register(name, run, *, help, add_arguments=None, description=None)
+
+    ``run(args) -> int`` runs the command with the parsed :class:`argparse.Namespace` and
+    returns its exit status (``None`` counts as 0); ``add_arguments(parser)`` adds its
+    arguments to its :class:`argparse.ArgumentParser`; either may be ``"module:function"``,
+    imported only when the command is used, so that ``moeframe --help`` stays fast.
+    ``help`` is the one line ``moeframe --help`` shows.  A
+    :class:`moeframe.errors.UserError` raised by ``run`` is shown as one line with exit
+    status 2, as for moeframe's own commands.
+
+    Called once, when the plugins load.  A name taken by a builtin command, or by another
+    plugin's command, is a plugin error naming both distributions (two plugins: the name is
+    unusable until one goes).  moeframe's own commands are registered through this hook
+    too (:mod:`moeframe.cli.commands`).  Added in plugin API 3; nothing is returned.
     """
 
 

@@ -31,6 +31,7 @@ import pluggy
 
 from moeframe.errors import DuplicateStrategyError, PluginError, UnknownStrategyError
 from moeframe.plugins import hookspecs
+from moeframe.plugins.commands import CommandEntry, CommandTable, collect_commands
 from moeframe.plugins.records import (
     _WARNED,
     KINDS,
@@ -57,7 +58,9 @@ ENTRY_POINT_GROUP = "moeframe"
 BUILTIN_PROVIDER = Provider(name="moeframe", version=None, builtin=True)
 #: moeframe's own plugins, named as data and imported by name when the host loads (as
 #: pytest's ``default_plugins``): the host does not import them, so there is no cycle.
-BUILTIN_PLUGINS: tuple[str, ...] = ("moeframe.builtin",)
+BUILTIN_PLUGINS: tuple[str, ...] = ("moeframe.builtin", "moeframe.cli.commands")
+#: the hook through which plugins add commands to the ``moeframe`` command line
+COMMANDS_HOOK = "register_commands"
 
 
 class PluginWarning(UserWarning):
@@ -82,6 +85,8 @@ class PluginRecord:
     entry_points: list[str] = attrs.field(factory=list)
     hooks: list[str] = attrs.field(factory=list)
     provides: dict[str, list[str]] = attrs.field(factory=dict)
+    #: the ``moeframe`` commands it registered (``register_commands``)
+    commands: list[str] = attrs.field(factory=list)
     errors: list[str] = attrs.field(factory=list)
 
     @property
@@ -102,6 +107,7 @@ class PluginRecord:
             "entry_points": list(self.entry_points),
             "hooks": sorted(self.hooks),
             "provides": {k: sorted(v) for k, v in self.provides.items() if v},
+            "commands": sorted(self.commands),
             "status": "ok" if self.ok else "failed",
             "errors": list(self.errors),
         }
@@ -192,6 +198,8 @@ class PluginHost:
         self.pm.add_hookspecs(specs)
         self.plugins: list[PluginRecord] = []
         self.registry = Registry()
+        #: the ``moeframe`` commands registered through ``register_commands``
+        self.commands = CommandTable()
         self._records_by_plugin_name: dict[str, PluginRecord] = {}
         self._loaded = False
         self._lock = threading.RLock()
@@ -270,7 +278,7 @@ class PluginHost:
             self.pm.check_pending()
         except pluggy.PluginValidationError as exc:
             self.pm.unregister(name=plugin_name)
-            known = set(hookspecs.HOOK_FOR_KIND.values())
+            known = set(hookspecs.HOOK_FOR_KIND.values()) | {COMMANDS_HOOK}
             unknown = [
                 name for name in dir(plugin)
                 if name not in known and self.pm.parse_hookimpl_opts(plugin, name) is not None
@@ -325,19 +333,20 @@ class PluginHost:
         return self
 
     def hook_arguments(self, hook_name: str) -> dict[str, Any]:
-        """The arguments this host passes to ``hook_name``.  pluggy gives each
-        implementation only those it names, so an argument added to a hook later does
-        not break implementations written before it (none exist yet: every hook of
-        plugin API 1 takes no argument)."""
+        """The arguments this host passes to ``hook_name`` (besides ``register``, which
+        :meth:`_collect_commands` makes for each implementation of ``register_commands``).
+        pluggy gives each implementation only those it names, so an argument added to a
+        hook later does not break implementations written before it (the strategy hooks
+        of plugin API 3 take none)."""
         return {}
 
-    def _call(self, hook_name: str, impl: pluggy.HookImpl) -> Any:
+    def _call(self, hook_name: str, impl: pluggy.HookImpl, **extra: Any) -> Any:
         """Call one plugin's implementation of ``hook_name`` on its own, with the arguments
         it names: ``impl.argnames`` is pluggy's reading of its signature, checked against
         the hook's specification when the plugin registered (what pluggy's own hook
         calling passes).  Called one by one, so that a failing plugin is reported by name
         and skipped while the others' strategies are kept."""
-        arguments = self.hook_arguments(hook_name)
+        arguments = {**self.hook_arguments(hook_name), **extra}
         return impl.function(*(arguments[name] for name in impl.argnames))
 
     def _collect(self, only: str | None = None) -> None:
@@ -372,6 +381,40 @@ class PluginHost:
                         if self.strict:
                             raise PluginError(str(conflict))
                         _warn(str(conflict))
+        self._collect_commands(only)
+
+    def _collect_commands(self, only: str | None) -> None:
+        """Call each ``register_commands`` implementation with a ``register`` of its own
+        and add its commands to :attr:`commands`; a clash is an error of the plugin that
+        came second (both plugins, for two plugins' commands)."""
+        impls = []
+        for impl in getattr(self.pm.hook, COMMANDS_HOOK).get_hookimpls():
+            record = self._records_by_plugin_name.get(impl.plugin_name)
+            if record is not None and (only is None or impl.plugin_name == only):
+                impls.append((impl, record))
+        impls.sort(key=lambda pair: not pair[1].builtin)  # builtins first, whatever tryfirst says: they keep their names
+        for impl, record in impls:
+            record.hooks.append(COMMANDS_HOOK)
+            try:
+                commands = collect_commands(lambda register: self._call(COMMANDS_HOOK, impl, register=register))
+            except (Exception, SystemExit) as exc:  # KeyboardInterrupt stays an interrupt
+                self._fail(record, f"hook {COMMANDS_HOOK} raised {_describe_exception(exc)}")
+                continue
+            for command in commands:
+                problem = self.commands.add(CommandEntry(command, record.provider))
+                kept = self.commands.get(command.name)
+                refused = problem is not None and kept is not None and kept.provider.builtin
+                if not refused:
+                    record.commands.append(command.name)
+                if problem is None:
+                    continue
+                clashing = [record] if refused else [r for r in self.plugins if command.name in r.commands and not r.builtin]
+                for r in clashing:
+                    if problem not in r.errors:
+                        r.errors.append(problem)
+                if self.strict:
+                    raise PluginError(problem + " (MOEFRAME_STRICT_PLUGINS is set)")
+                _warn(problem)
 
     def _fail(self, record: PluginRecord, message: str) -> None:
         record.errors.append(message)
@@ -391,7 +434,7 @@ def _warn(message: str) -> None:
 def _hook_suggestion(name: str) -> str:
     from moeframe.errors import did_you_mean
 
-    return did_you_mean(name, hookspecs.HOOK_FOR_KIND.values())
+    return did_you_mean(name, [*hookspecs.HOOK_FOR_KIND.values(), COMMANDS_HOOK])
 
 
 def _check_api_version(plugin: object) -> str | None:

@@ -1,7 +1,9 @@
-"""The moeframe plugin of moeframe-triton: registers the ``triton`` kernel.
+"""The moeframe plugin of moeframe-triton: registers the ``triton`` kernel and the
+``moeframe tune`` command.
 
 Importing this module imports neither triton nor the kernel: the strategy names its
-implementation as a string, loaded the first time a stack uses it.
+implementation as a string, loaded the first time a stack uses it, and the command its
+functions (:mod:`moeframe_triton.cli`), imported when it runs.
 """
 
 from __future__ import annotations
@@ -9,10 +11,11 @@ from __future__ import annotations
 import os
 
 from moeframe import Capabilities, Strategy, hookimpl
+from moeframe.plugins.commands import Register
 from moeframe_triton._device import INTERPRET_ENV, interpreter_mode
 
-#: the plugin contract this module was written for
-moeframe_plugin_api = 1
+#: the plugin contract this module was written for (``register_commands`` came in 3)
+moeframe_plugin_api = 3
 
 _DESCRIPTION = "fused MoE in Triton: align, grouped GEMMs with bias/activation/routed weight fused, top-k sum"
 
@@ -48,3 +51,10 @@ def register_kernels() -> list[Strategy]:
         Strategy("triton", "moeframe_triton.kernel:TritonKernel", _DESCRIPTION, capabilities,
                  variant="interpreter" if interpreter else None),
     ]
+
+
+@hookimpl
+def register_commands(register: Register) -> None:
+    """``moeframe tune CONFIG``: search the configured kernel's block sizes on this GPU."""
+    register("tune", "moeframe_triton.cli:run", add_arguments="moeframe_triton.cli:add_arguments",
+             help="search the configured kernel's block sizes on this GPU and write a tuned file")

@@ -1,7 +1,8 @@
-"""``moeframe tune CONFIG``: tune the configured kernel's block sizes for this GPU.
+"""``moeframe tune CONFIG``: tune the configured kernel's block sizes for this GPU (a
+command this plugin adds through moeframe's ``register_commands`` hook).
 
 Generic over kernels: it resolves ``stack.kernel`` and calls the kernel class's
-``tune`` classmethod when it has one::
+``tune`` classmethod (:meth:`moeframe.Kernel.tune`) when it overrides it::
 
     @classmethod
     def tune(cls, config, *, batch_sizes, output_dir, device, log) -> list[Path]
@@ -24,8 +25,8 @@ if TYPE_CHECKING:
     from moeframe.kernels import Kernel
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("tune", help="search the configured kernel's block sizes on this GPU and write a tuned file")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of `moeframe tune`."""
     add_config_arguments(p)
     p.add_argument("--batch-sizes", metavar="M,M,...", default=None,
                    help="comma-separated token counts to tune for (default: the kernel's list)")
@@ -33,7 +34,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="folder to write the tuned file into (default: the current folder)")
     p.add_argument("--device", default="cuda", metavar="D", help="device to tune on (default cuda)")
     add_json_argument(p)
-    p.set_defaults(func=run)
 
 
 def _batch_sizes(text: str | None) -> list[int] | None:

@@ -26,7 +26,7 @@ from typing import Any
 import attrs
 import torch
 
-from moeframe.bench.limits import LimitProbes, MachineLimits, measure_limits
+from moeframe_bench.limits import LimitProbes, MachineLimits, measure_limits
 from moeframe.config import Config
 from moeframe.errors import InputError
 from moeframe.kernels import ExpertWeights
@@ -121,7 +121,7 @@ def _time_rounds(impls: Sequence[_Impl], batches: int, rounds: int, budget_s: fl
 def _measure_dtype(config: Config, dtype: str, kernels: Sequence[str], options: BenchOptions,
                    progress: Progress, peer_report: dict[str, Any], probes: LimitProbes,
                    probe_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    from moeframe.bench.peers import BATCHED_MM_BUDGET, build_peers, full_block_comparable
+    from moeframe_bench.peers import BATCHED_MM_BUDGET, build_peers, full_block_comparable
     from moeframe.conformance import kernel_context
     from moeframe.kernels.torch_reference import TorchReferenceKernel
     from moeframe.layer import MoELayer
@@ -336,8 +336,8 @@ def run_benchmark(config: Config, options: BenchOptions, progress: Progress | No
     reference (peers that disagree are reported but do not fail the run).
     """
     from moeframe import __version__
-    from moeframe.bench import overhead as ov
-    from moeframe.bench.peers import transformers_version
+    from moeframe_bench import overhead as ov
+    from moeframe_bench.peers import transformers_version
     from moeframe.plugins import get_registry
 
     p = config.parallel
@@ -402,12 +402,12 @@ def run_benchmark(config: Config, options: BenchOptions, progress: Progress | No
         result["overhead"]["triton"] = ov.triton_laziness()
         progress.step(1, "overhead: import")
     if options.memory:
-        from moeframe.bench.memory import forward_memory
+        from moeframe_bench.memory import forward_memory
 
         result["memory"] = [forward_memory(config.evolve({"model.dtype": d}), options.memory_tokens, options.chunk)
                             for d in dtypes]
         progress.step(1, "memory")
-    from moeframe.bench.targets import evaluate_targets
+    from moeframe_bench.targets import evaluate_targets
 
     result["targets"] = evaluate_targets(result)
     result["ok"] = all(r.get("ok") is not False for r in rows if r["kind"] in ("kernel", "stack"))

@@ -21,8 +21,8 @@ from moeframe.cli.common import add_config_arguments, load_from_args, parse_int_
 from moeframe.errors import InputError
 
 
-def add_parser(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("bench", help="benchmark kernels, the stack and transformers' implementations against this machine's limits")
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of `moeframe bench`."""
     add_config_arguments(p)
     p.add_argument("--kernels", metavar="A,B", help="comma-separated kernels (default: every registered kernel but interpreter variants)")
     p.add_argument("--tokens", default="1,16,64,256,1024,4096", metavar="T,...", help="comma-separated token counts (default 1,16,64,256,1024,4096)")
@@ -38,7 +38,6 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", type=Path, metavar="FILE", help="write the full results as JSON to FILE (atomically)")
     p.add_argument("--plot", type=Path, metavar="FILE.png", help="plot GFLOP/s and GB/s against T to FILE.png (needs matplotlib)")
     p.add_argument("--markdown", type=Path, metavar="FILE.md", help="replace the bench section of FILE.md with the tables")
-    p.set_defaults(func=run)
 
 
 def _names(option: str, text: str | None) -> tuple[str, ...] | None:
@@ -74,10 +73,10 @@ class _Bar:
 
 
 def run(args: argparse.Namespace) -> int:
-    from moeframe.bench import BenchOptions, default_kernels, run_benchmark
-    from moeframe.bench.measure import total_steps
-    from moeframe.bench.peers import IMPLEMENTATIONS, transformers_version, unsupported_reason
-    from moeframe.bench.report import check_output_paths, plot, text_report, update_markdown, write_json
+    from moeframe_bench.measure import BenchOptions, default_kernels, run_benchmark
+    from moeframe_bench.measure import total_steps
+    from moeframe_bench.peers import IMPLEMENTATIONS, transformers_version, unsupported_reason
+    from moeframe_bench.report import check_output_paths, plot, text_report, update_markdown, write_json
     from moeframe.config import DTYPE_NAMES
     from moeframe.plugins import get_registry
 

@@ -1,6 +1,6 @@
 """The end-to-end figure: a whole transformers model, prefill and decode, per experts path.
 
-``python -m moeframe.bench.e2e`` builds a Qwen3-MoE-shaped causal LM with random weights
+``python -m moeframe_bench.e2e`` builds a Qwen3-MoE-shaped causal LM with random weights
 (default: 4 layers, H=1024, E=64, top_k=8, I=512, a vocabulary of 2048), then for each
 dtype measures side by side, in one process:
 
@@ -36,7 +36,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["E2EOptions", "build_model", "run_e2e", "markdown_table", "main"]
+__all__ = ["E2EOptions", "build_model", "run_e2e", "markdown_table", "add_arguments", "run", "main"]
 
 #: transformers' experts implementations measured (batched_mm: decode only, see the module docstring)
 HF_PATHS = ("eager", "grouped_mm", "batched_mm")
@@ -409,13 +409,19 @@ def _positive(text: str) -> int:
     return value
 
 
+DESCRIPTION = ("End-to-end prefill and decode tokens/s of a Qwen3-MoE-shaped transformers model, "
+               "for transformers' experts implementations, moeframe:fused_cpu and patch_model.")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m moeframe.bench.e2e",
-        description="End-to-end prefill and decode tokens/s of a Qwen3-MoE-shaped transformers model, "
-                    "for transformers' experts implementations, moeframe:fused_cpu and patch_model.",
-        allow_abbrev=False,
-    )
+    """The parser of ``python -m moeframe_bench.e2e`` (the same arguments as ``moeframe e2e``)."""
+    p = argparse.ArgumentParser(prog="python -m moeframe_bench.e2e", description=DESCRIPTION, allow_abbrev=False)
+    add_arguments(p)
+    return p
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    """The arguments of ``moeframe e2e``."""
     p.add_argument("--layers", type=_positive, default=4, help="decoder layers (default 4)")
     p.add_argument("--hidden", type=_positive, default=1024, help="hidden size H (default 1024)")
     p.add_argument("--experts", type=_positive, default=64, help="experts E (default 64)")
@@ -437,47 +443,51 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, metavar="FILE", help="write the full result as JSON to FILE")
     p.add_argument("--markdown", type=Path, metavar="FILE.md",
                    help=f"replace the part of FILE.md between {MARKDOWN_BEGIN} and {MARKDOWN_END} with the table")
-    return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m moeframe_bench.e2e``: user errors as one line, exit status 2."""
     from moeframe.errors import UserError
-    from moeframe.numerics import DTYPES
 
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
     try:
-        dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
-        bad = [d for d in dtypes if d not in DTYPES]
-        if not dtypes or bad:
-            raise UserError(f"--dtype: unknown dtype {bad[0] if bad else args.dtype!r}; choose from {', '.join(DTYPES)}")
-        paths = [p.strip() for p in args.paths.split(",") if p.strip()] if args.paths else None
-        known = HF_PATHS + OWN_PATHS
-        for path in paths or ():
-            if path not in known:
-                from moeframe.errors import did_you_mean
-
-                raise UserError(f"--paths: unknown path {path!r}{did_you_mean(path, known)}; choose from {', '.join(known)}")
-        if args.hidden % args.heads or args.heads % args.kv_heads:
-            raise UserError(f"--hidden ({args.hidden}) must divide by --heads ({args.heads}), and --heads by --kv-heads ({args.kv_heads})")
-        if args.top_k > args.experts:
-            raise UserError(f"--top-k ({args.top_k}) must be <= --experts ({args.experts})")
-        for target in (args.json, args.markdown):
-            if target is not None and not target.parent.is_dir():
-                raise UserError(f"{target}: the folder {str(target.parent)!r} does not exist")
-        if args.threads is not None:
-            torch.set_num_threads(args.threads)
-        options = E2EOptions(
-            layers=args.layers, hidden=args.hidden, experts=args.experts, top_k=args.top_k,
-            intermediate=args.intermediate, vocab=args.vocab, heads=args.heads, kv_heads=args.kv_heads,
-            prompt=args.prompt, new_tokens=args.new_tokens, dtypes=dtypes, repeat=args.repeat, seed=args.seed,
-            profile=args.profile, paths=paths,
-        )
-        result = run_e2e(options, log=lambda s: print(s, file=sys.stderr, flush=True),
-                         partial=lambda r: _write_json(args.json, r))
+        return run(args)
     except UserError as exc:
         print(f"moeframe: error: {exc}", file=sys.stderr)
         return 2
+
+
+def run(args: argparse.Namespace) -> int:
+    """``moeframe e2e``: run the benchmark, print the table, write --json and --markdown."""
+    from moeframe.errors import UserError, did_you_mean
+    from moeframe.numerics import DTYPES
+
+    dtypes = [d.strip() for d in args.dtype.split(",") if d.strip()]
+    bad = [d for d in dtypes if d not in DTYPES]
+    if not dtypes or bad:
+        raise UserError(f"--dtype: unknown dtype {bad[0] if bad else args.dtype!r}; choose from {', '.join(DTYPES)}")
+    paths = [p.strip() for p in args.paths.split(",") if p.strip()] if args.paths else None
+    known = HF_PATHS + OWN_PATHS
+    for path in paths or ():
+        if path not in known:
+            raise UserError(f"--paths: unknown path {path!r}{did_you_mean(path, known)}; choose from {', '.join(known)}")
+    if args.hidden % args.heads or args.heads % args.kv_heads:
+        raise UserError(f"--hidden ({args.hidden}) must divide by --heads ({args.heads}), and --heads by --kv-heads ({args.kv_heads})")
+    if args.top_k > args.experts:
+        raise UserError(f"--top-k ({args.top_k}) must be <= --experts ({args.experts})")
+    for target in (args.json, args.markdown):
+        if target is not None and not target.parent.is_dir():
+            raise UserError(f"{target}: the folder {str(target.parent)!r} does not exist")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    options = E2EOptions(
+        layers=args.layers, hidden=args.hidden, experts=args.experts, top_k=args.top_k,
+        intermediate=args.intermediate, vocab=args.vocab, heads=args.heads, kv_heads=args.kv_heads,
+        prompt=args.prompt, new_tokens=args.new_tokens, dtypes=dtypes, repeat=args.repeat, seed=args.seed,
+        profile=args.profile, paths=paths,
+    )
+    result = run_e2e(options, log=lambda s: print(s, file=sys.stderr, flush=True),
+                     partial=lambda r: _write_json(args.json, r))
     table = markdown_table(result)
     print(table)
     _write_json(args.json, result)

@@ -173,7 +173,7 @@ def check_output_paths(json_path: Path | None, plot_path: Path | None, markdown_
         try:
             import matplotlib  # noqa: F401
         except ImportError:
-            raise InputError("--plot needs matplotlib (pip install 'moeframe[bench]')") from None
+            raise InputError("--plot needs matplotlib (pip install 'moeframe-bench[plot]')") from None
     if markdown_path is not None:
         _markdown_section(markdown_path)
 
@@ -194,7 +194,7 @@ def plot(result: dict[str, Any], path: Path) -> None:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        raise InputError("--plot needs matplotlib (pip install 'moeframe[bench]')") from None
+        raise InputError("--plot needs matplotlib (pip install 'moeframe-bench[plot]')") from None
     dtypes = result["dtypes"]
     fig, axes = plt.subplots(2, len(dtypes), figsize=(6.5 * len(dtypes), 8), squeeze=False)
     lim = result["limits"]

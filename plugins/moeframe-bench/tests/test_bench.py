@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from moeframe.bench.limits import MachineLimits
+from moeframe_bench.limits import MachineLimits
 from moeframe.cli.main import main
 
 TINY = """
@@ -56,7 +56,7 @@ def fixed_limits(monkeypatch: pytest.MonkeyPatch) -> None:
         return MachineLimits({d: 1e11 for d in names}, {d: {"256x256x256 a@b": 1e11} for d in names}, 2e10,
                              {"float32": 2e10}, 1)
 
-    monkeypatch.setattr("moeframe.bench.measure.measure_limits", fake)
+    monkeypatch.setattr("moeframe_bench.measure.measure_limits", fake)
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -158,7 +158,7 @@ def test_bench_unknown_config_is_status_2(capsys):
 
 
 def test_interpreter_kernels_are_left_out_by_default(fake_dists):
-    from moeframe.bench import default_kernels
+    from moeframe_bench.measure import default_kernels
 
     fake_dists.add("moeframe-slow", "0.1", {"slow_kernel": """
 from moeframe import hookimpl, Strategy
@@ -192,7 +192,7 @@ def test_plot_is_written(capsys, tiny, tmp_path, fixed_limits):
 
 
 def test_peak_extra_bytes_integrates_allocations_and_frees():
-    from moeframe.bench.memory import peak_extra_bytes
+    from moeframe_bench.memory import peak_extra_bytes
 
     def work():
         a = torch.empty(1000, 1000)  # 4 MB
@@ -214,7 +214,7 @@ def _result(kernel_rows, peer_rows=(), overhead=None):
 
 
 def test_targets_met_and_not_met():
-    from moeframe.bench.targets import evaluate_targets
+    from moeframe_bench.targets import evaluate_targets
 
     result = _result(
         [{"tokens": 1, "median_s": 1.0, "bandwidth_fraction": 0.7, "flops_fraction": 0.01},
@@ -235,7 +235,7 @@ def test_targets_met_and_not_met():
 
 
 def test_overhead_targets():
-    from moeframe.bench.targets import evaluate_targets
+    from moeframe_bench.targets import evaluate_targets
 
     overhead = {
         "runner": {"ratio": 1.01, "paired_ratio": 1.0, "median_s": [1.01e-3, 1e-3]},
@@ -251,7 +251,7 @@ def test_overhead_targets():
 
 
 def test_compare_alternating_reports_both_sides():
-    from moeframe.bench.overhead import compare_alternating
+    from moeframe_bench.overhead import compare_alternating
 
     calls = []
     result = compare_alternating(lambda i: calls.append(("a", i)), lambda i: calls.append(("b", i)), rounds=6, batches=3, warmup=1)
@@ -260,7 +260,7 @@ def test_compare_alternating_reports_both_sides():
 
 
 def test_runner_overhead_checks_equality_and_reports(tmp_path):
-    from moeframe.bench.overhead import runner_overhead
+    from moeframe_bench.overhead import runner_overhead
     from moeframe.config import load_config
 
     path = tmp_path / "tiny.toml"
@@ -270,7 +270,7 @@ def test_runner_overhead_checks_equality_and_reports(tmp_path):
 
 
 def test_chunking_memory_is_measured_with_and_without_wrapper(tmp_path):
-    from moeframe.bench.memory import forward_memory
+    from moeframe_bench.memory import forward_memory
     from moeframe.config import load_config
 
     path = tmp_path / "tiny.toml"
@@ -290,7 +290,7 @@ class TestPeers:
 
     @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
     def test_peers_agree_with_the_reference(self, dtype):
-        from moeframe.bench.peers import build_peers
+        from moeframe_bench.peers import build_peers
         from moeframe.layer import MoELayer
         from moeframe.numerics import compare, tolerance_for
 
@@ -309,7 +309,7 @@ class TestPeers:
                 assert compare(peer.experts(x, w, ids), expected, tolerance_for(dtype)).ok, peer.name
 
     def test_unsupported_configs_say_why(self):
-        from moeframe.bench.peers import build_peers
+        from moeframe_bench.peers import build_peers
         from moeframe.config import load_config
 
         config = load_config("gpt-oss")
@@ -328,7 +328,7 @@ def TINY_CONFIG(dtype: str):
 
 
 def test_bench_without_transformers_says_so(capsys, tiny, monkeypatch, fixed_limits):
-    import moeframe.bench.peers as peers
+    import moeframe_bench.peers as peers
 
     monkeypatch.setattr(peers, "transformers_version", lambda: None)
     code, out, _ = run(capsys, str(tiny), "--tokens", "1", "--repeat", "1")

@@ -42,15 +42,15 @@ def test_the_environment_variable_forces_a_variant(on_x86, monkeypatch):
 
 
 @pytest.mark.parametrize("forced, flags, message", [
-    ("avx21", AVX512, "MOEFRAME_CPU_ISA='avx21' is not a CPU variant; did you mean 'avx2'?; variants: avx512, avx2 (this CPU runs: avx512, avx2)"),
-    ("sse", AVX2, "MOEFRAME_CPU_ISA='sse' is not a CPU variant; variants: avx512, avx2 (this CPU runs: avx2)"),
+    ("avx21", AVX512, "MOEFRAME_CPU_ISA='avx21' is not a CPU variant; did you mean 'avx2'?; variants: {variants} (this CPU runs: avx512, avx2)"),
+    ("sse", AVX2, "MOEFRAME_CPU_ISA='sse' is not a CPU variant; variants: {variants} (this CPU runs: avx2)"),
     ("avx512", AVX2, "MOEFRAME_CPU_ISA='avx512': variant 'avx512' needs avx512bw, avx512dq, avx512f, avx512vl, which this CPU lacks; this CPU runs: avx2"),
 ])
 def test_a_forced_variant_that_cannot_run_is_one_clear_line(on_x86, monkeypatch, forced, flags, message):
     monkeypatch.setenv("MOEFRAME_CPU_ISA", forced)
     with pytest.raises(CpuIsaError) as info:
         cpu_isa.detect(flags)
-    assert str(info.value) == message
+    assert str(info.value) == message.replace("{variants}", ", ".join(VARIANTS))
 
 
 def test_a_variant_for_another_architecture_says_so(monkeypatch):
@@ -61,7 +61,7 @@ def test_a_variant_for_another_architecture_says_so(monkeypatch):
 
 
 def test_no_variant_for_this_cpu_names_what_is_missing(on_x86):
-    with pytest.raises(CpuIsaError, match=r"no native variant runs on this CPU \(.*\): avx512 needs .*avx512f.*; avx2 needs avx2, f16c, fma"):
+    with pytest.raises(CpuIsaError, match=r"no native variant runs on this CPU \(.*\): .*\bavx512 needs .*avx512f.*; avx2 needs avx2, f16c, fma"):
         cpu_isa.detect(frozenset())
 
 
@@ -85,12 +85,15 @@ def test_matmul_thresholds_follow_the_cpu(monkeypatch):
     monkeypatch.setattr(cpu_isa, "cpu_flags", lambda: AVX2)
     assert [cpu_isa.matmul_min_tokens(d) for d in ("float32", "bfloat16", "float16")] == [None, None, None]
     monkeypatch.setattr(cpu_isa, "cpu_flags", lambda: AVX512 | {"avx512_bf16", "amx_bf16", "amx_tile"})
-    assert cpu_isa.matmul_min_tokens("bfloat16") == cpu_isa._MATMUL_MIN["amx_bf16"]
+    assert cpu_isa.matmul_min_tokens("bfloat16") == cpu_isa._MATMUL_MIN["amx_bf16"]  # the amx_bf16 variant's kernel
+    assert cpu_isa.matmul_min_tokens("bfloat16", "avx512") == cpu_isa._MATMUL_MIN["amx_bf16_torch"]  # torch.mm
+    assert cpu_isa.matmul_min_tokens("float32", "amx_bf16") == cpu_isa._MATMUL_MIN["avx512_f32"]
     assert cpu_isa.matmul_min_tokens("float16") is None  # fp16 GEMMs would overflow: never handed over
     assert cpu_isa.matmul_min_tokens("float32", "avx512") == cpu_isa._MATMUL_MIN["avx512_f32"]
     assert cpu_isa.matmul_min_tokens("float32", "avx2") == cpu_isa._MATMUL_MIN["avx512_f32_avx2_core"]
     monkeypatch.setattr(cpu_isa, "cpu_flags", lambda: AVX512 | {"avx512_bf16"})
     assert cpu_isa.matmul_min_tokens("bfloat16") == cpu_isa._MATMUL_MIN["avx512_bf16"]
+    assert cpu_isa.matmul_min_tokens("bfloat16", "avx512") == cpu_isa._MATMUL_MIN["avx512_bf16_torch"]
 
 
 # -- sources and builds ------------------------------------------------------------------

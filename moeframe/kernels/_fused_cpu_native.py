@@ -54,12 +54,14 @@ FORWARD_PARAMS: tuple[tuple[str, Any], ...] = (
 
 
 def library_spec(isa: str) -> LibrarySpec:
-    """What the library of variant ``isa`` is built from: its C file, the ABI header, flags."""
+    """What the library of variant ``isa`` is built from: its C files (every one compiled),
+    the headers, flags."""
     from moeframe.kernels.cpu_isa import VARIANTS
 
     variant = VARIANTS[isa]
     headers = sorted(CSRC.glob("*.h"))
-    sources = {variant.source: variant.path.read_text(), **{h.name: h.read_text() for h in headers}}
+    sources = {p.name: p.read_text() for p in variant.paths}
+    sources.update({h.name: h.read_text() for h in headers})
     return LibrarySpec(f"fused_cpu-{isa}", sources, (*variant.cflags, *WARNING_FLAGS))
 
 
@@ -95,6 +97,10 @@ class NativeLibrary:
         lib.moe_ints_needed.restype = _long
         lib.moe_ints_needed.argtypes = [_long, _long]
         self._lib = lib
+        from moeframe.kernels.bf16_packing import bind
+
+        #: the bf16 kernels for experts with many tokens (variants amx_bf16, avx512_bf16), else None
+        self.bf16 = bind(lib)
         self._item_max_slots = int(lib.moe_item_max_slots())
 
     def forward(self, **args: Any) -> int:

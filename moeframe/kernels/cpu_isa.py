@@ -58,17 +58,45 @@ class Variant:
     cpu_flags: frozenset[str]
     arch: str = attrs.field(validator=attrs.validators.in_(("x86_64", "aarch64")))
     description: str = ""
+    #: further C files compiled into the same library (``source`` is the main one)
+    extra_sources: tuple[str, ...] = ()
 
     @property
     def path(self) -> Path:
         """The C source file."""
         return Path(__file__).parent / "csrc" / self.source
 
+    @property
+    def paths(self) -> tuple[Path, ...]:
+        """Every C file of the variant, the main one first."""
+        return (self.path, *(Path(__file__).parent / "csrc" / name for name in self.extra_sources))
+
+
+_AVX512_CFLAGS = ("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c")
+_AVX512_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c")
 
 #: every variant, best first within an architecture
 VARIANTS: dict[str, Variant] = {
     v.name: v
     for v in (
+        Variant(
+            name="amx_bf16",
+            source="fused_cpu.c",
+            cflags=(*_AVX512_CFLAGS, "-mavx512bf16", "-mamx-tile", "-mamx-bf16", *_COMMON[1:]),
+            cpu_flags=frozenset({*_AVX512_FLAGS, "avx512_bf16", "amx_tile", "amx_bf16"}),
+            arch="x86_64",
+            description="the avx512 core, and bf16 experts with many tokens on AMX-BF16 tiles over repacked weights",
+            extra_sources=("bf16_experts.c",),
+        ),
+        Variant(
+            name="avx512_bf16",
+            source="fused_cpu.c",
+            cflags=(*_AVX512_CFLAGS, "-mavx512bf16", *_COMMON[1:]),
+            cpu_flags=frozenset({*_AVX512_FLAGS, "avx512_bf16"}),
+            arch="x86_64",
+            description="the avx512 core, and bf16 experts with many tokens on vdpbf16ps over repacked weights",
+            extra_sources=("bf16_experts.c",),
+        ),
         Variant(
             name="avx512",
             source="fused_cpu.c",
@@ -84,6 +112,14 @@ VARIANTS: dict[str, Variant] = {
             cpu_flags=frozenset({"avx2", "fma", "f16c"}),
             arch="x86_64",
             description="AVX2 + FMA, 8 fp32 lanes",
+        ),
+        Variant(
+            name="neon",
+            source="fused_cpu.c",
+            cflags=("-O3", "-march=armv8-a", *_COMMON[1:]),
+            cpu_flags=frozenset({"asimd"}),
+            arch="aarch64",
+            description="aarch64 Advanced SIMD (NEON), 4 fp32 lanes, 16-token panels of 4 vectors",
         ),
     )
 }
@@ -221,30 +257,46 @@ def matmul_min_tokens(dtype: str, isa: str | None = None) -> int | None:
     on this CPU (``None``: the native core is at least as fast at every count), for
     ``dtype`` (``float32``, ``bfloat16``, ``float16``) and the native variant ``isa`` in
     use (default: :func:`detect`'s).  Measured, not derived: see "CPU variants" in
-    ``docs/performance.md`` for the figures behind each entry."""
+    ``docs/performance.md`` for the figures behind each entry.
+
+    On the ``amx_bf16`` and ``avx512_bf16`` variants, bf16 experts are handed to the
+    variant's own bf16 kernels (AMX tiles or ``vdpbf16ps`` over repacked weights) instead
+    of torch's matmul, from the count given here for that variant."""
     flags = cpu_flags()
+    if isa is None and dtype in ("bfloat16", "float32"):
+        try:
+            isa = detect()
+        except CpuIsaError:
+            isa = "avx2"
+    if dtype == "bfloat16" and isa in _BF16_KERNEL_VARIANTS:
+        return _MATMUL_MIN[isa]
     if dtype == "bfloat16" and "amx_bf16" in flags:
-        return _MATMUL_MIN["amx_bf16"]
+        return _MATMUL_MIN["amx_bf16_torch"]
     if dtype == "bfloat16" and "avx512_bf16" in flags:
-        return _MATMUL_MIN["avx512_bf16"]
+        return _MATMUL_MIN["avx512_bf16_torch"]
     if dtype == "float32" and {"avx512f", "avx512bw", "avx512vl"} <= flags:
-        if isa is None:
-            try:
-                isa = detect()
-            except CpuIsaError:
-                isa = "avx2"
-        return _MATMUL_MIN["avx512_f32" if isa == "avx512" else "avx512_f32_avx2_core"]
+        return _MATMUL_MIN["avx512_f32" if isa in ("avx512", *_BF16_KERNEL_VARIANTS) else "avx512_f32_avx2_core"]
     # AVX2 (torch's bf16 matmul is emulated there), fp16 (its GEMMs would overflow in fp16:
     # fused_cpu runs them in fp32), aarch64 (not measured): the native core throughout
     return None
 
 
+#: the variants with their own bf16 kernels for experts with many tokens (bf16_experts.c)
+_BF16_KERNEL_VARIANTS = ("amx_bf16", "avx512_bf16")
+
 #: per-core crossovers measured on an Intel Xeon (Sapphire Rapids class: AVX-512, AMX-BF16),
 #: torch 2.13, the benchmark's shape (H=1024, I=512); avx512_bf16 without AMX (AMD Zen 4)
 #: was not available: a guess from the AMX figures, between the crossovers measured here
 _MATMUL_MIN: dict[str, int] = {
-    "amx_bf16": 32,  # oneDNN on AMX: 1.3x the native core at 32 tokens, 1.6x at 64, 2.9x at 256
-    "avx512_bf16": 64,
+    # the amx_bf16 variant's AMX kernel (bf16_experts.c) against the native core: 0.9x at 3
+    # tokens, 1.25x at 4, 1.8x at 6, 3.1x at 8, 4.3x at 64, 5.3x at 256 (1.6x torch's matmul there)
+    "amx_bf16": 4,
+    # the avx512_bf16 variant's vdpbf16ps kernel, measured forced on the Xeon: 1.2x the native
+    # core at 8 tokens, 1.0x from 64 (there vdpbf16ps issues half as often as fp32 FMAs; AMD Zen 4
+    # issues both alike, where the kernel should gain more: not measured)
+    "avx512_bf16": 8,
+    "amx_bf16_torch": 32,  # oneDNN on AMX: 1.3x the native core at 32 tokens, 1.6x at 64, 2.9x at 256
+    "avx512_bf16_torch": 64,
     "avx512_f32": 256,  # MKL on AVX-512 against the AVX-512 core: 0.67x at 64 tokens, 0.86x at 128, 1.0x at 256
     "avx512_f32_avx2_core": 128,  # against the AVX2 core forced on an AVX-512 CPU: 1.08x at 128, 1.2x at 256
 }

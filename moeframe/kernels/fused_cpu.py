@@ -260,7 +260,11 @@ class FusedCpuKernel(Kernel):
                 acc_rows = acc[: T * H].view(T, H)
                 if not big.native_pairs:
                     acc_rows.zero_()
-                self._matmul_experts(x, weights, big, experts, acc_rows)
+                bf16 = self._bf16_kernels(x.dtype)
+                if bf16 is not None:  # AMX-BF16 / AVX512-BF16 over repacked weights (bf16_packing)
+                    self._bf16_experts(bf16, x, weights, big, experts, acc_rows)
+                else:
+                    self._matmul_experts(x, weights, big, experts, acc_rows)
                 if x.dtype != torch.float32:
                     out.copy_(acc_rows)
         if status == -1:
@@ -319,6 +323,46 @@ class FusedCpuKernel(Kernel):
             native_pairs=int((local >= 0).sum()) - pairs.numel(),
         )
         return native_map.to(torch.int32).contiguous(), big
+
+    def _bf16_kernels(self, dtype: torch.dtype) -> Any:
+        """The native bf16 kernels that take the experts handed over for their token count
+        (variants ``amx_bf16``, ``avx512_bf16``), or ``None``: torch's matmul takes them."""
+        if dtype != torch.bfloat16 or self._native is None:
+            return None
+        return getattr(self._native, "bf16", None)
+
+    @property
+    def packed_weight_bytes(self) -> int:
+        """Bytes of repacked expert weights held for this process's ``fused_cpu`` kernels
+        (bf16 weights on the ``amx_bf16`` and ``avx512_bf16`` variants: about the size of
+        the bf16 expert weights again, packed once on first use; 0 elsewhere).  See
+        :mod:`moeframe.kernels.bf16_packing`."""
+        from moeframe.kernels.bf16_packing import PACKED
+
+        return PACKED.nbytes
+
+    def packed_weight_bytes_for(self, dtype: torch.dtype, num_experts: int, hidden: int, intermediate: int) -> int:
+        """Bytes this kernel will add by repacking ``num_experts`` experts of this shape in
+        ``dtype`` (0 where it packs nothing): for memory estimates before the first call."""
+        if self._bf16_kernels(dtype) is None or self.matmul_threshold(dtype) is None:
+            return 0
+        from moeframe.kernels.bf16_packing import packed_bytes
+
+        return packed_bytes(num_experts, hidden, intermediate)
+
+    def _bf16_experts(
+        self, bf16: Any, x: torch.Tensor, weights: torch.Tensor, big: _MatmulExperts, experts: ExpertWeights,
+        acc: torch.Tensor,
+    ) -> None:
+        """``acc[t] += w[t,k] * f_e(x[t])`` for the big experts with the native bf16 kernels,
+        on the weights' packed copy (made once, cached: :data:`bf16_packing.PACKED`); the
+        experts are added in order, each output element by one thread."""
+        from moeframe.kernels.bf16_packing import PACKED
+
+        packed = PACKED.get(experts.w13, experts.w2)
+        K = weights.shape[1]
+        tw = weights.view(-1)[big.pairs]
+        bf16.run(x, big.pairs // K, tw, big.experts, big.counts, packed, experts.b13, experts.b2, self.activation, acc)
 
     def _matmul_experts(
         self, x: torch.Tensor, weights: torch.Tensor, big: _MatmulExperts, experts: ExpertWeights, acc: torch.Tensor

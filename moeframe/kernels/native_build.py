@@ -80,8 +80,9 @@ class NativeUnavailable(RuntimeError):
 @attrs.frozen
 class LibrarySpec:
     """What one library is built from: ``sources`` maps file names to their text (the
-    first one is compiled, the others, headers, sit beside it), ``cflags`` the compiler
-    flags (``-shared`` and ``-fPIC`` among them)."""
+    first one and every other ``.c`` file are compiled into the library, the others,
+    headers, sit beside them), ``cflags`` the compiler flags (``-shared`` and ``-fPIC``
+    among them)."""
 
     name: str
     sources: Mapping[str, str]
@@ -339,10 +340,12 @@ def _compile(spec: LibrarySpec, compiler: str, staging: Path) -> Path:
     for fname, text in spec.sources.items():
         _write_new(staging / fname, text.encode(), 0o600)
     out = staging / "library.so"
-    main = staging / next(iter(spec.sources))
+    main = next(iter(spec.sources))
+    # the first source, then every other C file (the rest, headers, are included by them)
+    units = [str(staging / name) for name in spec.sources if name == main or name.endswith(".c")]
     try:
         proc = subprocess.run(
-            [compiler, *spec.cflags, str(main), "-o", str(out)], capture_output=True, text=True, timeout=900, cwd=staging
+            [compiler, *spec.cflags, *units, "-o", str(out)], capture_output=True, text=True, timeout=900, cwd=staging
         )
     except (OSError, subprocess.SubprocessError) as exc:
         raise NativeUnavailable(f"compiling {spec.name} with {compiler!r} failed: {exc}") from None

@@ -1,0 +1,349 @@
+/* moeframe fused_cpu: bf16 experts with many tokens, on AMX-BF16 tiles or AVX512-BF16 dot
+ * products, over weights repacked once into the VNNI layout of AMX B tiles (see
+ * bf16_experts.h for the layout and the entry points).
+ *
+ * One call takes groups of rows (an expert and its tokens, in expert order):
+ *
+ *   gather   (all threads) each group's tokens copied into a bf16 buffer, Hp wide, its row
+ *                          count rounded up to 16 with zero rows (the A tiles of GEMM 1);
+ *   GEMM 1   (all threads) units of (group, 64 neurons) claimed in order: for each 16-neuron
+ *                          block and each 32-row block, C = A x [gate | up] (two 16 x 16
+ *                          fp32 C tiles per 16 rows), then h = act(C_gate + b) * (C_up + b)
+ *                          rounded to bf16 (the A tiles of GEMM 2);
+ *   GEMM 2   (all threads) units of 32 hidden rows claimed in order: each unit takes every
+ *                          group in order, C = h x W2^T for 32 tokens x 32 rows, then
+ *                          acc[tok] += w * (C + b2): each output element is summed by one
+ *                          thread, in group order, whatever the number of threads.
+ *
+ * The tile step is the same in both kernels: C[32][32] (fp32) += A[rows][32 k] (bf16) x
+ * two B tiles [16 k pairs][16 columns][2].  AMX holds C in four tiles (2 row blocks x 2
+ * column blocks), A in two and B in two; AVX512-BF16 (vdpbf16ps) holds 8 rows x 32
+ * columns in 16 vectors at a time, one broadcast k pair of A against a B row per step.
+ */
+#include "bf16_experts.h"
+
+#include <immintrin.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+#if defined(__AMX_TILE__) && defined(__linux__)
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
+#define AI static inline __attribute__((always_inline))
+
+enum { ACT_SILU = 0, ACT_GELU = 1, ACT_SWIGLUOAI = 2 };
+/* rows of a tile, bf16 k elements of a tile row (64 bytes), neurons per GEMM-1 unit */
+enum { TR = 16, TK = 32, UNIT_BLOCKS = 4 };
+
+/* ------------------------------------------------------------------ activations (fp32, 16 lanes) */
+AI __m512 exp16(__m512 x) { /* Cephes expf, as the core's exp8: NaN propagates */
+    x = _mm512_min_ps(_mm512_set1_ps(88.3762626647949f), x);
+    x = _mm512_max_ps(_mm512_set1_ps(-88.3762626647949f), x);
+    __m512 fx = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                     _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
+    __m512 y = _mm512_set1_ps(1.9875691500E-4f);
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507E-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073E-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894E-2f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459E-1f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201E-1f));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), x);
+    y = _mm512_add_ps(y, _mm512_set1_ps(1.0f));
+    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(fx), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+}
+
+AI __m512 sigmoid16(__m512 x) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    return _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+}
+
+AI __m512 erf16(__m512 x) { /* Abramowitz-Stegun 7.1.26, as the core's erf8 */
+    const __m512i sign = _mm512_and_si512(_mm512_castps_si512(x), _mm512_set1_epi32((int)0x80000000u));
+    const __m512 a = _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(x), sign));
+    const __m512 one = _mm512_set1_ps(1.0f);
+    const __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), a, one));
+    __m512 r = _mm512_set1_ps(1.061405429f);
+    r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(-1.453152027f));
+    r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(1.421413741f));
+    r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(-0.284496736f));
+    r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(0.254829592f));
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(a, a)));
+    const __m512 y = _mm512_fnmadd_ps(_mm512_mul_ps(r, t), e, one);
+    return _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(y), sign));
+}
+
+typedef struct {
+    int kind;
+    float alpha, limit;
+} act_t;
+
+AI __m512 act16(__m512 g, __m512 u, act_t act) {
+    if (act.kind == ACT_SILU) return _mm512_mul_ps(_mm512_mul_ps(g, sigmoid16(g)), u);
+    if (act.kind == ACT_GELU) {
+        const __m512 c = _mm512_add_ps(_mm512_set1_ps(1.0f), erf16(_mm512_mul_ps(g, _mm512_set1_ps(0.70710678118654752f))));
+        return _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(g, _mm512_set1_ps(0.5f)), c), u);
+    }
+    const __m512 lim = _mm512_set1_ps(act.limit);
+    g = _mm512_min_ps(lim, g);
+    u = _mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), lim), _mm512_min_ps(lim, u));
+    const __m512 s = sigmoid16(_mm512_mul_ps(_mm512_set1_ps(act.alpha), g));
+    return _mm512_mul_ps(_mm512_add_ps(u, _mm512_set1_ps(1.0f)), _mm512_mul_ps(g, s));
+}
+
+/* n <= 16 bf16 values from p, widened (masked: nothing read past n) */
+AI __m512 load_bf16(const uint16_t *p, int n) {
+    const __mmask16 mask = n >= 16 ? (__mmask16)0xffff : (__mmask16)((1u << n) - 1u);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(mask, p)), 16));
+}
+
+AI __m256i to_bf16(__m512 v) { /* round to nearest even (vcvtneps2bf16) */
+    return (__m256i)_mm512_cvtneps_pbh(v);
+}
+
+/* ------------------------------------------------------------------ the tile step: AVX512-BF16 */
+/* C[r][0..16) += A[r] . B0, C[r][16..32) += A[r] . B1 for rows [0, rows) (a multiple of 8),
+   over kb k blocks; A rows `lda` bf16 apart, B0/B1 contiguous [kb * 16 pairs][16][2]; C is
+   [32][32] fp32, overwritten. */
+static void gemm_dp(const uint16_t *A, long lda, int rows, const uint16_t *B0, const uint16_t *B1, long kb,
+                    float *C) {
+    const long pairs = kb * TR;
+    for (int r0 = 0; r0 < rows; r0 += 8) {
+        __m512 c0[8], c1[8];
+#pragma GCC unroll 8
+        for (int r = 0; r < 8; r++) c0[r] = c1[r] = _mm512_setzero_ps();
+        const uint16_t *a = A + r0 * lda;
+        for (long kp = 0; kp < pairs; kp++) {
+            const __m512bh b0 = (__m512bh)_mm512_load_si512(B0 + kp * 32);
+            const __m512bh b1 = (__m512bh)_mm512_load_si512(B1 + kp * 32);
+#pragma GCC unroll 8
+            for (int r = 0; r < 8; r++) {
+                int32_t pair;
+                memcpy(&pair, a + r * lda + 2 * kp, 4);
+                const __m512bh av = (__m512bh)_mm512_set1_epi32(pair);
+                c0[r] = _mm512_dpbf16_ps(c0[r], av, b0);
+                c1[r] = _mm512_dpbf16_ps(c1[r], av, b1);
+            }
+        }
+#pragma GCC unroll 8
+        for (int r = 0; r < 8; r++) {
+            _mm512_store_ps(C + (r0 + r) * 32, c0[r]);
+            _mm512_store_ps(C + (r0 + r) * 32 + 16, c1[r]);
+        }
+    }
+}
+
+/* ------------------------------------------------------------------ the tile step: AMX-BF16 */
+#if defined(__AMX_TILE__) && defined(__AMX_BF16__)
+#define HAVE_AMX 1
+typedef struct __attribute__((aligned(64))) {
+    uint8_t palette, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} tilecfg_t;
+
+/* tiles 0-3: C (rows 0-15 | 16-31) x (columns 0-15 | 16-31); 4, 5: A; 6, 7: B */
+static void amx_configure(void) {
+    tilecfg_t cfg;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette = 1;
+    for (int t = 0; t < 8; t++) {
+        cfg.colsb[t] = 64;
+        cfg.rows[t] = TR;
+    }
+    _tile_loadconfig(&cfg);
+}
+
+/* as gemm_dp, rows 16 or 32 */
+static void gemm_amx(const uint16_t *A, long lda, int rows, const uint16_t *B0, const uint16_t *B1, long kb,
+                     float *C) {
+    const long sa = lda * 2;
+    if (rows > TR) {
+        _tile_zero(0);
+        _tile_zero(1);
+        _tile_zero(2);
+        _tile_zero(3);
+        for (long k = 0; k < kb; k++) {
+            _tile_loadd(4, A + k * TK, sa);
+            _tile_loadd(5, A + TR * lda + k * TK, sa);
+            _tile_loadd(6, B0 + k * TR * TK, 64);
+            _tile_loadd(7, B1 + k * TR * TK, 64);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+            _tile_dpbf16ps(2, 5, 6);
+            _tile_dpbf16ps(3, 5, 7);
+        }
+        _tile_stored(0, C, 128);
+        _tile_stored(1, C + 16, 128);
+        _tile_stored(2, C + TR * 32, 128);
+        _tile_stored(3, C + TR * 32 + 16, 128);
+    } else {
+        _tile_zero(0);
+        _tile_zero(1);
+        for (long k = 0; k < kb; k++) {
+            _tile_loadd(4, A + k * TK, sa);
+            _tile_loadd(6, B0 + k * TR * TK, 64);
+            _tile_loadd(7, B1 + k * TR * TK, 64);
+            _tile_dpbf16ps(0, 4, 6);
+            _tile_dpbf16ps(1, 4, 7);
+        }
+        _tile_stored(0, C, 128);
+        _tile_stored(1, C + 16, 128);
+    }
+}
+#else
+#define HAVE_AMX 0
+#endif
+
+int moe_bf16_kernels(void) { return 1 | (HAVE_AMX ? 2 : 0); }
+
+static int amx_state = -1; /* -1 not asked yet, 0 refused, 1 granted */
+
+int moe_amx_enable(void) {
+#if HAVE_AMX && defined(__linux__)
+    if (amx_state < 0) {
+        enum { ARCH_REQ_XCOMP_PERM = 0x1023, XFEATURE_XTILEDATA = 18 };
+        amx_state = syscall(SYS_arch_prctl, ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA) == 0 ? 1 : 0;
+    }
+    return amx_state;
+#else
+    amx_state = 0;
+    return 0;
+#endif
+}
+
+/* ------------------------------------------------------------------ the experts */
+typedef struct {
+    const uint16_t *x;
+    long H, Hp, I, Ip;
+    const int32_t *tok, *experts, *rows, *hrows;
+    const float *tw;
+    const uint16_t *w13p, *w2p, *b13, *b2;
+    act_t act;
+    float *acc;
+    uint16_t *xg, *hbuf;
+} call_t;
+
+AI void tile_step(const int amx, const uint16_t *A, long lda, int rows, const uint16_t *B0, const uint16_t *B1,
+                  long kb, float *C) {
+#if HAVE_AMX
+    if (amx) {
+        gemm_amx(A, lda, rows, B0, B1, kb, C);
+        return;
+    }
+#else
+    (void)amx;
+#endif
+    gemm_dp(A, lda, rows, B0, B1, kb, C);
+}
+
+/* GEMM 1 of group g for neuron blocks [nb0, nb1): h rows of the group, bf16 */
+static void gemm1(const call_t *c, const int amx, long g, long nb0, long nb1) {
+    const long e = c->experts[g], Hp = c->Hp, Ip = c->Ip, I = c->I;
+    const long m16 = c->hrows[g + 1] - c->hrows[g]; /* rows, a multiple of 16 */
+    const uint16_t *xa = c->xg + c->hrows[g] * Hp;
+    uint16_t *h = c->hbuf + c->hrows[g] * Ip;
+    const uint16_t *w = c->w13p + e * 2 * Ip * Hp;
+    const uint16_t *b = c->b13 ? c->b13 + e * 2 * I : NULL;
+    float C[32 * 32] __attribute__((aligned(64)));
+    for (long nb = nb0; nb < nb1; nb++) {
+        const long n = nb * 16;
+        const uint16_t *bg = w + (nb * 2) * 16 * Hp, *bu = bg + 16 * Hp;
+        const int valid = n >= I ? 0 : (int)(I - n < 16 ? I - n : 16);
+        const __m512 biasg = b && valid ? load_bf16(b + n, valid) : _mm512_setzero_ps();
+        const __m512 biasu = b && valid ? load_bf16(b + I + n, valid) : _mm512_setzero_ps();
+        for (long r0 = 0; r0 < m16; r0 += 32) {
+            const int rows = m16 - r0 < 32 ? (int)(m16 - r0) : 32;
+            tile_step(amx, xa + r0 * Hp, Hp, rows, bg, bu, Hp / TK, C);
+            for (int r = 0; r < rows; r++) {
+                const __m512 gv = _mm512_add_ps(_mm512_load_ps(C + r * 32), biasg);
+                const __m512 uv = _mm512_add_ps(_mm512_load_ps(C + r * 32 + 16), biasu);
+                /* padded neurons have zero weights and biases: act(0, 0) = 0 */
+                _mm256_storeu_si256((__m256i *)(h + (r0 + r) * Ip + n), to_bf16(act16(gv, uv, c->act)));
+            }
+        }
+    }
+}
+
+/* GEMM 2 for hidden rows [32 cb, 32 cb + 32), every group in order */
+static void gemm2(const call_t *c, const int amx, long G, long cb) {
+    const long H = c->H, Hp = c->Hp, Ip = c->Ip;
+    const long col = cb * 32;
+    const int n0 = H - col < 16 ? (int)(H - col) : 16;
+    const int n1 = H - col - 16 <= 0 ? 0 : (H - col - 16 < 16 ? (int)(H - col - 16) : 16);
+    const __mmask16 k0 = (__mmask16)(n0 >= 16 ? 0xffffu : (1u << n0) - 1u);
+    const __mmask16 k1 = (__mmask16)(n1 >= 16 ? 0xffffu : (1u << n1) - 1u);
+    float C[32 * 32] __attribute__((aligned(64)));
+    for (long g = 0; g < G; g++) {
+        const long e = c->experts[g], m = c->rows[g + 1] - c->rows[g];
+        const long m16 = c->hrows[g + 1] - c->hrows[g];
+        const uint16_t *ha = c->hbuf + c->hrows[g] * Ip;
+        const uint16_t *w = c->w2p + e * Hp * Ip;
+        const uint16_t *B0 = w + (cb * 2) * 16 * Ip, *B1 = B0 + 16 * Ip;
+        const uint16_t *b = c->b2 ? c->b2 + e * H + col : NULL;
+        const __m512 bias0 = b ? load_bf16(b, n0) : _mm512_setzero_ps();
+        const __m512 bias1 = b && n1 ? load_bf16(b + 16, n1) : _mm512_setzero_ps();
+        for (long r0 = 0; r0 < m16; r0 += 32) {
+            const int rows = m16 - r0 < 32 ? (int)(m16 - r0) : 32;
+            tile_step(amx, ha + r0 * Ip, Ip, rows, B0, B1, Ip / TK, C);
+            const long live = m - r0 < rows ? m - r0 : rows;
+            for (long r = 0; r < live; r++) {
+                const long row = c->rows[g] + r0 + r;
+                const __m512 wv = _mm512_set1_ps(c->tw[row]);
+                float *o = c->acc + (long)c->tok[row] * H + col;
+                const __m512 y0 = _mm512_mul_ps(_mm512_add_ps(_mm512_load_ps(C + r * 32), bias0), wv);
+                _mm512_mask_storeu_ps(o, k0, _mm512_add_ps(_mm512_maskz_loadu_ps(k0, o), y0));
+                if (n1) {
+                    const __m512 y1 = _mm512_mul_ps(_mm512_add_ps(_mm512_load_ps(C + r * 32 + 16), bias1), wv);
+                    _mm512_mask_storeu_ps(o + 16, k1, _mm512_add_ps(_mm512_maskz_loadu_ps(k1, o + 16), y1));
+                }
+            }
+        }
+    }
+}
+
+int moe_bf16_experts(int use_amx, const uint16_t *x, long H, long Hp, const int32_t *tok, const float *tw,
+                     const int32_t *experts, const int32_t *rows, const int32_t *hrows, long G, const uint16_t *w13p,
+                     const uint16_t *w2p, const uint16_t *b13, const uint16_t *b2, long I, long Ip, int act_kind,
+                     float alpha, float limit, float *acc, uint16_t *xg, uint16_t *hbuf, int nthreads) {
+    if (use_amx && amx_state != 1) return -3;
+    const call_t c = {x,  H,   Hp,  I,   Ip,  tok, experts, rows, hrows, tw, w13p, w2p, b13, b2,
+                      {act_kind, alpha, limit}, acc, xg, hbuf};
+    const long nblocks = Ip / 16, per = (nblocks + UNIT_BLOCKS - 1) / UNIT_BLOCKS;
+#pragma omp parallel num_threads(nthreads)
+    {
+#if HAVE_AMX
+        if (use_amx) amx_configure();
+#endif
+        /* gather: the A tiles of GEMM 1, zero columns and rows in the padding */
+#pragma omp for schedule(static)
+        for (long g = 0; g < G; g++) {
+            const long m = rows[g + 1] - rows[g];
+            for (long r = 0; r < hrows[g + 1] - hrows[g]; r++) {
+                uint16_t *d = xg + (hrows[g] + r) * Hp;
+                if (r < m) {
+                    memcpy(d, x + (long)tok[rows[g] + r] * H, H * 2);
+                    memset(d + H, 0, (Hp - H) * 2);
+                } else {
+                    memset(d, 0, Hp * 2);
+                }
+            }
+        }
+        /* (the implicit barrier: every row is gathered) */
+#pragma omp for schedule(dynamic, 1)
+        for (long u = 0; u < G * per; u++) {
+            const long g = u / per, nb0 = (u % per) * UNIT_BLOCKS;
+            gemm1(&c, use_amx, g, nb0, nb0 + UNIT_BLOCKS < nblocks ? nb0 + UNIT_BLOCKS : nblocks);
+        }
+#pragma omp for schedule(dynamic, 1)
+        for (long cb = 0; cb < Hp / 32; cb++) gemm2(&c, use_amx, G, cb);
+#if HAVE_AMX
+        if (use_amx) _tile_release();
+#endif
+    }
+    return 0;
+}

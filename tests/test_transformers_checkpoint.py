@@ -16,14 +16,14 @@ import torch
 pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from hf_models import FAMILIES, MOE_LAYERS, tiny_model  # noqa: E402
+from hf_models import FAMILIES, MOE_LAYERS, tiny_model
 
-import moeframe  # noqa: E402
-from moeframe.cli.main import main  # noqa: E402
-from moeframe.config import ParallelConfig  # noqa: E402
-from moeframe.errors import InputError  # noqa: E402
-from moeframe.integrations.transformers import checkpoint as ckpt  # noqa: E402
-from moeframe.parallel import CountingCollectives, ParallelContext  # noqa: E402
+import moeframe
+from moeframe.cli.main import main
+from moeframe.config import ParallelConfig
+from moeframe.errors import InputError
+from moeframe.integrations.transformers import checkpoint as ckpt
+from moeframe.parallel import CountingCollectives, ParallelContext
 
 TOLERANCE = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.bfloat16: dict(atol=2e-2, rtol=2e-2)}
 
@@ -167,7 +167,10 @@ def test_a_dense_layer_says_which_layers_are_moe(saved):
 
 def test_a_layer_out_of_range(saved):
     _, dirs = saved["mixtral"]
-    with pytest.raises(InputError, match=r"layer 7 is not an MoE layer \(the model has 2 decoder layers \(0\.\.1\)\); its MoE layers: 0-1"):
+    with pytest.raises(
+        InputError,
+        match=r"layer 7 is not an MoE layer \(the model has 2 decoder layers \(0\.\.1\)\); its MoE layers: 0-1",
+    ):
         load_hf(dirs["unsharded"], 7)
 
 
@@ -178,7 +181,9 @@ def test_quantized_checkpoint_is_refused_naming_the_quantization(saved, tmp_path
     config = json.loads((path / "config.json").read_text())
     config["quantization_config"] = {"quant_method": method}
     (path / "config.json").write_text(json.dumps(config))
-    with pytest.raises(InputError, match=rf"the checkpoint is quantized \(quantization_config\.quant_method = '{method}'\)"):
+    with pytest.raises(
+        InputError, match=rf"the checkpoint is quantized \(quantization_config\.quant_method = '{method}'\)"
+    ):
         load_hf(path, 0)
 
 
@@ -197,7 +202,9 @@ def test_missing_fused_tensor_names_the_tensor(saved, tmp_path):
     _, dirs = saved["gpt_oss"]
     path = copy_checkpoint(dirs["unsharded"], tmp_path / "g")
     rewrite_tensors(path / "model.safetensors", lambda t: t.pop("model.layers.0.mlp.experts.down_proj_bias"))
-    with pytest.raises(InputError, match=r"no tensor for 'model\.layers\.0\.mlp\.experts\.down_proj_bias' in model\.safetensors"):
+    with pytest.raises(
+        InputError, match=r"no tensor for 'model\.layers\.0\.mlp\.experts\.down_proj_bias' in model\.safetensors"
+    ):
         load_hf(path, 0)
 
 
@@ -238,7 +245,7 @@ def test_run_on_a_checkpoint_directory(saved, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["source"] == f"{dirs['sharded']} (layer 1)"
     assert result["ok"] and result["tokens"] == 5
-    assert [p["name"] for p in result["stack"]][0] == "shared_experts"
+    assert result["stack"][0]["name"] == "shared_experts"
 
 
 def test_run_output_equals_the_hf_block(saved, tmp_path, capsys):
@@ -247,8 +254,18 @@ def test_run_output_equals_the_hf_block(saved, tmp_path, capsys):
     model, dirs = saved["gpt_oss"]
     x = torch.randn(4, model.config.hidden_size, generator=torch.Generator().manual_seed(5))
     save_file({"hidden_states": x}, str(tmp_path / "x.safetensors"))
-    args = ["run", str(dirs["unsharded"]), "--layer", "1", "--input", str(tmp_path / "x.safetensors"),
-            "--output", str(tmp_path / "y.safetensors"), "--repeat", "1"]
+    args = [
+        "run",
+        str(dirs["unsharded"]),
+        "--layer",
+        "1",
+        "--input",
+        str(tmp_path / "x.safetensors"),
+        "--output",
+        str(tmp_path / "y.safetensors"),
+        "--repeat",
+        "1",
+    ]
     assert main(args) == 0
     got = load_file(str(tmp_path / "y.safetensors"))["output"]
     torch.testing.assert_close(got, block_output(hf_block(model, 1), x), **TOLERANCE[torch.float32])
@@ -284,12 +301,28 @@ def test_layer_option_needs_a_checkpoint_directory(capsys):
 
 def test_check_kernels_on_a_checkpoint_layer(saved, capsys):
     _, dirs = saved["gpt_oss"]
-    args = ["check", str(dirs["sharded"]), "fused_cpu", "torch", "--layer", "1", "--tokens", "0,1,9",
-            "--dtype", "float32", "--dtype", "bfloat16", "--json"]
+    args = [
+        "check",
+        str(dirs["sharded"]),
+        "fused_cpu",
+        "torch",
+        "--layer",
+        "1",
+        "--tokens",
+        "0,1,9",
+        "--dtype",
+        "float32",
+        "--dtype",
+        "bfloat16",
+        "--json",
+    ]
     assert main(args) == 0
     report = json.loads(capsys.readouterr().out)
     assert report["ok"]
-    assert [(k["kernel"], k["cases"], k["failed"]) for k in report["kernels"]] == [("fused_cpu", 6, []), ("torch", 6, [])]
+    assert [(k["kernel"], k["cases"], k["failed"]) for k in report["kernels"]] == [
+        ("fused_cpu", 6, []),
+        ("torch", 6, []),
+    ]
 
 
 def test_check_layer_option_needs_a_checkpoint_directory(capsys):

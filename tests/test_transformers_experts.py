@@ -18,11 +18,11 @@ import torch
 pytest.importorskip("transformers")
 sys.path.insert(0, str(Path(__file__).parent))
 
-from hf_models import FAMILIES, MOE_LAYERS, tiny_config, tiny_inputs, tiny_model  # noqa: E402
+from hf_models import FAMILIES, MOE_LAYERS, tiny_config, tiny_inputs, tiny_model
 
-import moeframe  # noqa: E402
-from moeframe.integrations.transformers import experts as hf_experts  # noqa: E402
-from moeframe.integrations.transformers.experts import STATE_ATTRIBUTE, register_experts  # noqa: E402
+import moeframe
+from moeframe.integrations.transformers import experts as hf_experts
+from moeframe.integrations.transformers.experts import STATE_ATTRIBUTE, register_experts
 
 #: the families whose experts module goes through transformers' ExpertsInterface
 INTERFACE_FAMILIES = tuple(f for f in FAMILIES if f != "llama4")
@@ -259,7 +259,9 @@ def test_unknown_kernel_at_construction_is_transformers_own_error_listing_moefra
     import transformers
 
     with pytest.raises(ValueError) as info:
-        transformers.AutoModelForCausalLM.from_config(tiny_config("qwen3_moe"), experts_implementation="moeframe:fused_cpux")
+        transformers.AutoModelForCausalLM.from_config(
+            tiny_config("qwen3_moe"), experts_implementation="moeframe:fused_cpux"
+        )
     message = str(info.value)
     assert message.startswith('Specified `experts_implementation="moeframe:fused_cpux"` is not supported')
     assert '`experts_implementation="moeframe:fused_cpu"`' in message  # the registered names are listed
@@ -294,7 +296,9 @@ def test_check_experts_implementation_of_a_kernel_registered_after_register_expe
 
     removed = ExpertsInterface._global_mapping.pop("moeframe:torch")
     try:
-        with pytest.raises(moeframe.UserError, match=r"'moeframe:torch' is moeframe's but not registered in transformers yet"):
+        with pytest.raises(
+            moeframe.UserError, match=r"'moeframe:torch' is moeframe's but not registered in transformers yet"
+        ):
             hf_experts.check_experts_implementation("moeframe:torch")
     finally:
         ExpertsInterface._global_mapping["moeframe:torch"] = removed
@@ -305,9 +309,13 @@ def test_check_experts_implementation_of_a_kernel_registered_after_register_expe
 def test_a_dtype_no_kernel_supports_names_the_module():
     model = tiny_model("qwen3_moe").to(torch.float64)
     model.set_experts_implementation("moeframe:fused_cpu")
-    with pytest.raises(moeframe.StackError, match=r"Qwen3MoeExperts \(experts implementation 'moeframe:fused_cpu'\).*float64"):
-        with torch.no_grad():
-            model(tiny_inputs())
+    with (
+        pytest.raises(
+            moeframe.StackError, match=r"Qwen3MoeExperts \(experts implementation 'moeframe:fused_cpu'\).*float64"
+        ),
+        torch.no_grad(),
+    ):
+        model(tiny_inputs())
 
 
 def test_kernel_for_key():
@@ -318,8 +326,30 @@ def test_kernel_for_key():
 
 
 # -- the end-to-end benchmark (section 4): it runs, checks tokens and writes its table -----------------
-TINY_E2E = ["--layers", "2", "--hidden", "64", "--experts", "8", "--top-k", "2", "--intermediate", "32",
-            "--vocab", "128", "--heads", "4", "--kv-heads", "2", "--prompt", "12", "--new-tokens", "3", "--repeat", "1"]
+TINY_E2E = [
+    "--layers",
+    "2",
+    "--hidden",
+    "64",
+    "--experts",
+    "8",
+    "--top-k",
+    "2",
+    "--intermediate",
+    "32",
+    "--vocab",
+    "128",
+    "--heads",
+    "4",
+    "--kv-heads",
+    "2",
+    "--prompt",
+    "12",
+    "--new-tokens",
+    "3",
+    "--repeat",
+    "1",
+]
 
 
 def test_e2e_benchmark_runs_every_path_and_writes_its_section(tmp_path, capsys):
@@ -328,7 +358,9 @@ def test_e2e_benchmark_runs_every_path_and_writes_its_section(tmp_path, capsys):
     page = tmp_path / "performance.md"
     page.write_text(f"# Performance\n\nintro\n\n{e2e.MARKDOWN_BEGIN}\nold table\n{e2e.MARKDOWN_END}\n\n## after\n")
     out_json = tmp_path / "e2e.json"
-    assert e2e.main([*TINY_E2E, "--dtype", "float32", "--profile", "--json", str(out_json), "--markdown", str(page)]) == 0
+    assert (
+        e2e.main([*TINY_E2E, "--dtype", "float32", "--profile", "--json", str(out_json), "--markdown", str(page)]) == 0
+    )
     result = json.loads(out_json.read_text())
     section = result["dtypes"]["float32"]
     assert set(section["paths"]) == set(e2e.HF_PATHS + e2e.OWN_PATHS)

@@ -19,12 +19,11 @@ pytest.importorskip("transformers")
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-import hf_models  # noqa: E402
-from hf_models import FAMILIES, MOE_LAYERS, tiny_config, tiny_inputs, tiny_model  # noqa: E402
+from hf_models import FAMILIES, MOE_LAYERS, tiny_config, tiny_inputs, tiny_model
 
-import moeframe  # noqa: E402
-from moeframe.errors import ConfigError, StackError, UserError  # noqa: E402
-from moeframe.integrations.transformers import (  # noqa: E402
+import moeframe
+from moeframe.errors import ConfigError, StackError, UserError
+from moeframe.integrations.transformers import (
     SUPPORTED_FAMILIES,
     PatchedLayer,
     config_from_hf,
@@ -32,7 +31,7 @@ from moeframe.integrations.transformers import (  # noqa: E402
     patch_model,
     unpatch_model,
 )
-from moeframe.numerics import Tolerance  # noqa: E402
+from moeframe.numerics import Tolerance
 
 #: whole-model logits (two layers of rounding, then the LM head); bf16: above the spread
 #: between transformers' own experts implementations (eager vs grouped_mm: up to 0.031
@@ -64,8 +63,10 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype) -> No
 def test_importing_the_integration_does_not_import_transformers():
     import subprocess
 
-    code = ("import sys, moeframe, moeframe.integrations.transformers as t; "
-            "moeframe.MoELayer('qwen3-moe'); print('transformers' in sys.modules)")
+    code = (
+        "import sys, moeframe, moeframe.integrations.transformers as t; "
+        "moeframe.MoELayer('qwen3-moe'); print('transformers' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"
 
@@ -73,7 +74,12 @@ def test_importing_the_integration_does_not_import_transformers():
 # -- config_from_hf -------------------------------------------------------------------------
 def test_config_from_hf_maps_every_field():
     mixtral = config_from_hf(tiny_config("mixtral"))
-    assert (mixtral.model.num_experts, mixtral.model.top_k, mixtral.model.hidden_size, mixtral.model.intermediate_size) == (4, 2, 32, 48)
+    assert (
+        mixtral.model.num_experts,
+        mixtral.model.top_k,
+        mixtral.model.hidden_size,
+        mixtral.model.intermediate_size,
+    ) == (4, 2, 32, 48)
     assert mixtral.router.name == "softmax_topk" and mixtral.router.params.renormalize
     assert mixtral.router.params.weights_dtype == "float32" and mixtral.stack.wrappers == ()
 
@@ -87,17 +93,31 @@ def test_config_from_hf_maps_every_field():
     assert shared.name == "shared_experts" and shared.params.intermediate_size == 56 and shared.params.gated
     assert qwen2.model.num_experts == 8
 
-    ds = config_from_hf(tiny_config("deepseek_v3", n_group=2, topk_group=1, routed_scaling_factor=1.5,
-                                    norm_topk_prob=False, n_shared_experts=3))
+    ds = config_from_hf(
+        tiny_config(
+            "deepseek_v3", n_group=2, topk_group=1, routed_scaling_factor=1.5, norm_topk_prob=False, n_shared_experts=3
+        )
+    )
     p = ds.router.params
     assert ds.router.name == "sigmoid_grouped_topk" and ds.model.num_experts == 8
-    assert (p.n_group, p.topk_group, p.routed_scaling_factor, p.renormalize, p.correction_bias) == (2, 1, 1.5, False, True)
+    assert (p.n_group, p.topk_group, p.routed_scaling_factor, p.renormalize, p.correction_bias) == (
+        2,
+        1,
+        1.5,
+        False,
+        True,
+    )
     (shared,) = ds.stack.wrappers
     assert shared.params.intermediate_size == 16 * 3 and not shared.params.gated
 
     gpt = config_from_hf(tiny_config("gpt_oss", swiglu_alpha=1.5, swiglu_limit=5.0))
     assert gpt.router.name == "topk_softmax"
-    assert (gpt.model.activation, gpt.model.swiglu_alpha, gpt.model.swiglu_limit, gpt.model.expert_bias) == ("swigluoai", 1.5, 5.0, True)
+    assert (gpt.model.activation, gpt.model.swiglu_alpha, gpt.model.swiglu_limit, gpt.model.expert_bias) == (
+        "swigluoai",
+        1.5,
+        5.0,
+        True,
+    )
 
     llama = config_from_hf(tiny_config("llama4"))
     assert llama.router.name == "sigmoid_top1" and llama.model.top_k == 1
@@ -117,10 +137,15 @@ def test_activation_comes_from_the_family_not_hidden_act():
 
 def test_mixed_models_list_only_their_moe_layers():
     assert moe_layer_indices(tiny_config("deepseek_v3", num_hidden_layers=4, first_k_dense_replace=3)) == [3]
-    assert moe_layer_indices(tiny_config("qwen2_moe", num_hidden_layers=4, mlp_only_layers=[1], decoder_sparse_step=1)) == [0, 2, 3]
-    assert moe_layer_indices(tiny_config("qwen3_moe", num_hidden_layers=4, mlp_only_layers=[], decoder_sparse_step=2)) == [1, 3]
-    assert moe_layer_indices(tiny_config("llama4", num_hidden_layers=4, moe_layers=None, interleave_moe_layer_step=2,
-                                         no_rope_layers=None)) == [1, 3]
+    assert moe_layer_indices(
+        tiny_config("qwen2_moe", num_hidden_layers=4, mlp_only_layers=[1], decoder_sparse_step=1)
+    ) == [0, 2, 3]
+    assert moe_layer_indices(
+        tiny_config("qwen3_moe", num_hidden_layers=4, mlp_only_layers=[], decoder_sparse_step=2)
+    ) == [1, 3]
+    assert moe_layer_indices(
+        tiny_config("llama4", num_hidden_layers=4, moe_layers=None, interleave_moe_layer_step=2, no_rope_layers=None)
+    ) == [1, 3]
     for family in FAMILIES:
         assert moe_layer_indices(tiny_config(family)) == MOE_LAYERS[family]
 
@@ -184,7 +209,7 @@ def test_config_json_mapping_and_llama4_multimodal_config():
 
 
 def test_llama4_with_top_k_above_one_is_refused():
-    with pytest.raises(ConfigError, match="num_experts_per_tok = 2.*needs 1"):
+    with pytest.raises(ConfigError, match=r"num_experts_per_tok = 2.*needs 1"):
         config_from_hf(tiny_config("llama4", num_experts_per_tok=2))
 
 
@@ -199,7 +224,9 @@ def test_overrides_select_strategies_and_keep_the_family_parts():
     assert [w.name for w in cfg.stack.wrappers] == ["shared_experts", "chunking"]
     assert cfg.stack.wrappers[0].params.intermediate_size == 40 and cfg.stack.wrappers[0].params.gated
     # the user's parameters win over the family's
-    cfg = config_from_hf(hf, overrides={"stack.wrappers": [{"name": "shared_experts", "params": {"intermediate_size": 8}}]})
+    cfg = config_from_hf(
+        hf, overrides={"stack.wrappers": [{"name": "shared_experts", "params": {"intermediate_size": 8}}]}
+    )
     assert cfg.stack.wrappers[0].params.intermediate_size == 8
     # a family without shared experts gets none
     cfg = config_from_hf(tiny_config("qwen3_moe"), overrides={"stack.wrappers": ["chunking"]})
@@ -221,7 +248,11 @@ def test_patched_model_computes_what_the_model_computes(family, dtype):
     x = tiny_inputs()
     reference = run(model, x)
     reference_tokens = generate(model, x)
-    overrides = {"stack.kernel": "fused_cpu"} if dtype == torch.bfloat16 else {"stack.wrappers": ["chunking"], "stack.wrappers[0].params.max_num_tokens": 5}
+    overrides = (
+        {"stack.kernel": "fused_cpu"}
+        if dtype == torch.bfloat16
+        else {"stack.wrappers": ["chunking"], "stack.wrappers[0].params.max_num_tokens": 5}
+    )
     report = patch_model(model, overrides=overrides)
 
     assert report.family == family and report.layers == MOE_LAYERS[family]
@@ -235,7 +266,7 @@ def test_patched_model_computes_what_the_model_computes(family, dtype):
     # router logits: recorded from the same router, so the first MoE layer's are bit-equal
     assert len(patched.router_logits) == len(reference.router_logits) == len(MOE_LAYERS[family])
     assert torch.equal(patched.router_logits[0], reference.router_logits[0])
-    for got, want in zip(patched.router_logits, reference.router_logits):
+    for got, want in zip(patched.router_logits, reference.router_logits, strict=True):
         assert_close(got, want, dtype)
     if reference.aux_loss is not None:
         assert_close(patched.aux_loss, reference.aux_loss, dtype)
@@ -382,7 +413,9 @@ def test_layer_holds_given_tensors_as_they_are():
     """The mechanism of the sharing: MoELayer(tensors=...) uses the tensors, checks them."""
     from moeframe.errors import InputError
 
-    config = moeframe.load_config("qwen3-moe", {"model.num_experts": 4, "model.hidden_size": 16, "model.intermediate_size": 8})
+    config = moeframe.load_config(
+        "qwen3-moe", {"model.num_experts": 4, "model.hidden_size": 16, "model.intermediate_size": 8}
+    )
     source = moeframe.MoELayer(config)
     tensors = {name: t.clone() for name, t in source.tensors.items()}
     layer = moeframe.MoELayer(config, tensors=tensors)
@@ -392,9 +425,9 @@ def test_layer_holds_given_tensors_as_they_are():
     assert torch.equal(layer(x, router_logits=layer.router_logits(x)), source(x))
     with pytest.raises(InputError, match=r"router_logits has shape \[5, 3\]; expected \[5, 4\]"):
         layer(x, router_logits=torch.zeros(5, 3))
-    with pytest.raises(InputError, match="tensors: missing 'experts.w2' of shape"):
+    with pytest.raises(InputError, match=r"tensors: missing 'experts\.w2' of shape"):
         moeframe.MoELayer(config, tensors={k: v for k, v in tensors.items() if k != "experts.w2"})
-    with pytest.raises(InputError, match="tensors: unexpected 'experts.w3'"):
+    with pytest.raises(InputError, match=r"tensors: unexpected 'experts\.w3'"):
         moeframe.MoELayer(config, tensors={**tensors, "experts.w3": tensors["experts.w2"]})
     with pytest.raises(InputError, match=r"tensors: 'experts.w13' has shape \[4, 16, 8\], expected \[4, 16, 16\]"):
         moeframe.MoELayer(config, tensors={**tensors, "experts.w13": tensors["experts.w13"][:, :, :8]})
@@ -418,9 +451,14 @@ def test_nothing_to_patch():
         patch_model(dense)
     with pytest.raises(UserError, match=r"^nothing to patch: Linear is not a transformers model"):
         patch_model(torch.nn.Linear(2, 2))
-    llama = transformers.LlamaForCausalLM(transformers.LlamaConfig(
-        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2))
-    with pytest.raises(ConfigError, match="model type 'llama' is not a family moeframe maps; supported families: mixtral"):
+    llama = transformers.LlamaForCausalLM(
+        transformers.LlamaConfig(
+            vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2
+        )
+    )
+    with pytest.raises(
+        ConfigError, match="model type 'llama' is not a family moeframe maps; supported families: mixtral"
+    ):
         patch_model(llama)
 
 
@@ -430,7 +468,9 @@ def test_bad_overrides():
         patch_model(model, overrides={"stack.wrapers": ["chunking"]})
     with pytest.raises(UserError, match=r"model\.num_experts comes from the transformers model"):
         patch_model(model, overrides={"model.num_experts": 4})
-    with pytest.raises(ConfigError, match=r"ep_size \(2\) \* tp_size \(1\) must equal the number of ranks, but this is one process"):
+    with pytest.raises(
+        ConfigError, match=r"ep_size \(2\) \* tp_size \(1\) must equal the number of ranks, but this is one process"
+    ):
         patch_model(model, overrides={"parallel.ep_size": 2})
     assert not any(isinstance(m, PatchedLayer) for m in model.modules())
 
@@ -442,13 +482,22 @@ def test_a_dtype_the_kernel_cannot_run_is_the_composers_message_naming_the_block
 
     @moeframe.hookimpl
     def register_kernels():
-        return [Strategy("fp32_only", "moeframe.kernels.torch_reference:TorchReferenceKernel", "a test kernel",
-                         Capabilities(dtypes=("float32",)))]
+        return [
+            Strategy(
+                "fp32_only",
+                "moeframe.kernels.torch_reference:TorchReferenceKernel",
+                "a test kernel",
+                Capabilities(dtypes=("float32",)),
+            )
+        ]
 
     moeframe.register_plugin(SimpleNamespace(register_kernels=register_kernels), "fp32-only-kernel", "0.1")
     model = tiny_model("mixtral", torch.bfloat16)
-    with pytest.raises(StackError, match=r"^model\.layers\.0\.mlp: (transformers:mixtral: )?stack\.kernel: kernel 'fp32_only' does not "
-                                         r"support model\.dtype = 'bfloat16' \(supports float32\); kernels that fit: "):
+    with pytest.raises(
+        StackError,
+        match=r"^model\.layers\.0\.mlp: (transformers:mixtral: )?stack\.kernel: kernel 'fp32_only' does not "
+        r"support model\.dtype = 'bfloat16' \(supports float32\); kernels that fit: ",
+    ):
         patch_model(model, overrides={"stack.kernel": "fp32_only"})
     # all or nothing: no block stays patched
     assert not any(isinstance(m, PatchedLayer) for m in model.modules())
@@ -461,12 +510,20 @@ def test_two_ranks_hold_half_the_experts_and_compute_the_one_process_logits():
     from moeframe.testing import run_on_ranks
 
     cases = [
-        {"id": f"{family}-{dispatcher}", "family": family,
-         "overrides": {"parallel.ep_size": 2, "stack.dispatcher": dispatcher}}
+        {
+            "id": f"{family}-{dispatcher}",
+            "family": family,
+            "overrides": {"parallel.ep_size": 2, "stack.dispatcher": dispatcher},
+        }
         for family, dispatcher in (("deepseek_v3", "all2all"), ("gpt_oss", "allgather_reducescatter"))
     ]
-    results = run_on_ranks(2, Path(__file__).with_name("hf_distributed_scenarios.py"),
-                           "patched_with_experts_spread", timeout=240, cases=cases)
+    results = run_on_ranks(
+        2,
+        Path(__file__).with_name("hf_distributed_scenarios.py"),
+        "patched_with_experts_spread",
+        timeout=240,
+        cases=cases,
+    )
     for rank in results:
         assert [r["case"] for r in rank] == [c["id"] for c in cases]
         for r in rank:

@@ -47,8 +47,15 @@ if TYPE_CHECKING:
     from moeframe.workspace import Workspace
 
 __all__ = [
-    "is_checkpoint_dir", "read_hf_config", "hf_layer_config", "load_hf", "load_layer_weights",
-    "config_from_args", "load_checkpoint_weights", "split_checkpoint_argument", "check_kernel_on_checkpoint",
+    "is_checkpoint_dir",
+    "read_hf_config",
+    "hf_layer_config",
+    "load_hf",
+    "load_layer_weights",
+    "config_from_args",
+    "load_checkpoint_weights",
+    "split_checkpoint_argument",
+    "check_kernel_on_checkpoint",
 ]
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -166,7 +173,7 @@ class _Files:
             if not files:
                 raise InputError(f"{root}: no *.safetensors file (and no {INDEX_FILE})")
             for name in files:
-                for key in self.file(name).keys():
+                for key in self.file(name).keys():  # noqa: SIM118 - a safetensors handle, not a dict
                     self.where[key] = name
             self.described = ", ".join(files)
 
@@ -250,7 +257,7 @@ def _sources(files: _Files, model_type: str, prefix_re: re.Pattern[str]) -> tupl
             prefix = target[: match.end()]
         elif not target.startswith(prefix):
             continue  # another model's layer of the same index (a vision tower, say)
-        name = target[len(prefix):]
+        name = target[len(prefix) :]
         source = out.setdefault(name, _Source())
         if pattern is None:
             source.key = key
@@ -266,8 +273,9 @@ def _run_ops(converter: Any, tensors: dict[str, list[torch.Tensor]]) -> torch.Te
     """transformers' own operations of ``converter`` on one expert's tensors."""
     data: dict[str, Any] = dict(tensors)
     for op in converter.operations:
-        data = op.convert(data, source_patterns=list(converter.source_patterns),
-                          target_patterns=list(converter.target_patterns))
+        data = op.convert(
+            data, source_patterns=list(converter.source_patterns), target_patterns=list(converter.target_patterns)
+        )
     (result,) = data.values()
     return result[0]
 
@@ -359,7 +367,8 @@ def _reader(files: _Files, config: Config, hf_raw: Mapping[str, Any], layer: int
     prefix, sources = _sources(files, model_type, prefix_re)
     if prefix is None:
         raise InputError(
-            f"{files.root}: no tensor of layer {layer}'s MoE block (names containing 'layers.{layer}.{block.attribute}.' "
+            f"{files.root}: no tensor of layer {layer}'s MoE block "
+            f"(names containing 'layers.{layer}.{block.attribute}.' "
             f"once read as transformers reads them) in {files.described}"
         )
     return _LayerReader(files, prefix, sources, block.tensors(config))
@@ -462,8 +471,10 @@ def split_checkpoint_argument(arguments: list[str], layer: int | None) -> tuple[
     if arguments and Path(arguments[0]).is_dir():
         return Path(arguments[0]), list(arguments[1:])
     if layer is not None:
-        raise InputError("--layer applies to a transformers checkpoint directory given as the first argument "
-                         "(a directory with config.json), e.g. moeframe check HF_DIR fused_cpu --layer 1")
+        raise InputError(
+            "--layer applies to a transformers checkpoint directory given as the first argument "
+            "(a directory with config.json), e.g. moeframe check HF_DIR fused_cpu --layer 1"
+        )
     return None, list(arguments)
 
 
@@ -485,7 +496,8 @@ def check_kernel_on_checkpoint(
     from moeframe.numerics import compare
 
     results = []
-    for dtype in dtypes or [None]:
+    chosen: list[str | None] = list(dtypes) if dtypes else [None]
+    for dtype in chosen:
         overrides: dict[str, Any] = {"stack.kernel": name}
         if dtype is not None:
             overrides["model.dtype"] = dtype

@@ -140,17 +140,24 @@ def _deepseek_v3(cfg: Any) -> dict[str, Any]:
 
 def _gpt_oss(cfg: Any) -> dict[str, Any]:
     # GPT-OSS's experts compute swigluoai whatever hidden_act says (its config says "silu")
-    model = _model(cfg, cfg.num_local_experts, cfg.intermediate_size, "swigluoai",
-                   swiglu_alpha=float(_get(cfg, "swiglu_alpha", 1.702)),
-                   swiglu_limit=float(_get(cfg, "swiglu_limit", 7.0)), expert_bias=True)
+    model = _model(
+        cfg,
+        cfg.num_local_experts,
+        cfg.intermediate_size,
+        "swigluoai",
+        swiglu_alpha=float(_get(cfg, "swiglu_alpha", 1.702)),
+        swiglu_limit=float(_get(cfg, "swiglu_limit", 7.0)),
+        expert_bias=True,
+    )
     return {"model": model, "router": {"name": "topk_softmax"}, "stack": {"wrappers": []}}
 
 
 def _llama4(cfg: Any) -> dict[str, Any]:
     if int(cfg.num_experts_per_tok) != 1:
         raise ConfigError(
-            "", f"llama4: num_experts_per_tok = {cfg.num_experts_per_tok}; moeframe's sigmoid_top1 router "
-            "(the weight on the expert input) needs 1, as Llama-4's checkpoints have"
+            "",
+            f"llama4: num_experts_per_tok = {cfg.num_experts_per_tok}; moeframe's sigmoid_top1 router "
+            "(the weight on the expert input) needs 1, as Llama-4's checkpoints have",
         )
     activation = _gated_activation(cfg, "llama4")
     return {
@@ -169,7 +176,8 @@ _FAMILIES: dict[str, Family] = {
     "qwen2_moe": Family("qwen2_moe", lambda c: _qwen(c, "qwen2_moe", shared=True), _qwen_moe_layers),
     "qwen3_moe": Family("qwen3_moe", lambda c: _qwen(c, "qwen3_moe", shared=False), _qwen_moe_layers),
     "deepseek_v3": Family(
-        "deepseek_v3", _deepseek_v3,
+        "deepseek_v3",
+        _deepseek_v3,
         lambda c: [i for i in range(c.num_hidden_layers) if i >= int(_get(c, "first_k_dense_replace", 0))],
     ),
     "gpt_oss": Family("gpt_oss", _gpt_oss, _every_layer),
@@ -183,7 +191,9 @@ def _dtype_name(dtype: Any) -> str:
         return "float32"
     name = str(dtype).removeprefix("torch.")
     if name not in _DTYPES:
-        raise ConfigError("model.dtype", f"the model's dtype {name!r} is not one moeframe runs; use one of: {', '.join(_DTYPES)}")
+        raise ConfigError(
+            "model.dtype", f"the model's dtype {name!r} is not one moeframe runs; use one of: {', '.join(_DTYPES)}"
+        )
     return _DTYPES[name]
 
 
@@ -222,7 +232,7 @@ def family_of(hf_config: Any) -> Family:
     :class:`~moeframe.errors.ConfigError` listing the supported families otherwise."""
     cfg = hf_text_config(hf_config)
     model_type = getattr(cfg, "model_type", None)
-    name = _ALIASES.get(str(model_type), model_type)
+    name = _ALIASES.get(str(model_type), str(model_type))
     if name not in _FAMILIES:
         _unsupported(model_type, type(cfg).__name__)
     return _FAMILIES[name]
@@ -272,6 +282,7 @@ def compose_wrappers(family_wrappers: list[dict[str, Any]], user: Any) -> Any:
     for item in user:
         name = _wrapper_name(item)
         family_part = next((w for w in family_wrappers if w["name"] == name), None)
+        composed = item
         if family_part is not None:
             params = dict(family_part["params"])
             if isinstance(item, Mapping):
@@ -280,10 +291,10 @@ def compose_wrappers(family_wrappers: list[dict[str, Any]], user: Any) -> Any:
                     params.update(user_params)
                 else:
                     params = user_params  # not a table: the config reports it
-                item = {**item, "params": params}
+                composed = {**item, "params": params}
             else:
-                item = {"name": name, "params": params}
-        out.append(copy.deepcopy(item))
+                composed = {"name": name, "params": params}
+        out.append(copy.deepcopy(composed))
     named = {_wrapper_name(item) for item in user}
     out.extend(copy.deepcopy(w) for w in family_wrappers if w["name"] not in named)
     return out
@@ -312,9 +323,7 @@ def config_from_hf(
     family_wrappers = list(raw["stack"]["wrappers"])
     pairs = []
     for key, value in _override_pairs(overrides):
-        if key.strip() == "stack.wrappers":
-            value = compose_wrappers(family_wrappers, value)
-        pairs.append((key, value))
+        pairs.append((key, compose_wrappers(family_wrappers, value) if key.strip() == "stack.wrappers" else value))
     source = f"transformers:{family_of(hf_config).name}"
     try:
         config = load_config(raw, overrides=dict(pairs))

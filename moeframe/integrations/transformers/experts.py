@@ -32,7 +32,14 @@ import torch
 from moeframe.errors import UserError, did_you_mean
 from moeframe.kernels import ExpertWeights
 
-__all__ = ["PREFIX", "FAST_KERNELS", "register_experts", "experts_keys", "kernel_for_key", "check_experts_implementation"]
+__all__ = [
+    "PREFIX",
+    "FAST_KERNELS",
+    "register_experts",
+    "experts_keys",
+    "kernel_for_key",
+    "check_experts_implementation",
+]
 
 #: the name under which moeframe registers; kernels are ``"moeframe:<kernel>"``
 PREFIX = "moeframe"
@@ -202,23 +209,34 @@ class _Layout:
     def of(cls, module: torch.nn.Module) -> _Layout:
         where = f"{type(module).__name__}"
         if not getattr(module, "has_gate", True):
-            raise UserError(f"{where}: experts without a gate projection (has_gate = False) are not supported by moeframe's kernels")
+            raise UserError(
+                f"{where}: experts without a gate projection (has_gate = False) are not supported by moeframe's kernels"
+            )
         if getattr(module, "has_post_expert_norm", False):
             raise UserError(f"{where}: experts with a post-expert norm are not supported by moeframe's kernels")
         gate_up = getattr(module, "gate_up_proj", None)
         down = getattr(module, "down_proj", None)
         if not isinstance(gate_up, torch.Tensor) or not isinstance(down, torch.Tensor) or gate_up.dim() != 3:
-            raise UserError(f"{where}: expected 3-d gate_up_proj and down_proj tensors, which this module does not have")
+            raise UserError(
+                f"{where}: expected 3-d gate_up_proj and down_proj tensors, which this module does not have"
+            )
         transposed = bool(getattr(module, "is_transposed", False))
         interleaved = not bool(getattr(module, "is_concatenated", True))
         E = gate_up.shape[0]
         hidden, two_i = (gate_up.shape[1], gate_up.shape[2]) if transposed else (gate_up.shape[2], gate_up.shape[1])
         activation, alpha, limit = _activation_of(module, where)
         return cls(
-            num_experts=E, hidden_size=hidden, intermediate_size=two_i // 2, activation=activation,
-            swiglu_alpha=alpha, swiglu_limit=limit, has_bias=bool(getattr(module, "has_bias", False)),
-            transposed=transposed, interleaved=interleaved,
-            expert_parallel=bool(getattr(module, "_is_expert_parallel", False)), where=where,
+            num_experts=E,
+            hidden_size=hidden,
+            intermediate_size=two_i // 2,
+            activation=activation,
+            swiglu_alpha=alpha,
+            swiglu_limit=limit,
+            has_bias=bool(getattr(module, "has_bias", False)),
+            transposed=transposed,
+            interleaved=interleaved,
+            expert_parallel=bool(getattr(module, "_is_expert_parallel", False)),
+            where=where,
         )
 
 
@@ -232,7 +250,10 @@ def _activation_of(module: torch.nn.Module, where: str) -> tuple[str, float, flo
         alpha, limit = getattr(module, "alpha", None), getattr(module, "limit", None)
         if alpha is not None and limit is not None and _is_swigluoai(module, float(alpha), float(limit)):
             return "swigluoai", float(alpha), float(limit)
-        raise UserError(f"{where}: its gate ({type(module).__name__}._apply_gate) is not one moeframe's kernels compute (silu, gelu, swigluoai)")
+        raise UserError(
+            f"{where}: its gate ({type(module).__name__}._apply_gate) is not one moeframe's kernels compute "
+            "(silu, gelu, swigluoai)"
+        )
     act = getattr(module, "act_fn", None)
     if act is None:
         raise UserError(f"{where}: no act_fn; moeframe's kernels compute silu, gelu or swigluoai")
@@ -245,7 +266,7 @@ def _activation_of(module: torch.nn.Module, where: str) -> tuple[str, float, flo
     raise UserError(f"{where}: its activation {act!r} is not one moeframe's kernels compute (silu, gelu, swigluoai)")
 
 
-def _is_swigluoai(module: torch.nn.Module, alpha: float, limit: float) -> bool:
+def _is_swigluoai(module: Any, alpha: float, limit: float) -> bool:
     """Whether ``module._apply_gate`` computes GPT-OSS's gate on interleaved columns."""
     from moeframe.kernels.activations import Activation, apply_activation
 
@@ -277,7 +298,7 @@ def _fingerprint(tensors: list[torch.Tensor]) -> tuple[Any, ...]:
     return tuple((t.data_ptr(), _version(t), tuple(t.shape), t.dtype) for t in tensors)
 
 
-def _canonical(module: torch.nn.Module, layout: _Layout) -> ExpertWeights:
+def _canonical(module: Any, layout: _Layout) -> ExpertWeights:
     """The module's experts in moeframe's canonical layout: its own tensors where the
     layout agrees (no copy), converted copies otherwise."""
     gate_up, down = module.gate_up_proj.detach(), module.down_proj.detach()
@@ -290,8 +311,10 @@ def _canonical(module: torch.nn.Module, layout: _Layout) -> ExpertWeights:
         if b13 is not None:
             b13 = torch.cat([b13[:, 0::2], b13[:, 1::2]], dim=1)
     return ExpertWeights(
-        gate_up.contiguous(), down.contiguous(),
-        None if b13 is None else b13.contiguous(), None if b2 is None else b2.contiguous(),
+        gate_up.contiguous(),
+        down.contiguous(),
+        None if b13 is None else b13.contiguous(),
+        None if b2 is None else b2.contiguous(),
     )
 
 
@@ -324,13 +347,20 @@ class _Runner:
         from moeframe.workspace import current_workspace
 
         registry = get_registry()
-        weight_dtype = module.gate_up_proj.dtype
-        top_k = getattr(getattr(module, "config", None), "num_experts_per_tok", None) or (ids.shape[-1] if ids.dim() else 1)
+        weight_dtype = _source_tensors(module, layout)[0].dtype
+        top_k = getattr(getattr(module, "config", None), "num_experts_per_tok", None) or (
+            ids.shape[-1] if ids.dim() else 1
+        )
         model = {
-            "num_experts": layout.num_experts, "top_k": max(1, min(int(top_k), layout.num_experts)),
-            "hidden_size": layout.hidden_size, "intermediate_size": layout.intermediate_size,
-            "activation": layout.activation, "swiglu_alpha": layout.swiglu_alpha, "swiglu_limit": layout.swiglu_limit,
-            "expert_bias": layout.has_bias, "dtype": dtype_name(weight_dtype),
+            "num_experts": layout.num_experts,
+            "top_k": max(1, min(int(top_k), layout.num_experts)),
+            "hidden_size": layout.hidden_size,
+            "intermediate_size": layout.intermediate_size,
+            "activation": layout.activation,
+            "swiglu_alpha": layout.swiglu_alpha,
+            "swiglu_limit": layout.swiglu_limit,
+            "expert_bias": layout.has_bias,
+            "dtype": dtype_name(weight_dtype),
         }
         if kernel is None:
             fits = [k for k in FAST_KERNELS.get(x.device.type, ()) if k in registry.names("kernel")] + ["torch"]
@@ -345,9 +375,12 @@ class _Runner:
                 problem = exc
                 continue
             context = BuildContext(config, x.device, ParallelContext.single(), current_workspace())
-            instance = registry.get("kernel", name).load()(context, config.stack.kernel.params)
+            kernel_class: Any = registry.get("kernel", name).load()
+            instance = kernel_class(context, config.stack.kernel.params)
             return cls(module, layout, instance, name)
-        raise StackError(f"{layout.where} (experts implementation {PREFIX + (':' + kernel if kernel else '')!r}): {problem}")
+        raise StackError(
+            f"{layout.where} (experts implementation {PREFIX + (':' + kernel if kernel else '')!r}): {problem}"
+        )
 
     def experts(self) -> ExpertWeights:
         sources = _source_tensors(self.module, self.layout)
@@ -360,7 +393,9 @@ class _Runner:
             self._fingerprint = fingerprint
         return self._experts
 
-    def __call__(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
         experts = self.experts()
         if torch.is_grad_enabled() and not self._warned_grad and self.module.gate_up_proj.requires_grad:
             self._warned_grad = True
@@ -375,7 +410,9 @@ class _Runner:
             # (and weight 0): map them to an expert that is not local
             E = experts.w13.shape[0]
             if self._expert_map is None or self._expert_map.device != ids.device:
-                self._expert_map = torch.cat([torch.arange(E, dtype=torch.int32), torch.tensor([-1], dtype=torch.int32)]).to(ids.device)
+                self._expert_map = torch.cat(
+                    [torch.arange(E, dtype=torch.int32), torch.tensor([-1], dtype=torch.int32)]
+                ).to(ids.device)
             ids = ids.clamp(max=E)
             experts = experts._replace(expert_map=self._expert_map)
         return self.kernel(hidden_states, top_k_weights, ids, experts)
@@ -385,4 +422,7 @@ class _Runner:
 def _hint(key: str) -> str:
     """``"; did you mean 'moeframe:fused_cpu'? (moeframe's: ...)"``"""
     keys = experts_keys()
-    return f"{did_you_mean(key, keys)} (moeframe's: {', '.join(keys)}; kernels registered later need register_experts() again)"
+    return (
+        f"{did_you_mean(key, keys)} (moeframe's: {', '.join(keys)}; "
+        "kernels registered later need register_experts() again)"
+    )

@@ -39,12 +39,12 @@ from moeframe.config import Config, load_config
 from moeframe.errors import UserError
 from moeframe.integrations.transformers.blocks import BLOCKS, BlockSpec, HFTensor
 from moeframe.integrations.transformers.config import (
+    _override_pairs,
     compose_wrappers,
     family_of,
     hf_text_config,
     moe_layer_indices,
     raw_config_from_hf,
-    _override_pairs,
 )
 
 __all__ = ["PatchedLayer", "PatchedBlock", "PatchReport", "patch_model", "unpatch_model"]
@@ -58,11 +58,17 @@ def _fuse_rows_in_place(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     the two halves (views, same values and names, so the state dict is unchanged); later,
     when they still are the halves of one tensor, that tensor is returned as it is."""
     rows = gate.shape[0]
-    if (gate.dtype == up.dtype and gate.device == up.device and gate.is_contiguous() and up.is_contiguous()
-            and gate.shape == up.shape and gate.untyped_storage().data_ptr() == up.untyped_storage().data_ptr()
-            and up.storage_offset() == gate.storage_offset() + gate.numel()):
+    if (
+        gate.dtype == up.dtype
+        and gate.device == up.device
+        and gate.is_contiguous()
+        and up.is_contiguous()
+        and gate.shape == up.shape
+        and gate.untyped_storage().data_ptr() == up.untyped_storage().data_ptr()
+        and up.storage_offset() == gate.storage_offset() + gate.numel()
+    ):
         fused = gate.new_empty(0)
-        return fused.set_(gate.untyped_storage(), gate.storage_offset(), (2 * rows, *gate.shape[1:]))
+        return fused.set_(gate.untyped_storage(), gate.storage_offset(), (2 * rows, *gate.shape[1:]), gate.stride())
     fused = torch.cat([gate.detach(), up.detach()], dim=0)
     gate.data = fused[:rows]
     up.data = fused[rows:]
@@ -119,11 +125,12 @@ _collector: list[Any] = []
 def _recording_router_logits() -> bool:
     """Whether transformers is collecting router logits right now (``output_router_logits``)."""
     if not _collector:
+        collector: Any
         try:
-            from transformers.utils.output_capturing import _active_collector
+            from transformers.utils.output_capturing import _active_collector as collector
         except ImportError:  # pragma: no cover - another transformers layout: record always, correctly
-            _active_collector = None
-        _collector.append(_active_collector)
+            collector = None
+        _collector.append(collector)
     if _collector[0] is None:  # pragma: no cover
         return True
     collected = _collector[0].get()
@@ -167,6 +174,10 @@ class PatchedLayer(torch.nn.Module):
     :func:`unpatch_model` puts back.
     """
 
+    #: kept in the instance's ``__dict__`` (not registered as submodules)
+    moe: Any
+    original: torch.nn.Module
+
     def __init__(self, original: torch.nn.Module, family: str, config: Config, parallel: Any, where: str) -> None:
         super().__init__()
         for name, child in original.named_children():
@@ -178,8 +189,10 @@ class PatchedLayer(torch.nn.Module):
         self._spec = BLOCKS[family]
         self._config = config
         self._parallel = parallel
-        self._sources = {name: _Source(t.paths, _conversion(t, self._spec.in_place))
-                         for name, t in self._spec.tensors(config).items()}
+        self._sources = {
+            name: _Source(t.paths, _conversion(t, self._spec.in_place))
+            for name, t in self._spec.tensors(config).items()
+        }
         self._watch: list[tuple[torch.nn.Module, str, bool]] = []
         self._signature: tuple[Any, ...] = ()
         self._shared_bytes = 0
@@ -198,7 +211,7 @@ class PatchedLayer(torch.nn.Module):
         have none, so an in-place write to them is not seen)."""
         sig: list[Any] = []
         for holder, leaf, converted in self._watch:
-            t = holder._parameters.get(leaf)
+            t: torch.Tensor | None = holder._parameters.get(leaf)
             if t is None:
                 t = holder._buffers.get(leaf)
             if t is None:  # removed: rebuild, which names what is missing
@@ -231,8 +244,12 @@ class PatchedLayer(torch.nn.Module):
         shared = copied = 0
         copied_names = []
         for name, tensor in layer.tensors.items():
-            src = self._sources.get(name)
-            same = src is not None and not src.copies and tensor.data_ptr() == _get_tensor(self, src.paths[0]).data_ptr()
+            source = self._sources.get(name)
+            same = (
+                source is not None
+                and not source.copies
+                and tensor.data_ptr() == _get_tensor(self, source.paths[0]).data_ptr()
+            )
             nbytes = tensor.numel() * tensor.element_size()
             if same:
                 shared += nbytes
@@ -241,8 +258,7 @@ class PatchedLayer(torch.nn.Module):
                 copied_names.append(name)
         self._shared_bytes, self._copied_bytes, self._copied = shared, copied, tuple(copied_names)
         self._config = config
-        self._watch = [(*_holder(self, path), src.copies)
-                       for src in self._sources.values() for path in src.paths]
+        self._watch = [(*_holder(self, path), src.copies) for src in self._sources.values() for path in src.paths]
         self._signature = self._current_signature()
 
     def _layer(self) -> Any:
@@ -340,8 +356,12 @@ class PatchReport:
         }
 
     def __str__(self) -> str:
-        lines = [f"patched {len(self.blocks)} {self.family} MoE block(s): "
-                 f"{_mib(self.shared_bytes)} shared with the model, {_mib(self.copied_bytes)} copied"]
+        lines = [
+            (
+                f"patched {len(self.blocks)} {self.family} MoE block(s): "
+                f"{_mib(self.shared_bytes)} shared with the model, {_mib(self.copied_bytes)} copied"
+            )
+        ]
         for b in self.blocks:
             copied = f", copied: {', '.join(b.copied)}" if b.copied else ""
             lines.append(f"  {b.name} ({b.block}): {' > '.join(b.stack)}{copied}")
@@ -396,7 +416,7 @@ def _local_experts(block: torch.nn.Module, parallel: Any, num_experts: int) -> N
     """Under expert parallelism: keep only this rank's experts in the HF experts module."""
     local = parallel.local_experts(num_experts)
     index = torch.tensor(local, dtype=torch.long)
-    experts = block.experts
+    experts = block.get_submodule("experts")
     for name, param in list(experts.named_parameters(recurse=False)):
         if param.dim() >= 1 and param.shape[0] == num_experts:
             kept = param.detach().index_select(0, index.to(param.device))

@@ -112,6 +112,14 @@ class Kernel(StrategyBase):
             raise KernelOutputError("returned its input tensor; a kernel returns a new tensor")
         return out
 
+    def derived_weight_bytes(self, num_experts: int, hidden: int, intermediate: int) -> int:
+        """Bytes of derived copies of the expert weights this kernel keeps beside the
+        canonical tensors (a repacked layout, made once and cached) for ``num_experts``
+        local experts of this shape in the model's dtype; 0 (the default) for kernels that
+        read the canonical tensors only.  The layer's memory estimate, ``moeframe explain``
+        and ``bench --memory`` count it."""
+        return 0
+
     @classmethod
     def tunable(cls) -> bool:
         """Whether this kernel defines :meth:`tune` (``moeframe tune`` lists those that do)."""

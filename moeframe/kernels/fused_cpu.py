@@ -151,9 +151,23 @@ class FusedCpuKernel(Kernel):
             dtype = self.model.torch_dtype
             threshold = self.matmul_threshold(dtype) if dtype in _DTYPE_CODES else None
             matmul = f", torch matmul from {threshold} tokens per expert" if threshold is not None else ""
+            bf16 = self._bf16_kernels(dtype) if threshold is not None else None
+            extra: dict[str, Any] = {}
+            if bf16 is not None:  # the variant's own bf16 kernel takes those experts, on repacked weights
+                from moeframe.memory import format_bytes
+
+                m = self.model
+                packed = self.packed_weight_bytes_for(dtype, m.num_experts, m.hidden_size, m.intermediate_size)
+                how = "AMX-BF16 tiles" if bf16.kind == "amx" else "vdpbf16ps"
+                refused = f"; {bf16.amx_refused}" if bf16.amx_refused else ""
+                matmul = (
+                    f", bf16 experts from {threshold} tokens per expert on {how}{refused} "
+                    f"(repacked weights: {format_bytes(packed)})"
+                )
+                extra = {"bf16_experts": bf16.kind, "packed_weight_bytes": packed}
             return {"summary": f"native {self._native.isa}{matmul}", "backend": "native", "isa": self._native.isa,
                     "matmul_from_tokens": threshold, "library": str(self._native.path), "op": op,
-                    "kept_scratch_bytes": _SCRATCH.kept_bytes}
+                    "kept_scratch_bytes": _SCRATCH.kept_bytes, **extra}
         return {"summary": f"torch path: {self._why_not_native}", "backend": "torch", "why": self._why_not_native, "op": op}
 
     def release(self) -> None:
@@ -349,6 +363,11 @@ class FusedCpuKernel(Kernel):
         from moeframe.kernels.bf16_packing import packed_bytes
 
         return packed_bytes(num_experts, hidden, intermediate)
+
+    def derived_weight_bytes(self, num_experts: int, hidden: int, intermediate: int) -> int:
+        """The repacked bf16 copy this kernel will keep (:meth:`packed_weight_bytes_for` in
+        the model's dtype): see :meth:`Kernel.derived_weight_bytes`."""
+        return self.packed_weight_bytes_for(self.model.torch_dtype, num_experts, hidden, intermediate)
 
     def _bf16_experts(
         self, bf16: Any, x: torch.Tensor, weights: torch.Tensor, big: _MatmulExperts, experts: ExpertWeights,

@@ -38,6 +38,12 @@ def layer_needs(config: Config, specs: list[WeightSpec], stack: Stack) -> list[N
         needs.append(Need("other weights", sum(s.nbytes() for s in other),
                           f"model.num_experts={m.num_experts}, model.hidden_size={m.hidden_size}"
                           f"{', stack.wrappers' if stack.weight_specs() else ''}"))
+    w13 = next((s for s in specs if s.name == "experts.w13"), None)
+    if w13 is not None:  # a repacked copy the kernel keeps beside the canonical weights (fused_cpu, bf16)
+        e_local, two_i, hidden = w13.local_shape()
+        derived = stack.kernel.derived_weight_bytes(e_local, hidden, two_i // 2)
+        if derived:
+            needs.append(Need("repacked expert weights", derived, f"stack.kernel, {expert_keys}, model.dtype={m.dtype}"))
     wrappers = [p for p in stack.parts if p.kind == "wrapper"]
     for part in stack.parts:
         if part.workspace_bytes:

@@ -56,7 +56,47 @@ _LAZY: dict[str, str] = {
     "InputError": "moeframe.errors",
 }
 
-__all__ = sorted([*_LAZY, "__version__"])
+# A literal list, so that linters and type checkers see the public names (the TYPE_CHECKING
+# imports below); tests/test_public_api.py checks that it names exactly _LAZY's keys.
+__all__ = [
+    "__version__",
+    # plugin contract
+    "hookimpl",
+    "Strategy",
+    "Capabilities",
+    "OrderingRules",
+    "PLUGIN_API_VERSION",
+    "get_registry",
+    "register_plugin",
+    # config
+    "Config",
+    "load_config",
+    "list_presets",
+    "option",
+    # strategy base classes
+    "Router",
+    "TopKOutput",
+    "Kernel",
+    "ExpertWeights",
+    "Dispatcher",
+    "Runner",
+    "Wrapper",
+    "BuildContext",
+    "WeightSpec",
+    "WorkspaceRequest",
+    # the layer and its checks
+    "MoELayer",
+    "compare",
+    "tolerance_for",
+    # errors
+    "UserError",
+    "ConfigError",
+    "UnknownStrategyError",
+    "DuplicateStrategyError",
+    "StackError",
+    "PluginError",
+    "InputError",
+]
 
 
 def __getattr__(name: str) -> Any:
@@ -70,7 +110,7 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return __all__
+    return sorted(__all__)
 
 
 if TYPE_CHECKING:  # pragma: no cover

@@ -346,8 +346,12 @@ def reference_config(config: Config, registry: Registry | None = None) -> Config
 
     registry = registry or get_registry()
     kept = tuple(w for w in config.stack.wrappers if not _wrapper_class(registry, w.name).transparent)
-    stack = StackConfig(runner=StrategyConfig("default"), kernel=StrategyConfig("torch"),
-                        dispatcher=StrategyConfig("local"), wrappers=kept)
+    stack = StackConfig(
+        runner=StrategyConfig("default"),
+        kernel=StrategyConfig("torch"),
+        dispatcher=StrategyConfig("local"),
+        wrappers=kept,
+    )
     return attrs.evolve(config, stack=stack, parallel=ParallelConfig())
 
 

@@ -16,14 +16,22 @@ import torch
 
 from moeframe.config import ModelConfig, NoParams, load_config
 from moeframe.context import BuildContext
-from moeframe.kernels import ExpertWeights
+from moeframe.kernels import ExpertWeights, Kernel
 from moeframe.numerics import DTYPES, Comparison, compare, tolerance_for
 from moeframe.parallel import ParallelContext
 from moeframe.plugins import Entry, get_registry
 from moeframe.workspace import Workspace
 
-__all__ = ["kernel_context", "KernelCase", "CaseResult", "kernel_cases", "scale_cases", "make_case_inputs",
-           "run_kernel_case", "check_kernel"]
+__all__ = [
+    "kernel_context",
+    "KernelCase",
+    "CaseResult",
+    "kernel_cases",
+    "scale_cases",
+    "make_case_inputs",
+    "run_kernel_case",
+    "check_kernel",
+]
 
 TOKEN_COUNTS = (0, 1, 7, 64)
 #: input scales (standard deviation of the hidden states) of the precision sweep, per dtype:
@@ -61,9 +69,13 @@ class KernelCase:
 
     def model(self) -> ModelConfig:
         return ModelConfig(
-            num_experts=self.num_experts, top_k=self.top_k, hidden_size=self.hidden_size,
-            intermediate_size=self.intermediate_size, activation=self.activation,
-            expert_bias=self.bias, dtype=self.dtype,
+            num_experts=self.num_experts,
+            top_k=self.top_k,
+            hidden_size=self.hidden_size,
+            intermediate_size=self.intermediate_size,
+            activation=self.activation,
+            expert_bias=self.bias,
+            dtype=self.dtype,
         )
 
 
@@ -78,7 +90,9 @@ class CaseResult:
         return self.error is None and self.comparison is not None and self.comparison.ok
 
 
-def kernel_cases(entry: Entry, token_counts: Sequence[int] = TOKEN_COUNTS, dtypes: Sequence[str] | None = None) -> Iterator[KernelCase]:
+def kernel_cases(
+    entry: Entry, token_counts: Sequence[int] = TOKEN_COUNTS, dtypes: Sequence[str] | None = None
+) -> Iterator[KernelCase]:
     """Every case ``entry``'s capabilities admit."""
     caps = entry.capabilities
     activations = [a for a in ("silu", "gelu", "swigluoai") if caps.activations is None or a in caps.activations]
@@ -136,10 +150,15 @@ def make_case_inputs(case: KernelCase, device: torch.device | str = "cpu", seed:
         b13 = b13[local] if b13 is not None else None
         b2 = b2[local] if b2 is not None else None
 
-    def to(t: torch.Tensor | None) -> torch.Tensor | None:
-        return None if t is None else t.to(device=device, dtype=dtype).contiguous()
+    def to(t: torch.Tensor) -> torch.Tensor:
+        return t.to(device=device, dtype=dtype).contiguous()
 
-    experts = ExpertWeights(to(w13), to(w2), to(b13), to(b2), None if expert_map is None else expert_map.to(device))
+    def maybe(t: torch.Tensor | None) -> torch.Tensor | None:
+        return None if t is None else to(t)
+
+    experts = ExpertWeights(
+        to(w13), to(w2), maybe(b13), maybe(b2), None if expert_map is None else expert_map.to(device)
+    )
     return {
         "hidden_states": to(x),
         "topk_weights": topk_weights.to(device),
@@ -158,13 +177,15 @@ def _model_dict(model: ModelConfig) -> dict[str, Any]:
     return {f.name: getattr(model, f.name) for f in attrs.fields(ModelConfig)}
 
 
-def run_kernel_case(entry: Entry, case: KernelCase, device: torch.device | str = "cpu", params: Any = None) -> CaseResult:
+def run_kernel_case(
+    entry: Entry, case: KernelCase, device: torch.device | str = "cpu", params: Any = None
+) -> CaseResult:
     """Run one case; the result holds the comparison with the reference kernel."""
     from moeframe.kernels.torch_reference import TorchReferenceKernel
 
     model = case.model()
     context = kernel_context(model, device)
-    cls = entry.load()
+    cls = entry.load_as(Kernel)
     kernel = cls(context, params if params is not None else cls.Params())
     reference = TorchReferenceKernel(context, NoParams())
     inputs = make_case_inputs(case, device)
@@ -174,18 +195,26 @@ def run_kernel_case(entry: Entry, case: KernelCase, device: torch.device | str =
         return CaseResult(case, None, f"{type(exc).__name__}: {exc}")
     expected = reference(**inputs)
     if out.shape != expected.shape or out.dtype != expected.dtype:
-        return CaseResult(case, None, f"returned {tuple(out.shape)} {out.dtype}, expected {tuple(expected.shape)} {expected.dtype}")
+        return CaseResult(
+            case, None, f"returned {tuple(out.shape)} {out.dtype}, expected {tuple(expected.shape)} {expected.dtype}"
+        )
     if out.numel() and any(out.data_ptr() == t.data_ptr() for t in (inputs["hidden_states"],)):
         return CaseResult(case, None, "output aliases the input")
     comparison = compare(out, expected, tolerance_for(case.dtype))
     new_nonfinite = int((~torch.isfinite(out) & torch.isfinite(expected)).sum()) if out.numel() else 0
     if new_nonfinite:
-        return CaseResult(case, comparison, f"{new_nonfinite} output values are NaN or inf where the reference's are finite")
+        return CaseResult(
+            case, comparison, f"{new_nonfinite} output values are NaN or inf where the reference's are finite"
+        )
     return CaseResult(case, comparison)
 
 
-def check_kernel(name: str, device: torch.device | str = "cpu", token_counts: Sequence[int] = TOKEN_COUNTS,
-                 dtypes: Sequence[str] | None = None) -> list[CaseResult]:
+def check_kernel(
+    name: str,
+    device: torch.device | str = "cpu",
+    token_counts: Sequence[int] = TOKEN_COUNTS,
+    dtypes: Sequence[str] | None = None,
+) -> list[CaseResult]:
     """Run every admissible case for kernel ``name``."""
     entry = get_registry().get("kernel", name)
     return [run_kernel_case(entry, case, device) for case in kernel_cases(entry, token_counts, dtypes)]

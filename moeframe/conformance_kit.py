@@ -37,6 +37,7 @@ it).  The kinds:
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -91,8 +92,10 @@ def conformance_cases(kind: str, name: str, **options: Any) -> list[ConformanceC
     allowed = _OPTIONS[kind]
     unknown = sorted(set(options) - allowed)
     if unknown:
-        raise ValueError(f"moeframe_conformance(kind={kind!r}): unknown option(s) {', '.join(unknown)}; "
-                         f"the {kind} kit takes {', '.join(sorted(allowed)) or 'none'}")
+        raise ValueError(
+            f"moeframe_conformance(kind={kind!r}): unknown option(s) {', '.join(unknown)}; "
+            f"the {kind} kit takes {', '.join(sorted(allowed)) or 'none'}"
+        )
     get_registry().get(kind, name)  # an unknown name fails here, with the registry's did-you-mean
     return _BUILDERS[kind](name, **options)
 
@@ -102,8 +105,14 @@ def _fail(case_id: str, message: str) -> None:
 
 
 # -- kernels ---------------------------------------------------------------------------------
-def _kernel_cases(name: str, params: Any = None, device: str = "cpu", dtypes: Sequence[str] | None = None,
-                  token_counts: Sequence[int] | None = None, scale_sweep: bool = True) -> list[ConformanceCase]:
+def _kernel_cases(
+    name: str,
+    params: Any = None,
+    device: str = "cpu",
+    dtypes: Sequence[str] | None = None,
+    token_counts: Sequence[int] | None = None,
+    scale_sweep: bool = True,
+) -> list[ConformanceCase]:
     from moeframe.conformance import TOKEN_COUNTS, kernel_cases, scale_cases
     from moeframe.plugins import get_registry
 
@@ -118,10 +127,16 @@ def _kernel_cases(name: str, params: Any = None, device: str = "cpu", dtypes: Se
 
             result = run_kernel_case(get_registry().get("kernel", name), case, device, params)
             if not result.ok:
-                detail = result.error or (
-                    f"max abs error {result.comparison.max_abs_error:.3e} (max rel {result.comparison.max_rel_error:.3e}) "
-                    f"over atol {result.comparison.tolerance.atol:g}, rtol {result.comparison.tolerance.rtol:g}")
+                c = result.comparison
+                if result.error is not None or c is None:
+                    detail = result.error or "no comparison was made"
+                else:
+                    detail = (
+                        f"max abs error {c.max_abs_error:.3e} (max rel {c.max_rel_error:.3e}) "
+                        f"over atol {c.tolerance.atol:g}, rtol {c.tolerance.rtol:g}"
+                    )
                 _fail(case.id, f"kernel {name!r} against the torch reference kernel: {detail}")
+
         return run
 
     return [ConformanceCase("kernel", name, case.id, make(case)) for case in cases]
@@ -141,36 +156,48 @@ def _best(values: Sequence[float], k: int, among: Sequence[int] | None = None) -
 
 def softmax_topk_reference(renormalize: bool = True) -> Callable[..., dict[int, float]]:
     """Mixtral / Qwen: softmax over all experts, the top k, renormalised or not."""
+
     def reference(row: Sequence[float], k: int, tensors: Mapping[str, Any]) -> dict[int, float]:
         p = _softmax(row)
         best = _best(p, k)
         w = [p[i] for i in best]
         if renormalize:
             w = [v / sum(w) for v in w]
-        return dict(zip(best, w))
+        return dict(zip(best, w, strict=True))
+
     return reference
 
 
 def topk_softmax_reference() -> Callable[..., dict[int, float]]:
     """GPT-OSS: the top k logits, then a softmax over those k."""
+
     def reference(row: Sequence[float], k: int, tensors: Mapping[str, Any]) -> dict[int, float]:
         best = _best(row, k)
-        return dict(zip(best, _softmax([row[i] for i in best])))
+        return dict(zip(best, _softmax([row[i] for i in best]), strict=True))
+
     return reference
 
 
 def sigmoid_top1_reference() -> Callable[..., dict[int, float]]:
     """Llama-4: the best logit, weighted by its sigmoid."""
+
     def reference(row: Sequence[float], k: int, tensors: Mapping[str, Any]) -> dict[int, float]:
         best = _best(row, 1)[0]
         return {best: 1 / (1 + math.exp(-row[best]))}
+
     return reference
 
 
-def grouped_topk_reference(n_group: int, topk_group: int, routed_scaling_factor: float = 1.0,
-                           renormalize: bool = True, correction_bias: bool = True) -> Callable[..., dict[int, float]]:
+def grouped_topk_reference(
+    n_group: int,
+    topk_group: int,
+    routed_scaling_factor: float = 1.0,
+    renormalize: bool = True,
+    correction_bias: bool = True,
+) -> Callable[..., dict[int, float]]:
     """DeepSeek-V3: sigmoid scores, the bias chooses (not weighs), groups scored by their
     top two (by their max without a bias), the best ``topk_group`` groups kept."""
+
     def reference(row: Sequence[float], k: int, tensors: Mapping[str, Any]) -> dict[int, float]:
         E = len(row)
         size = E // n_group
@@ -178,28 +205,36 @@ def grouped_topk_reference(n_group: int, topk_group: int, routed_scaling_factor:
         bias = tensors.get("router.e_score_correction_bias") if correction_bias else None
         b = [v + (float(bias[i]) if bias is not None else 0.0) for i, v in enumerate(s)]
         if correction_bias:
-            groups = [sum(sorted(b[g * size:(g + 1) * size])[-2:]) for g in range(n_group)]
+            groups = [sum(sorted(b[g * size : (g + 1) * size])[-2:]) for g in range(n_group)]
         else:
-            groups = [max(b[g * size:(g + 1) * size]) for g in range(n_group)]
+            groups = [max(b[g * size : (g + 1) * size]) for g in range(n_group)]
         keep = _best(groups, topk_group)
         best = _best(b, k, [i for i in range(E) if i // size in keep])
         w = [s[i] for i in best]
         if renormalize:
             w = [v / (sum(w) + 1e-20) for v in w]
-        return {i: v * routed_scaling_factor for i, v in zip(best, w)}
+        return {i: v * routed_scaling_factor for i, v in zip(best, w, strict=True)}
+
     return reference
 
 
 def _builtin_reference(name: str, params: Any) -> Callable[..., dict[int, float]]:
-    get = lambda key, default: getattr(params, key, default)  # noqa: E731
+    def get(key: str, default: Any) -> Any:
+        return getattr(params, key, default)
+
     if name == "softmax_topk":
         return softmax_topk_reference(get("renormalize", True))
     if name == "topk_softmax":
         return topk_softmax_reference()
     if name == "sigmoid_top1":
         return sigmoid_top1_reference()
-    return grouped_topk_reference(get("n_group", 1), get("topk_group", 1), get("routed_scaling_factor", 1.0),
-                                  get("renormalize", True), get("correction_bias", True))
+    return grouped_topk_reference(
+        get("n_group", 1),
+        get("topk_group", 1),
+        get("routed_scaling_factor", 1.0),
+        get("renormalize", True),
+        get("correction_bias", True),
+    )
 
 
 #: the per-token references of reference-math.md, by the builtin router that implements
@@ -207,7 +242,9 @@ def _builtin_reference(name: str, params: Any) -> Callable[..., dict[int, float]
 ROUTER_REFERENCES = ("softmax_topk", "topk_softmax", "sigmoid_grouped_topk", "sigmoid_top1")
 
 
-def _router_setup(name: str, dtype: str, params: Mapping[str, Any], model: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+def _router_setup(
+    name: str, dtype: str, params: Mapping[str, Any], model: Mapping[str, Any]
+) -> tuple[Any, dict[str, Any]]:
     import torch
 
     from moeframe.config import load_config
@@ -217,9 +254,13 @@ def _router_setup(name: str, dtype: str, params: Mapping[str, Any], model: Mappi
     from moeframe.weights import materialize
     from moeframe.workspace import Workspace
 
-    config = load_config({"seed": 0, "model": {**ROUTER_MODEL, **model, "dtype": dtype}, "router": {"name": name, **params}})
+    config = load_config(
+        {"seed": 0, "model": {**ROUTER_MODEL, **model, "dtype": dtype}, "router": {"name": name, **params}}
+    )
     context = BuildContext(config, torch.device("cpu"), ParallelContext.single(), Workspace())
-    router = get_registry().get("router", name).load()(context, config.router.params)
+    from moeframe.routers import Router
+
+    router = get_registry().get("router", name).load_as(Router)(context, config.router.params)
     tensors = {spec.name: materialize(spec, config.seed) for spec in router.weight_specs()}
     return router, tensors
 
@@ -229,7 +270,10 @@ def _check_selection(case_id: str, out: Any, T: int, E: int, K: int, dtype: Any,
 
     weights, ids = out[0], out[1]
     if tuple(ids.shape) != (T, K) or tuple(weights.shape) != (T, K):
-        _fail(case_id, f"select returned ids {list(ids.shape)} and weights {list(weights.shape)}; expected [{T}, {K}] each")
+        _fail(
+            case_id,
+            f"select returned ids {list(ids.shape)} and weights {list(weights.shape)}; expected [{T}, {K}] each",
+        )
     if ids.dtype != torch.int64:
         _fail(case_id, f"ids are {ids.dtype}; expected torch.int64")
     if weights.dtype not in (torch.float32, dtype):
@@ -258,17 +302,24 @@ def _tie_free_logits(T: int, E: int, dtype: Any, seed: int) -> Any:
     return logits.to(dtype)
 
 
-def _router_cases(name: str, params: Mapping[str, Any] | None = None, model: Mapping[str, Any] | None = None,
-                  dtypes: Sequence[str] | None = None, reference: str | Callable[..., dict[int, float]] | None = None,
-                  tolerance: float | None = None) -> list[ConformanceCase]:
+def _router_cases(
+    name: str,
+    params: Mapping[str, Any] | None = None,
+    model: Mapping[str, Any] | None = None,
+    dtypes: Sequence[str] | None = None,
+    reference: str | Callable[..., dict[int, float]] | None = None,
+    tolerance: float | None = None,
+) -> list[ConformanceCase]:
     from moeframe.plugins import get_registry
 
     params, model = dict(params or {}), dict(model or {})
     caps = get_registry().get("router", name).capabilities
     names = [d for d in (dtypes or ("float32", "bfloat16")) if caps.dtypes is None or d in caps.dtypes]
     if isinstance(reference, str) and reference not in ROUTER_REFERENCES:
-        raise ValueError(f"moeframe_conformance(kind='router'): unknown reference {reference!r}; "
-                         f"use one of {', '.join(ROUTER_REFERENCES)} or a function (row, k, tensors) -> {{id: weight}}")
+        raise ValueError(
+            f"moeframe_conformance(kind='router'): unknown reference {reference!r}; "
+            f"use one of {', '.join(ROUTER_REFERENCES)} or a function (row, k, tensors) -> {{id: weight}}"
+        )
     cases = []
 
     def add(case_id: str, check: Callable[[str, str], None], dtype: str) -> None:
@@ -283,9 +334,13 @@ def _router_cases(name: str, params: Mapping[str, Any] | None = None, model: Map
             x = torch.randn(T, m.hidden_size, generator=torch.Generator().manual_seed(T)).to(m.torch_dtype)
             logits = router.logits(x, tensors)
             if tuple(logits.shape) != (T, m.num_experts) or logits.dtype != router.logits_dtype:
-                _fail(case_id, f"logits are {list(logits.shape)} {logits.dtype}; expected [{T}, {m.num_experts}] "
-                               f"{router.logits_dtype} (logits_dtype)")
+                _fail(
+                    case_id,
+                    f"logits are {list(logits.shape)} {logits.dtype}; expected [{T}, {m.num_experts}] "
+                    f"{router.logits_dtype} (logits_dtype)",
+                )
             _check_selection(case_id, router.select(logits, tensors), T, m.num_experts, m.top_k, m.torch_dtype)
+
         return check
 
     def nan_row(case_id: str, dtype: str) -> None:
@@ -295,8 +350,15 @@ def _router_cases(name: str, params: Mapping[str, Any] | None = None, model: Map
         m = router.model
         logits = _tie_free_logits(3, m.num_experts, router.logits_dtype, seed=1)
         logits[1] = float("nan")
-        _check_selection(case_id, router.select(logits, tensors), 3, m.num_experts, m.top_k, m.torch_dtype,
-                         finite_rows=torch.tensor([True, False, True]))
+        _check_selection(
+            case_id,
+            router.select(logits, tensors),
+            3,
+            m.num_experts,
+            m.top_k,
+            m.torch_dtype,
+            finite_rows=torch.tensor([True, False, True]),
+        )
 
     def ties(case_id: str, dtype: str) -> None:
         import torch
@@ -308,19 +370,24 @@ def _router_cases(name: str, params: Mapping[str, Any] | None = None, model: Map
         _check_selection(case_id, router.select(logits, tensors), 2, m.num_experts, m.top_k, m.torch_dtype)
 
     def per_token(case_id: str, dtype: str) -> None:
-        import torch
 
         router, tensors = _router_setup(name, dtype, params, model)
         m = router.model
         logits = _tie_free_logits(5, m.num_experts, router.logits_dtype, seed=2)
         together = router.select(logits, tensors)
         for t in range(5):
-            alone = router.select(logits[t:t + 1], tensors)
+            alone = router.select(logits[t : t + 1], tensors)
             if set(alone[1][0].tolist()) != set(together[1][t].tolist()):
-                _fail(case_id, f"token {t} gets experts {sorted(together[1][t].tolist())} among 5 tokens but "
-                               f"{sorted(alone[1][0].tolist())} alone: a router must route each token on its own")
+                _fail(
+                    case_id,
+                    f"token {t} gets experts {sorted(together[1][t].tolist())} among 5 tokens but "
+                    f"{sorted(alone[1][0].tolist())} alone: a router must route each token on its own",
+                )
 
-    def against_reference(case_id: str, dtype: str) -> None:
+    def against(reference: str | Callable[..., dict[int, float]]) -> Callable[[str, str], None]:
+        return lambda case_id, dtype: against_reference(case_id, dtype, reference)
+
+    def against_reference(case_id: str, dtype: str, reference: str | Callable[..., dict[int, float]]) -> None:
         router, tensors = _router_setup(name, dtype, params, model)
         m = router.model
         fn = _builtin_reference(reference, router.params) if isinstance(reference, str) else reference
@@ -328,16 +395,21 @@ def _router_cases(name: str, params: Mapping[str, Any] | None = None, model: Map
         for seed in range(3):
             logits = _tie_free_logits(33, m.num_experts, router.logits_dtype, seed=10 + seed)
             out = router.select(logits, tensors)
+            # shapes first: a short output would otherwise check fewer tokens in silence
+            _check_selection(case_id, out, 33, m.num_experts, m.top_k, m.torch_dtype)
             got_w = out[0].double().tolist()
-            for t, (row, ids) in enumerate(zip(logits.double().tolist(), out[1].tolist())):
+            for t, (row, ids) in enumerate(zip(logits.double().tolist(), out[1].tolist(), strict=True)):
                 want = fn(row, m.top_k, tensors)
-                got = dict(zip(ids, got_w[t]))
+                got = dict(zip(ids, got_w[t], strict=True))
                 if set(got) != set(want):
                     _fail(case_id, f"token {t}: experts {sorted(got)}, the reference chooses {sorted(want)}")
                 for i, w in want.items():
                     if not abs(got[i] - w) <= tol * max(1.0, abs(w)):
-                        _fail(case_id, f"token {t}, expert {i}: weight {got[i]:.6g}, the reference gives {w:.6g} "
-                                       f"(tolerance {tol:g})")
+                        _fail(
+                            case_id,
+                            f"token {t}, expert {i}: weight {got[i]:.6g}, the reference gives {w:.6g} "
+                            f"(tolerance {tol:g})",
+                        )
 
     for dtype in names:
         for T in (0, 1, 7, 33):
@@ -346,16 +418,25 @@ def _router_cases(name: str, params: Mapping[str, Any] | None = None, model: Map
         add(f"{name}-{dtype}-ties", ties, dtype)
         add(f"{name}-{dtype}-per-token", per_token, dtype)
         if reference is not None:
-            add(f"{name}-{dtype}-reference", against_reference, dtype)
+            add(f"{name}-{dtype}-reference", against(reference), dtype)
     return cases
 
 
 # -- wrappers --------------------------------------------------------------------------------
-def _wrapper_config(name: str, params: Mapping[str, Any], model: Mapping[str, Any], dtype: str,
-                    wrappers: Sequence[Mapping[str, Any]] | None = None) -> dict[str, Any]:
+def _wrapper_config(
+    name: str,
+    params: Mapping[str, Any],
+    model: Mapping[str, Any],
+    dtype: str,
+    wrappers: Sequence[Mapping[str, Any]] | None = None,
+) -> dict[str, Any]:
     this = {"name": name, "params": dict(params)}
-    return {"seed": 0, "model": {**SMALL_MODEL, **model, "dtype": dtype}, "router": {"name": "softmax_topk"},
-            "stack": {"wrappers": [this] if wrappers is None else [this if w is None else w for w in wrappers]}}
+    return {
+        "seed": 0,
+        "model": {**SMALL_MODEL, **model, "dtype": dtype},
+        "router": {"name": "softmax_topk"},
+        "stack": {"wrappers": [this] if wrappers is None else [this if w is None else w for w in wrappers]},
+    }
 
 
 def _build(case_id: str, config: dict[str, Any], **kwargs: Any) -> Any:
@@ -373,8 +454,12 @@ def _without(config: dict[str, Any], name: str) -> dict[str, Any]:
     return {**config, "stack": {**config["stack"], "wrappers": wrappers}}
 
 
-def _wrapper_cases(name: str, params: Mapping[str, Any] | None = None, model: Mapping[str, Any] | None = None,
-                   reference: Callable[..., Any] | None = None) -> list[ConformanceCase]:
+def _wrapper_cases(
+    name: str,
+    params: Mapping[str, Any] | None = None,
+    model: Mapping[str, Any] | None = None,
+    reference: Callable[..., Any] | None = None,
+) -> list[ConformanceCase]:
     params, model = dict(params or {}), dict(model or {})
     chunking = {"name": "chunking", "params": {"max_num_tokens": 4}}
     cases = []
@@ -404,7 +489,9 @@ def _wrapper_cases(name: str, params: Mapping[str, Any] | None = None, model: Ma
                 want = reference(x, inner, layer)
             cmp = moeframe.compare(out, want, tol)
             if not cmp.ok:
-                _fail(case_id, f"differs from reference(x, inner, layer) by {cmp.max_abs_error:.3e} (atol {tol.atol:g})")
+                _fail(
+                    case_id, f"differs from reference(x, inner, layer) by {cmp.max_abs_error:.3e} (atol {tol.atol:g})"
+                )
 
     def add(case_id: str, T: int, dtype: str = "float32", wrappers: Sequence[Any] | None = None) -> None:
         cases.append(ConformanceCase("wrapper", name, case_id, lambda: compare_stack(case_id, T, dtype, wrappers)))
@@ -433,24 +520,35 @@ def _wrapper_cases(name: str, params: Mapping[str, Any] | None = None, model: Ma
             parallel = ParallelContext(ParallelConfig(ep_size=2), rank=rank, world_size=2, collectives=counting)
             layer = _build(case_id, config, parallel=parallel)
             if layer.stack.output_reduced:
-                _fail(case_id, "under expert parallelism with the local dispatcher the stack claims its output is "
-                               "already reduced (output_reduced); each rank holds a partial sum")
+                _fail(
+                    case_id,
+                    "under expert parallelism with the local dispatcher the stack claims its output is "
+                    "already reduced (output_reduced); each rank holds a partial sum",
+                )
             partials.append(layer(x))
             for calls in (1, 2):
                 if counting.counts != {"all_reduce_sum": calls}:
-                    _fail(case_id, f"rank {rank}: collectives after {calls} forward(s): {counting.counts}; expected "
-                                   f"exactly one all_reduce_sum per forward")
+                    _fail(
+                        case_id,
+                        f"rank {rank}: collectives after {calls} forward(s): {counting.counts}; expected "
+                        f"exactly one all_reduce_sum per forward",
+                    )
                 if calls == 1:
                     layer(x)
         single = _build(case_id, _wrapper_config(name, params, model, "float32"))
-        cmp = moeframe.compare(partials[0] + partials[1], single.reference()(x),
-                               moeframe.numerics.Tolerance(atol=1e-5, rtol=1e-5))
+        cmp = moeframe.compare(
+            partials[0] + partials[1], single.reference()(x), moeframe.numerics.Tolerance(atol=1e-5, rtol=1e-5)
+        )
         if not cmp.ok:
-            _fail(case_id, f"the two ranks' partial outputs sum to {cmp.max_abs_error:.3e} away from the reference "
-                           "(counted twice, or not at all?)")
+            _fail(
+                case_id,
+                f"the two ranks' partial outputs sum to {cmp.max_abs_error:.3e} away from the reference "
+                "(counted twice, or not at all?)",
+            )
 
-    cases.append(ConformanceCase("wrapper", name, f"{name}-reduce-once-ep2",
-                                 lambda: reduce_once(f"{name}-reduce-once-ep2")))
+    cases.append(
+        ConformanceCase("wrapper", name, f"{name}-reduce-once-ep2", lambda: reduce_once(f"{name}-reduce-once-ep2"))
+    )
     return cases
 
 
@@ -458,12 +556,18 @@ def _wrapper_cases(name: str, params: Mapping[str, Any] | None = None, model: Ma
 def _dispatcher_scenarios(name: str, params: Mapping[str, Any]) -> list[dict[str, Any]]:
     out = []
     for placement in ("linear", "round_robin"):
-        out.append({"id": f"{name}-ep2-dp1-{placement}-T7", "tokens": [7],
-                    "parallel": {"ep_size": 2, "placement": placement}})
+        out.append(
+            {"id": f"{name}-ep2-dp1-{placement}-T7", "tokens": [7], "parallel": {"ep_size": 2, "placement": placement}}
+        )
     out.append({"id": f"{name}-ep2-dp1-T0", "tokens": [0], "parallel": {"ep_size": 2}})
     out.append({"id": f"{name}-ep2-dp2-T5+0", "tokens": [5, 0], "parallel": {"ep_size": 2, "dp_size": 2}})
-    out.append({"id": f"{name}-ep2-dp2-T1+6", "tokens": [1, 6],
-                "parallel": {"ep_size": 2, "dp_size": 2, "placement": "round_robin"}})
+    out.append(
+        {
+            "id": f"{name}-ep2-dp2-T1+6",
+            "tokens": [1, 6],
+            "parallel": {"ep_size": 2, "dp_size": 2, "placement": "round_robin"},
+        }
+    )
     for case in out:
         case["dispatcher"] = {"name": name, "params": dict(params)}
     return out
@@ -480,8 +584,13 @@ def dispatcher_rank(cases: list[dict[str, Any]], model: dict[str, Any]) -> list[
 
     results = []
     for case in cases:
-        config = {"seed": 0, "model": {**SMALL_MODEL, **model}, "router": {"name": "softmax_topk"},
-                  "parallel": case["parallel"], "stack": {"dispatcher": case["dispatcher"]}}
+        config = {
+            "seed": 0,
+            "model": {**SMALL_MODEL, **model},
+            "router": {"name": "softmax_topk"},
+            "parallel": case["parallel"],
+            "stack": {"dispatcher": case["dispatcher"]},
+        }
         counting = CountingCollectives(Collectives())
         try:
             cfg = moeframe.load_config(config)
@@ -496,22 +605,32 @@ def dispatcher_rank(cases: list[dict[str, Any]], model: dict[str, Any]) -> list[
         counting.counts.clear()
         try:
             out = layer(x)
-        except Exception as exc:  # noqa: BLE001 - reported by the case, with the rank
+        except Exception as exc:
             results.append({"id": case["id"], "error": f"{type(exc).__name__}: {exc}"})
             continue
         single = {key: value for key, value in config.items() if key not in ("parallel", "stack")}
         reference = moeframe.MoELayer(single, parallel=ParallelContext.single())(x)  # the reference stack
         cmp = moeframe.compare(out, reference, moeframe.numerics.Tolerance(atol=1e-5, rtol=1e-5))
-        results.append({"id": case["id"], "ok": cmp.ok, "max_abs_error": cmp.max_abs_error,
-                        "shape": list(out.shape), "tokens": tokens, "counts": dict(counting.counts),
-                        "output_reduced": bool(layer.stack.output_reduced)})
+        results.append(
+            {
+                "id": case["id"],
+                "ok": cmp.ok,
+                "max_abs_error": cmp.max_abs_error,
+                "shape": list(out.shape),
+                "tokens": tokens,
+                "counts": dict(counting.counts),
+                "output_reduced": bool(layer.stack.output_reduced),
+            }
+        )
     return results
 
 
 _launches: dict[str, list[list[dict[str, Any]]]] = {}
 
 
-def _launch(name: str, scenarios: list[dict[str, Any]], model: dict[str, Any], timeout: float) -> list[list[dict[str, Any]]]:
+def _launch(
+    name: str, scenarios: list[dict[str, Any]], model: dict[str, Any], timeout: float
+) -> list[list[dict[str, Any]]]:
     """One launch of two gloo ranks runs every scenario (cached: process start-up is the
     slow part).  The ranks see this process's ``sys.path`` and environment."""
     from moeframe.testing import launch_processes
@@ -521,22 +640,32 @@ def _launch(name: str, scenarios: list[dict[str, Any]], model: dict[str, Any], t
         return _launches[key]
     with tempfile.TemporaryDirectory() as tmp:
         spec = Path(tmp) / "spec.json"
-        spec.write_text(json.dumps({"script": str(Path(__file__).resolve()), "function": "dispatcher_rank",
-                                    "kwargs": {"cases": scenarios, "model": model}, "out": tmp}))
+        spec.write_text(
+            json.dumps(
+                {
+                    "script": str(Path(__file__).resolve()),
+                    "function": "dispatcher_rank",
+                    "kwargs": {"cases": scenarios, "model": model},
+                    "out": tmp,
+                }
+            )
+        )
         env = {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
         procs = launch_processes(2, [sys.executable, "-m", "moeframe.testing", str(spec)], timeout, env=env)
         results = []
         for rank, proc in enumerate(procs):
             if proc.returncode != 0:
-                raise AssertionError(f"dispatcher {name!r}: rank {rank} exited {proc.returncode}\n"
-                                     f"stderr:\n{proc.stderr[-3000:]}")
+                raise AssertionError(
+                    f"dispatcher {name!r}: rank {rank} exited {proc.returncode}\nstderr:\n{proc.stderr[-3000:]}"
+                )
             results.append(json.loads((Path(tmp) / f"rank{rank}.json").read_text()))
     _launches[key] = results
     return results
 
 
-def _dispatcher_cases(name: str, params: Mapping[str, Any] | None = None, model: Mapping[str, Any] | None = None,
-                      timeout: float = 240.0) -> list[ConformanceCase]:
+def _dispatcher_cases(
+    name: str, params: Mapping[str, Any] | None = None, model: Mapping[str, Any] | None = None, timeout: float = 240.0
+) -> list[ConformanceCase]:
     scenarios = _dispatcher_scenarios(name, dict(params or {}))
     model = dict(model or {})
 
@@ -554,11 +683,14 @@ def _dispatcher_cases(name: str, params: Mapping[str, Any] | None = None, model:
                 _fail(case_id, f"rank {rank}: differs from the single-process reference by {r['max_abs_error']:.3e}")
             reduces = r["counts"].get("all_reduce_sum", 0)
             if r["output_reduced"] and reduces:
-                _fail(case_id, f"rank {rank}: the dispatcher's output is reduced, yet the layer all-reduced {reduces} time(s)")
+                _fail(
+                    case_id,
+                    f"rank {rank}: the dispatcher's output is reduced, yet the layer all-reduced {reduces} time(s)",
+                )
             if not r["output_reduced"] and reduces != 1:
                 _fail(case_id, f"rank {rank}: the output is a partial sum, all-reduced {reduces} times (expected once)")
 
-    return [ConformanceCase("dispatcher", name, s["id"], lambda case_id=s["id"]: check(case_id)) for s in scenarios]
+    return [ConformanceCase("dispatcher", name, s["id"], functools.partial(check, s["id"])) for s in scenarios]
 
 
 _BUILDERS: dict[str, Callable[..., list[ConformanceCase]]] = {

@@ -40,6 +40,17 @@ class BuildContext:
     kernel: Kernel | None = None
     dispatcher: Dispatcher | None = None
 
+    def built_parts(self) -> tuple[Router, Kernel, Dispatcher]:
+        """The router, kernel and dispatcher the composer has built, for a runner's or a
+        wrapper's constructor (they are built after those three)."""
+        if self.router is None or self.kernel is None or self.dispatcher is None:
+            missing = [n for n in ("router", "kernel", "dispatcher") if getattr(self, n) is None]
+            raise RuntimeError(
+                f"BuildContext: no {', '.join(missing)} built yet (the composer builds the router, the "
+                "kernel and the dispatcher before runners and wrappers)"
+            )
+        return self.router, self.kernel, self.dispatcher
+
     @property
     def model(self) -> ModelConfig:
         return self.config.model

@@ -57,8 +57,7 @@ class UnknownStrategyError(UserError, LookupError):
         hint = did_you_mean(name, self.available)
         listing = ", ".join(self.available) if self.available else "none"
         super().__init__(
-            f"unknown {kind} {name!r}{hint}; available {kind}s: {listing} "
-            "(`moeframe plugins` lists installed plugins)"
+            f"unknown {kind} {name!r}{hint}; available {kind}s: {listing} (`moeframe plugins` lists installed plugins)"
         )
 
     def __str__(self) -> str:  # LookupError would repr() the message

@@ -107,7 +107,7 @@ def _remove_stale_temps(target: Path) -> None:
     for name in names:
         if not (name.startswith(prefix) and name.endswith(suffix)):
             continue
-        pid_text = name[len(prefix):-len(suffix)].split(".", 1)[0]
+        pid_text = name[len(prefix) : -len(suffix)].split(".", 1)[0]
         if not pid_text.isdigit():
             continue
         pid = int(pid_text)
@@ -133,8 +133,9 @@ def atomic_output(path: str | Path, option: str = "output") -> Iterator[Path]:
     :func:`check_output_path`) are refused before the block runs."""
     target = check_output_path(path, option)
     _remove_stale_temps(target)
-    fd, tmp = tempfile.mkstemp(prefix=f"{_temp_prefix(target)}{os.getpid()}.", suffix=f".tmp{target.suffix}",
-                               dir=target.parent)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f"{_temp_prefix(target)}{os.getpid()}.", suffix=f".tmp{target.suffix}", dir=target.parent
+    )
     os.close(fd)
     try:
         yield Path(tmp)

@@ -31,13 +31,21 @@ def layer_needs(config: Config, specs: list[WeightSpec], stack: Stack) -> list[N
     """The bytes a layer allocates on its device (its weights and its stack's
     workspace), with the config keys that drive each."""
     m = config.model
-    expert_keys = f"model.num_experts={m.num_experts}, model.hidden_size={m.hidden_size}, model.intermediate_size={m.intermediate_size}"
+    expert_keys = (
+        f"model.num_experts={m.num_experts}, model.hidden_size={m.hidden_size}, "
+        f"model.intermediate_size={m.intermediate_size}"
+    )
     other = [s for s in specs if not s.name.startswith("experts.")]
     needs = [Need("weights", sum(s.nbytes() for s in specs if s.name.startswith("experts.")), expert_keys)]
     if other:
-        needs.append(Need("other weights", sum(s.nbytes() for s in other),
-                          f"model.num_experts={m.num_experts}, model.hidden_size={m.hidden_size}"
-                          f"{', stack.wrappers' if stack.weight_specs() else ''}"))
+        needs.append(
+            Need(
+                "other weights",
+                sum(s.nbytes() for s in other),
+                f"model.num_experts={m.num_experts}, model.hidden_size={m.hidden_size}"
+                f"{', stack.wrappers' if stack.weight_specs() else ''}",
+            )
+        )
     w13 = next((s for s in specs if s.name == "experts.w13"), None)
     if w13 is not None:  # a repacked copy the kernel keeps beside the canonical weights (fused_cpu, bf16)
         e_local, two_i, hidden = w13.local_shape()
@@ -47,9 +55,20 @@ def layer_needs(config: Config, specs: list[WeightSpec], stack: Stack) -> list[N
     wrappers = [p for p in stack.parts if p.kind == "wrapper"]
     for part in stack.parts:
         if part.workspace_bytes:
-            where = (f"stack.wrappers[{wrappers.index(part)}].params" if part.kind == "wrapper"
-                     else f"stack.{part.kind}_params" if part.kind in ("kernel", "runner", "dispatcher") else part.kind)
-            needs.append(Need(f"workspace of {part.entry.name}", part.workspace_bytes, f"{where}, model.hidden_size={m.hidden_size}"))
+            where = (
+                f"stack.wrappers[{wrappers.index(part)}].params"
+                if part.kind == "wrapper"
+                else f"stack.{part.kind}_params"
+                if part.kind in ("kernel", "runner", "dispatcher")
+                else part.kind
+            )
+            needs.append(
+                Need(
+                    f"workspace of {part.entry.name}",
+                    part.workspace_bytes,
+                    f"{where}, model.hidden_size={m.hidden_size}",
+                )
+            )
     return needs
 
 
@@ -60,7 +79,12 @@ def _explain(config: Config, stack: Stack, parallel: ParallelContext, specs: lis
         "stack": stack.describe(),
         "parallel": parallel.describe(),
         "weights": [
-            {"name": s.name, "shape": list(s.local_shape()), "dtype": str(s.dtype).removeprefix("torch."), "bytes": s.nbytes()}
+            {
+                "name": s.name,
+                "shape": list(s.local_shape()),
+                "dtype": str(s.dtype).removeprefix("torch."),
+                "bytes": s.nbytes(),
+            }
             for s in specs
         ],
         "weight_bytes": sum(s.nbytes() for s in specs),
@@ -100,8 +124,13 @@ def describe_layout(config: Config, world_size: int, device: torch.device | str 
 
     validate_world(config.parallel, world_size)
     return [
-        describe_layer(config, device=device, parallel=ParallelContext(
-            config.parallel, rank=rank, world_size=world_size, collectives=CountingCollectives()))
+        describe_layer(
+            config,
+            device=device,
+            parallel=ParallelContext(
+                config.parallel, rank=rank, world_size=world_size, collectives=CountingCollectives()
+            ),
+        )
         for rank in range(world_size)
     ]
 
@@ -164,12 +193,16 @@ class MoELayer(torch.nn.Module):
             return materialize(spec, self.config.seed, self.device)
         unknown = sorted(set(tensors) - {s.name for s in self.weight_specs})
         if unknown:
-            raise InputError(f"tensors: unexpected {unknown[0]!r}; this layer has: {', '.join(s.name for s in self.weight_specs)}")
+            raise InputError(
+                f"tensors: unexpected {unknown[0]!r}; this layer has: {', '.join(s.name for s in self.weight_specs)}"
+            )
         if spec.name not in tensors:
             raise InputError(f"tensors: missing {spec.name!r} of shape {list(spec.local_shape())}")
         given = tensors[spec.name]
         if tuple(given.shape) != spec.local_shape():
-            raise InputError(f"tensors: {spec.name!r} has shape {list(given.shape)}, expected {list(spec.local_shape())}")
+            raise InputError(
+                f"tensors: {spec.name!r} has shape {list(given.shape)}, expected {list(spec.local_shape())}"
+            )
         dtype = spec.dtype
         if spec.name.startswith("router.") and given.dtype == torch.float32 == self._router.logits_dtype:
             dtype = torch.float32
@@ -200,7 +233,8 @@ class MoELayer(torch.nn.Module):
         model = self.config.model
         if hidden_states.dim() == 0 or hidden_states.shape[-1] != model.hidden_size:
             raise InputError(
-                f"hidden_states has shape {list(hidden_states.shape)}; expected [..., {model.hidden_size}] (model.hidden_size)"
+                f"hidden_states has shape {list(hidden_states.shape)}; "
+                f"expected [..., {model.hidden_size}] (model.hidden_size)"
             )
         if hidden_states.dtype != model.torch_dtype:
             raise InputError(f"hidden_states is {hidden_states.dtype}, but the layer is {model.dtype} (model.dtype)")
@@ -259,14 +293,19 @@ class MoELayer(torch.nn.Module):
         ``docs/transformers.md``."""
         from moeframe.integrations.transformers.checkpoint import load_hf
 
-        return load_hf(cls, checkpoint_dir, layer, overrides=overrides, device=device, parallel=parallel,
-                       workspace=workspace)
+        return load_hf(
+            cls, checkpoint_dir, layer, overrides=overrides, device=device, parallel=parallel, workspace=workspace
+        )
 
     def reference(self) -> MoELayer:
         """The reference layer for this config (router + ``torch`` kernel, one process),
         holding the same weights."""
-        ref = MoELayer(reference_config(self.config), device=self.device, parallel=ParallelContext.single(),
-                       workspace=self.workspace)
+        ref = MoELayer(
+            reference_config(self.config),
+            device=self.device,
+            parallel=ParallelContext.single(),
+            workspace=self.workspace,
+        )
         if self.parallel.world_size == 1:
             with torch.no_grad():
                 for name, tensor in ref._tensors.items():

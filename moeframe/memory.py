@@ -48,9 +48,10 @@ def _read_int(path: str) -> int | None:
 
 def _cgroup_headroom() -> int | None:
     """Bytes left under this process's cgroup (v2, or v1) memory limit, if one is set."""
-    for limit_path, usage_path in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
-                                    "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+    for limit_path, usage_path in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
         limit, usage = _read_int(limit_path), _read_int(usage_path)
         if limit is not None and usage is not None and limit < 1 << 60:
             return max(0, limit - usage)
@@ -86,7 +87,7 @@ def available_bytes(device: torch.device | str) -> int | None:
     if device.type == "cuda":
         try:
             free, _total = torch.cuda.mem_get_info(device)
-        except Exception:  # noqa: BLE001 - no figure is better than a wrong refusal
+        except Exception:
             return None
         return int(free)
     if device.type == "cpu":
@@ -113,8 +114,9 @@ def check_fits(needs: Sequence[Need], device: torch.device | str, what: str) -> 
     free = available_bytes(device)
     if free is None or total <= free:
         return
-    parts = "; ".join(f"{n.what} {format_bytes(n.nbytes)} ({n.keys})"
-                      for n in sorted(needs, key=lambda n: -n.nbytes) if n.nbytes)
+    parts = "; ".join(
+        f"{n.what} {format_bytes(n.nbytes)} ({n.keys})" for n in sorted(needs, key=lambda n: -n.nbytes) if n.nbytes
+    )
     raise InputError(
         f"{what} needs about {format_bytes(total)} on {torch.device(device)} but {format_bytes(free)} is available: "
         f"{parts}; make these smaller"

@@ -7,7 +7,16 @@ import math
 import attrs
 import torch
 
-__all__ = ["DTYPES", "Tolerance", "TOLERANCES", "tolerance_for", "Comparison", "compare", "count_nonfinite", "dtype_name"]
+__all__ = [
+    "DTYPES",
+    "Tolerance",
+    "TOLERANCES",
+    "tolerance_for",
+    "Comparison",
+    "compare",
+    "count_nonfinite",
+    "dtype_name",
+]
 
 #: Config name -> torch dtype, for every dtype a model may be configured with.
 DTYPES: dict[str, torch.dtype] = {

@@ -70,7 +70,9 @@ class Collectives:
     ) -> torch.Tensor:
         import torch.distributed as dist
 
-        dist.all_to_all_single(output, input.contiguous(), list(output_split_sizes), list(input_split_sizes), group=group)
+        dist.all_to_all_single(
+            output, input.contiguous(), list(output_split_sizes), list(input_split_sizes), group=group
+        )
         return output
 
     def reduce_scatter(self, output: torch.Tensor, inputs: list[torch.Tensor], group: Any = None) -> torch.Tensor:
@@ -116,7 +118,14 @@ class CountingCollectives(Collectives):
         self._count("all_gather")
         return self.inner.all_gather(tensor, group) if self.inner else [tensor.clone()]
 
-    def all_to_all_single(self, output, input, output_split_sizes, input_split_sizes, group=None):  # type: ignore[no-untyped-def]
+    def all_to_all_single(
+        self,
+        output: torch.Tensor,
+        input: torch.Tensor,
+        output_split_sizes: Sequence[int],
+        input_split_sizes: Sequence[int],
+        group: Any = None,
+    ) -> torch.Tensor:
         self._count("all_to_all_single")
         if self.inner:
             return self.inner.all_to_all_single(output, input, output_split_sizes, input_split_sizes, group)
@@ -272,7 +281,9 @@ LAUNCH_VARIABLES = ("WORLD_SIZE", "RANK", "MASTER_ADDR", "MASTER_PORT")
 def _environment_int(name: str, env: Any) -> int:
     text = env.get(name, "")
     if not text.strip().isdigit():
-        raise InputError(f"{name}={text!r} is not a non-negative integer; launch with torchrun or `moeframe run --nproc N`")
+        raise InputError(
+            f"{name}={text!r} is not a non-negative integer; launch with torchrun or `moeframe run --nproc N`"
+        )
     return int(text)
 
 
@@ -355,7 +366,7 @@ def _first_difference(a: Any, b: Any, path: str = "") -> tuple[str, Any, Any]:
             if a.get(key) != b.get(key):
                 return _first_difference(a.get(key), b.get(key), f"{path}.{key}" if path else str(key))
     if isinstance(a, list) and isinstance(b, list) and len(a) == len(b):
-        for i, (x, y) in enumerate(zip(a, b)):
+        for i, (x, y) in enumerate(zip(a, b, strict=True)):
             if x != y:
                 return _first_difference(x, y, f"{path}[{i}]")
     return path or "(config)", a, b
@@ -380,8 +391,15 @@ def launch_local_ranks(argv: Sequence[str], nproc: int, grace_s: float = 30.0) -
     procs = []
     for rank in range(nproc):
         env = dict(os.environ)
-        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-                   WORLD_SIZE=str(nproc), LOCAL_WORLD_SIZE=str(nproc), GROUP_RANK="0")
+        env.update(
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=str(port),
+            RANK=str(rank),
+            LOCAL_RANK=str(rank),
+            WORLD_SIZE=str(nproc),
+            LOCAL_WORLD_SIZE=str(nproc),
+            GROUP_RANK="0",
+        )
         if nproc > 1 and "OMP_NUM_THREADS" not in os.environ:
             env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // nproc))
         procs.append(subprocess.Popen(list(argv), env=env))

@@ -72,16 +72,20 @@ class ConformanceKit:
                 skipped += 1
             except AssertionError as exc:
                 failures.append(str(exc))
-            except Exception as exc:  # noqa: BLE001 - the strategy raised: a failure of this case
+            except Exception as exc:
                 failures.append(f"{item.id}: raised {type(exc).__name__}: {exc}")
             else:
                 passed += 1
         if failures:
-            pytest.fail(f"{kind} {name!r}: {len(failures)} of {len(failures) + passed + skipped} conformance cases failed:\n"
-                        + "\n".join(f"  {f}" for f in failures), pytrace=False)
+            pytest.fail(
+                f"{kind} {name!r}: {len(failures)} of {len(failures) + passed + skipped} conformance cases failed:\n"
+                + "\n".join(f"  {f}" for f in failures),
+                pytrace=False,
+            )
         if not passed:
-            pytest.fail(f"{kind} {name!r}: no conformance case applies ({skipped} skipped); nothing was checked",
-                        pytrace=False)
+            pytest.fail(
+                f"{kind} {name!r}: no conformance case applies ({skipped} skipped); nothing was checked", pytrace=False
+            )
         return {"passed": passed, "skipped": skipped}
 
 
@@ -103,14 +107,15 @@ def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
     from moeframe.conformance_kit import conformance_cases
     from moeframe.errors import UserError
 
-    args = dict(zip(("kind", "name"), marker.args))
+    # strict=False: more than two positional arguments are refused just below, with a message
+    args = dict(zip(("kind", "name"), marker.args, strict=False))
     duplicated = set(args) & set(marker.kwargs)
     if duplicated or len(marker.args) > 2:
         _refuse(f"{where}: {MARKER} takes kind and name once (positionally or by keyword)")
     options = {**args, **marker.kwargs}
     kind, name = options.pop("kind", None), options.pop("name", None)
     if not kind or not name:
-        _refuse(f"{where}: {MARKER} needs kind= and name=, e.g. @pytest.mark.{MARKER}(kind=\"kernel\", name=\"my_kernel\")")
+        _refuse(f'{where}: {MARKER} needs kind= and name=, e.g. @pytest.mark.{MARKER}(kind="kernel", name="my_kernel")')
     try:
         cases = conformance_cases(kind, name, **options)
     except (ValueError, UserError) as exc:  # unknown kind, option or strategy name: one line

@@ -12,9 +12,9 @@ import sys
 import textwrap
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from typing import TYPE_CHECKING
+import attrs
 
 if TYPE_CHECKING:
     import pytest
@@ -25,7 +25,7 @@ __all__ = ["FakeDistributions", "small_config"]
 class FakeDistributions:
     """Installs tiny plugin distributions (a dist-info with entry_points.txt) on sys.path."""
 
-    def __init__(self, root: Path, monkeypatch: "pytest.MonkeyPatch") -> None:
+    def __init__(self, root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
         self.root = root
         self.monkeypatch = monkeypatch
         root.mkdir(parents=True, exist_ok=True)
@@ -82,18 +82,36 @@ def rank_environment(rank: int, world_size: int, port: int) -> dict[str, str]:
 
     env = dict(os.environ)
     env.update(
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
-        WORLD_SIZE=str(world_size), LOCAL_WORLD_SIZE=str(world_size), OMP_NUM_THREADS="1",
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        LOCAL_WORLD_SIZE=str(world_size),
+        OMP_NUM_THREADS="1",
         PYTHONUNBUFFERED="1",
     )
     return env
 
 
-def launch_processes(world_size: int, argv: list[str], timeout: float, env: dict[str, str] | None = None) -> list[Any]:
+@attrs.frozen
+class RankProcess:
+    """How one rank's process ended (like ``subprocess.CompletedProcess``): ``returncode``
+    is ``None`` for a rank killed at the deadline."""
+
+    args: list[str]
+    returncode: int | None
+    stdout: str
+    stderr: str
+
+
+def launch_processes(
+    world_size: int, argv: list[str], timeout: float, env: dict[str, str] | None = None
+) -> list[RankProcess]:
     """Start ``argv`` once per rank with torchrun's variables; wait at most ``timeout`` seconds.
 
-    Returns one ``subprocess.CompletedProcess``-like object per rank; a rank still running
-    at the deadline is killed and gets return code ``None``.
+    Returns one :class:`RankProcess` per rank; a rank still running at the deadline is
+    killed and gets return code ``None``.
     """
     import subprocess
     import time
@@ -114,11 +132,13 @@ def launch_processes(world_size: int, argv: list[str], timeout: float, env: dict
             proc.kill()
             out, err = proc.communicate()
             code = None
-        results.append(subprocess.CompletedProcess(argv, code, out, err))
+        results.append(RankProcess(argv, code, out, err))
     return results
 
 
-def run_on_ranks(world_size: int, script: str | Path, function: str, timeout: float = 120.0, **kwargs: Any) -> list[Any]:
+def run_on_ranks(
+    world_size: int, script: str | Path, function: str, timeout: float = 120.0, **kwargs: Any
+) -> list[Any]:
     """Call ``function(**kwargs)`` from the Python file ``script`` on ``world_size`` ranks.
 
     Each rank initialises the default process group (gloo) from the environment; the
@@ -136,7 +156,9 @@ def run_on_ranks(world_size: int, script: str | Path, function: str, timeout: fl
         values = []
         for rank, res in enumerate(results):
             if res.returncode != 0:
-                raise RuntimeError(f"rank {rank} exited {res.returncode}\nstdout:\n{res.stdout[-4000:]}\nstderr:\n{res.stderr[-4000:]}")
+                raise RuntimeError(
+                    f"rank {rank} exited {res.returncode}\nstdout:\n{res.stdout[-4000:]}\nstderr:\n{res.stderr[-4000:]}"
+                )
             values.append(json.loads((Path(tmp) / f"rank{rank}.json").read_text()))
         return values
 

@@ -16,6 +16,7 @@ under tensor parallelism only its slice of the intermediate dimension.
 
 from __future__ import annotations
 
+import contextlib
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
@@ -65,10 +66,9 @@ class WeightSpec:
         """This rank's shape, from the shapes alone (nothing is allocated)."""
         probe_shape = self.shape[1:] if self.expert_dim else self.shape
         if self.shard is not None:
-            try:
+            # dims beyond what torch can describe: the unsharded shape bounds it
+            with contextlib.suppress(RuntimeError, ValueError, OverflowError):
                 probe_shape = tuple(self.shard(torch.empty(probe_shape, device="meta")).shape)
-            except (RuntimeError, ValueError, OverflowError):
-                pass  # dims beyond what torch can describe: the unsharded shape bounds it
         if self.expert_dim:
             count = self.shape[0] if self.local_experts is None else len(self.local_experts)
             return (count, *probe_shape)
@@ -146,17 +146,45 @@ def expert_weight_specs(model: Any, parallel: Any) -> list[WeightSpec]:
     local = tuple(parallel.local_experts(E)) if parallel.ep_size > 1 else None
     tp_rank, tp_size = parallel.tp_rank, parallel.tp_size
     specs = [
-        WeightSpec("experts.w13", (E, 2 * I, H), dtype, std=H**-0.5, expert_dim=True,
-                   local_experts=local, shard=tp_gate_up_rows(tp_rank, tp_size)),
-        WeightSpec("experts.w2", (E, H, I), dtype, std=I**-0.5, expert_dim=True,
-                   local_experts=local, shard=tp_cols(tp_rank, tp_size)),
+        WeightSpec(
+            "experts.w13",
+            (E, 2 * I, H),
+            dtype,
+            std=H**-0.5,
+            expert_dim=True,
+            local_experts=local,
+            shard=tp_gate_up_rows(tp_rank, tp_size),
+        ),
+        WeightSpec(
+            "experts.w2",
+            (E, H, I),
+            dtype,
+            std=I**-0.5,
+            expert_dim=True,
+            local_experts=local,
+            shard=tp_cols(tp_rank, tp_size),
+        ),
     ]
     if model.expert_bias:
         specs += [
-            WeightSpec("experts.b13", (E, 2 * I), dtype, std=0.1, expert_dim=True,
-                       local_experts=local, shard=tp_gate_up_rows(tp_rank, tp_size)),
-            WeightSpec("experts.b2", (E, H), dtype, std=0.1, expert_dim=True,
-                       local_experts=local, shard=tp_first_rank_only(tp_rank)),
+            WeightSpec(
+                "experts.b13",
+                (E, 2 * I),
+                dtype,
+                std=0.1,
+                expert_dim=True,
+                local_experts=local,
+                shard=tp_gate_up_rows(tp_rank, tp_size),
+            ),
+            WeightSpec(
+                "experts.b2",
+                (E, H),
+                dtype,
+                std=0.1,
+                expert_dim=True,
+                local_experts=local,
+                shard=tp_first_rank_only(tp_rank),
+            ),
         ]
     return specs
 
@@ -180,8 +208,9 @@ def check_readable_file(path: str | Path, what: str) -> Path:
     if path.is_dir():
         raise InputError(f"{what} {str(path)!r} is a directory; give a .safetensors file")
     if not path.is_file():
-        raise InputError(f"{what} {str(path)!r} not found" if not path.exists()
-                         else f"{what} {str(path)!r} is not a regular file")
+        raise InputError(
+            f"{what} {str(path)!r} not found" if not path.exists() else f"{what} {str(path)!r} is not a regular file"
+        )
     return path
 
 
@@ -201,28 +230,44 @@ def convert_loaded(name: str, tensor: torch.Tensor, dtype: torch.dtype, where: s
     return out, overflowed
 
 
-def report_nonfinite(where: str, nonfinite: Mapping[str, int], overflowed: Mapping[str, int], strict: bool,
-                     dtype_names: Mapping[str, str] | None = None) -> None:
+def report_nonfinite(
+    where: str,
+    nonfinite: Mapping[str, int],
+    overflowed: Mapping[str, int],
+    strict: bool,
+    dtype_names: Mapping[str, str] | None = None,
+) -> None:
     """Warn once (or, ``strict``, raise) about tensors holding NaN or inf; warn about
     conversions that lost range."""
     import warnings
 
     if overflowed:
-        names = ", ".join(f"{k} ({v} values{' from ' + dtype_names[k] if dtype_names and k in dtype_names else ''})"
-                          for k, v in overflowed.items())
-        warnings.warn(f"{where}: converting to the layer's dtype turned finite values into inf: {names}",
-                      stacklevel=3)
+        names = ", ".join(
+            f"{k} ({v} values{' from ' + dtype_names[k] if dtype_names and k in dtype_names else ''})"
+            for k, v in overflowed.items()
+        )
+        warnings.warn(f"{where}: converting to the layer's dtype turned finite values into inf: {names}", stacklevel=3)
     if nonfinite:
         names = ", ".join(f"{k} ({v})" for k, v in nonfinite.items())
         if strict:
-            raise InputError(f"{where}: tensors hold NaN or inf values: {names} (refused: {STRICT_WEIGHTS_ENV} "
-                             "or --strict-weights is set)")
-        warnings.warn(f"{where}: tensors hold NaN or inf values: {names}; the output will likely be non-finite "
-                      f"({STRICT_WEIGHTS_ENV}=1 or --strict-weights makes this an error)", stacklevel=3)
+            raise InputError(
+                f"{where}: tensors hold NaN or inf values: {names} (refused: {STRICT_WEIGHTS_ENV} "
+                "or --strict-weights is set)"
+            )
+        warnings.warn(
+            f"{where}: tensors hold NaN or inf values: {names}; the output will likely be non-finite "
+            f"({STRICT_WEIGHTS_ENV}=1 or --strict-weights makes this an error)",
+            stacklevel=3,
+        )
 
 
-def load_safetensors(path: str | Path, specs: Iterable[WeightSpec], device: torch.device | str = "cpu",
-                     strict: bool | None = None, check_values: bool = True) -> dict[str, torch.Tensor]:
+def load_safetensors(
+    path: str | Path,
+    specs: Iterable[WeightSpec],
+    device: torch.device | str = "cpu",
+    strict: bool | None = None,
+    check_values: bool = True,
+) -> dict[str, torch.Tensor]:
     """Read this rank's part of each tensor in ``specs`` from a safetensors file.
 
     Only the local experts' slices are read.  Missing, unexpected or misshapen tensors,
@@ -248,9 +293,7 @@ def load_safetensors(path: str | Path, specs: Iterable[WeightSpec], device: torc
             wanted = {s.name for s in specs}
             extra = sorted(names - wanted)
             if extra:
-                raise InputError(
-                    f"{path}: unexpected tensor {extra[0]!r}; this layer has: {', '.join(sorted(wanted))}"
-                )
+                raise InputError(f"{path}: unexpected tensor {extra[0]!r}; this layer has: {', '.join(sorted(wanted))}")
             for spec in specs:
                 if spec.name not in names:
                     raise InputError(f"{path}: missing tensor {spec.name!r} of shape {list(spec.shape)}")
@@ -283,8 +326,12 @@ def load_safetensors(path: str | Path, specs: Iterable[WeightSpec], device: torc
     return out
 
 
-def save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path, metadata: Mapping[str, str] | None = None,
-                     option: str = "output") -> None:
+def save_safetensors(
+    tensors: Mapping[str, torch.Tensor],
+    path: str | Path,
+    metadata: Mapping[str, str] | None = None,
+    option: str = "output",
+) -> None:
     """Write ``tensors`` to ``path`` atomically: the file is whole or absent, never half-written.
 
     The path follows :func:`moeframe.files.atomic_output`'s rules (the folder must exist;
@@ -325,7 +372,9 @@ def convert_gpt_oss_experts(
         "experts.w2": down_proj.transpose(1, 2).contiguous(),
     }
     if gate_up_proj_bias is not None:
-        out["experts.b13"] = torch.cat([gate_up_proj_bias[..., 0::2], gate_up_proj_bias[..., 1::2]], dim=-1).contiguous()
+        out["experts.b13"] = torch.cat(
+            [gate_up_proj_bias[..., 0::2], gate_up_proj_bias[..., 1::2]], dim=-1
+        ).contiguous()
     if down_proj_bias is not None:
         out["experts.b2"] = down_proj_bias.contiguous()
     return out

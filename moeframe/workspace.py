@@ -11,7 +11,7 @@ always fresh tensors, never views of the workspace.
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import attrs
 import torch
@@ -22,12 +22,16 @@ __all__ = ["WorkspaceRequest", "Workspace", "current_workspace", "ALIGNMENT"]
 ALIGNMENT = 256
 
 
+def _shape(dims: Iterable[int]) -> tuple[int, ...]:
+    return tuple(dims)
+
+
 @attrs.frozen(cache_hash=True)
 class WorkspaceRequest:
     """A buffer a part needs during a forward: ``shape`` elements of ``dtype``."""
 
     name: str
-    shape: tuple[int, ...] = attrs.field(converter=tuple)
+    shape: tuple[int, ...] = attrs.field(converter=_shape)
     dtype: torch.dtype
 
     @property

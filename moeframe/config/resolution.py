@@ -50,7 +50,7 @@ def resolve_strategy(kind: str, node: Any, path: str, registry: Registry, defaul
         raise ConfigError(name_path, str(exc)) from None
     # each field is validated here; whether the part can serve the whole config (its
     # ``supports``) is asked when the stack is built (moeframe.composer.check_stack)
-    params = structure(entry.load().Params, node.get("params", {}), params_path)
+    params: Any = structure(entry.load().Params, node.get("params", {}), params_path)
     return StrategyConfig(name, params)
 
 

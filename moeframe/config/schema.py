@@ -197,9 +197,7 @@ class Config:
         blob = json.dumps(self.to_dict(), sort_keys=True, default=str).encode()
         return hashlib.sha256(blob).hexdigest()[:16]
 
-    def evolve(
-        self, overrides: Mapping[str, Any] | Iterable[str], *, registry: Registry | None = None
-    ) -> Config:
+    def evolve(self, overrides: Mapping[str, Any] | Iterable[str], *, registry: Registry | None = None) -> Config:
         """A copy with ``overrides`` (dotted key paths) applied and validated."""
         from moeframe.config.loading import load_config
 

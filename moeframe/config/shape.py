@@ -58,7 +58,7 @@ class Spelling:
     def written(self, path: str) -> str:
         """``path`` (canonical) as the user wrote it."""
         best = max((k for k in self._written if _under(path, k)), key=len, default=None)
-        return path if best is None else self._written[best] + path[len(best):]
+        return path if best is None else self._written[best] + path[len(best) :]
 
 
 def _under(path: str, prefix: str) -> bool:
@@ -131,8 +131,10 @@ def _merge_tables(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, 
     out = copy.deepcopy(dict(base))
     for key, value in top.items():
         old = out.get(key)
-        both_tables = isinstance(value, Mapping) and isinstance(old, Mapping)
-        out[key] = _merge_tables(old, value) if both_tables else copy.deepcopy(value)
+        if isinstance(value, Mapping) and isinstance(old, Mapping):
+            out[key] = _merge_tables(old, value)
+        else:
+            out[key] = copy.deepcopy(value)
     return out
 
 

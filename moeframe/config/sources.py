@@ -64,9 +64,7 @@ def _read_toml_file(path: Path, label: str) -> dict[str, Any]:
         raise ConfigError("", f"invalid TOML: {exc}", label) from None
 
 
-def read_source(
-    source: str | Path, spelling: Spelling, seen: tuple[str, ...] = ()
-) -> tuple[dict[str, Any], str]:
+def read_source(source: str | Path, spelling: Spelling, seen: tuple[str, ...] = ()) -> tuple[dict[str, Any], str]:
     """The table of a file or preset in the one shape, its ``extends`` chain merged in,
     and its label (the path, or ``preset:NAME``).
 

@@ -136,8 +136,11 @@ def structure(cls: type[T], data: Any, path: str = "", *, ignore: Collection[str
         return data
     if not isinstance(data, Mapping):
         raise WrongType(path, f"expected a table of keys, got {data!r}")
-    attrs.resolve_types(cls)
-    fields = {f.name: f for f in attrs.fields(cls) if f.init and not f.name.startswith("_")}
+    klass = cls  # narrowed to an attrs class below; ``cls`` keeps the type it returns
+    if not attrs.has(klass):
+        raise TypeError(f"structure() builds attrs classes, not {cls!r}")
+    attrs.resolve_types(klass)
+    fields = {f.name: f for f in attrs.fields(klass) if f.init and not f.name.startswith("_")}
     for key in data:
         if key in ignore:
             continue

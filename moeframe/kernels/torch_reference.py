@@ -57,7 +57,9 @@ def reference_experts(
 
 
 @reference_experts.register_fake
-def _reference_experts_fake(hidden_states, topk_weights, topk_ids, w13, w2, b13, b2, expert_map, activation, alpha, limit):  # noqa: ANN001
+def _reference_experts_fake(
+    hidden_states, topk_weights, topk_ids, w13, w2, b13, b2, expert_map, activation, alpha, limit
+):
     return hidden_states.new_empty(hidden_states.shape)
 
 
@@ -78,7 +80,16 @@ class TorchReferenceKernel(Kernel):
         if torch.compiler.is_compiling():
             act = self.activation
             return torch.ops.moeframe.reference_experts(
-                hidden_states, topk_weights, topk_ids, experts.w13, experts.w2, experts.b13, experts.b2,
-                experts.expert_map, act.name, act.alpha, act.limit,
+                hidden_states,
+                topk_weights,
+                topk_ids,
+                experts.w13,
+                experts.w2,
+                experts.b13,
+                experts.b2,
+                experts.expert_map,
+                act.name,
+                act.alpha,
+                act.limit,
             )
         return reference_moe(hidden_states, topk_weights, topk_ids, experts, self.activation)

@@ -24,7 +24,14 @@ if TYPE_CHECKING:
     from moeframe.weights import WeightSpec
     from moeframe.workspace import WorkspaceRequest
 
-__all__ = ["StrategyBase", "BASE_FOR_KIND", "base_class", "contract_problem", "DEPRECATED_MEMBERS", "deprecated_members"]
+__all__ = [
+    "StrategyBase",
+    "BASE_FOR_KIND",
+    "base_class",
+    "contract_problem",
+    "DEPRECATED_MEMBERS",
+    "deprecated_members",
+]
 
 #: The base class each kind's ``impl`` must subclass, as ``"module:Class"``.
 BASE_FOR_KIND: dict[str, str] = {
@@ -137,10 +144,7 @@ def contract_problem(kind: str, impl: Any) -> str | None:
         return f"impl {impl.__module__}.{impl.__qualname__} does not subclass moeframe.{base.__name__}"
     params = impl.Params
     if not (isinstance(params, type) and attrs.has(params)):
-        return (
-            f"{impl.__qualname__}.Params must be an attrs class (decorate it with @attrs.frozen), "
-            f"not {params!r}"
-        )
+        return f"{impl.__qualname__}.Params must be an attrs class (decorate it with @attrs.frozen), not {params!r}"
     return None
 
 

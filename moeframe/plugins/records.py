@@ -6,12 +6,14 @@ import importlib
 import re
 import warnings
 from collections.abc import Iterable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import attrs
 
 if TYPE_CHECKING:
     from moeframe.plugins.contract import StrategyBase
+
+    _Base = TypeVar("_Base", bound=StrategyBase)
 
 __all__ = ["Capabilities", "OrderingRules", "Strategy", "Provider", "Entry", "KINDS", "MoeframeDeprecationWarning"]
 
@@ -30,6 +32,7 @@ def _describe_exception(exc: BaseException) -> str:
     if isinstance(exc, SystemExit):
         return f"SystemExit({exc.code!r}): a plugin called sys.exit()"
     return f"{type(exc).__name__}: {exc}"
+
 
 #: The strategy kinds, in the order data flows through a stack.
 KINDS: tuple[str, ...] = ("router", "kernel", "dispatcher", "runner", "wrapper")
@@ -109,8 +112,7 @@ class OrderingRules:
 def _check_name(_: Any, __: Any, value: str) -> None:
     if not isinstance(value, str) or not _NAME.match(value):
         raise ValueError(
-            f"strategy name {value!r} must be lower case letters, digits, '_' or '-', "
-            "starting with a letter"
+            f"strategy name {value!r} must be lower case letters, digits, '_' or '-', starting with a letter"
         )
 
 
@@ -216,7 +218,15 @@ class Entry:
                 ),
                 stacklevel=2,
             )
-        return impl  # type: ignore[no-any-return]
+        return impl
+
+    def load_as(self, base: type[_Base]) -> type[_Base]:
+        """:meth:`load`, typed as ``base`` (the kind's base class, e.g. :class:`moeframe.Kernel`):
+        for callers that construct the strategy with that kind's signature."""
+        cls = self.load()
+        if not issubclass(cls, base):
+            raise TypeError(f"{self.kind} {self.name!r} is a {cls.__qualname__}, not a {base.__qualname__}")
+        return cls
 
     def as_dict(self) -> dict[str, Any]:
         return {

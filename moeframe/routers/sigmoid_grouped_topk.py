@@ -27,7 +27,11 @@ class SigmoidGroupedTopKParams:
     routed_scaling_factor: float = option(1.0, help="multiplies the routing weights", min=0.0, exclusive_min=True)
     renormalize: bool = option(True, help="divide the K weights by their sum + 1e-20 (norm_topk_prob)")
     correction_bias: bool = option(
-        True, help="own router.e_score_correction_bias [E] (used to choose experts only); without it a group scores by its best expert"
+        True,
+        help=(
+            "own router.e_score_correction_bias [E] (used to choose experts only); "
+            "without it a group scores by its best expert"
+        ),
     )
 
 
@@ -43,16 +47,23 @@ class SigmoidGroupedTopKRouter(Router):
             return f"topk_group = {params.topk_group} must be <= n_group ({params.n_group})"
         per_group = model.num_experts // params.n_group
         if params.correction_bias and per_group < 2:
-            return f"n_group = {params.n_group}: groups need at least 2 experts to be scored by their top-2 (have {per_group})"
+            return (
+                f"n_group = {params.n_group}: groups need at least 2 experts to be scored by their top-2 "
+                f"(have {per_group})"
+            )
         if model.top_k > params.topk_group * per_group:
-            return (f"topk_group = {params.topk_group}: {params.topk_group} groups of {per_group} experts cannot "
-                    f"supply top_k = {model.top_k} experts")
+            return (
+                f"topk_group = {params.topk_group}: {params.topk_group} groups of {per_group} experts cannot "
+                f"supply top_k = {model.top_k} experts"
+            )
         return None
 
     def weight_specs(self) -> list[WeightSpec]:
         specs = super().weight_specs()
         if self.params.correction_bias:
-            specs.append(WeightSpec("router.e_score_correction_bias", (self.model.num_experts,), torch.float32, std=0.05))
+            specs.append(
+                WeightSpec("router.e_score_correction_bias", (self.model.num_experts,), torch.float32, std=0.05)
+            )
         return specs
 
     @property

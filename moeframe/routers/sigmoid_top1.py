@@ -20,8 +20,10 @@ class SigmoidTop1Router(Router):
     @classmethod
     def supports(cls, config: Config, params: Any) -> str | None:
         if config.model.top_k != 1:
-            return (f"sigmoid_top1 applies the weight to the expert input and needs model.top_k = 1 "
-                    f"(got {config.model.top_k})")
+            return (
+                f"sigmoid_top1 applies the weight to the expert input and needs model.top_k = 1 "
+                f"(got {config.model.top_k})"
+            )
         return None
 
     def select(self, logits: torch.Tensor, weights: Mapping[str, torch.Tensor]) -> TopKOutput:

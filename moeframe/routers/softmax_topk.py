@@ -17,7 +17,10 @@ class SoftmaxTopKParams:
     renormalize: bool = option(True, help="divide the K weights by their sum (Mixtral: true; Qwen: norm_topk_prob)")
     weights_dtype: str = option(
         "float32",
-        help="dtype of the routing weights: 'float32' (Mixtral) or 'activation' (Qwen: cast back to the activation dtype)",
+        help=(
+            "dtype of the routing weights: 'float32' (Mixtral) or 'activation' "
+            "(Qwen: cast back to the activation dtype)"
+        ),
         choices=("float32", "activation"),
     )
 

@@ -17,7 +17,7 @@ class TopKSoftmaxRouter(Router):
 
     def weight_specs(self) -> list[WeightSpec]:
         m = self.model
-        return super().weight_specs() + [WeightSpec("router.bias", (m.num_experts,), m.torch_dtype, std=0.1)]
+        return [*super().weight_specs(), WeightSpec("router.bias", (m.num_experts,), m.torch_dtype, std=0.1)]
 
     def logits(self, hidden_states: torch.Tensor, weights: Mapping[str, torch.Tensor]) -> torch.Tensor:
         return F.linear(hidden_states, weights["router.weight"], weights["router.bias"])

@@ -11,8 +11,9 @@ from moeframe.kernels import ExpertWeights
 from moeframe.runners import Runner
 
 
-def route(router: Any, hidden_states: torch.Tensor, router_logits: torch.Tensor,
-          tensors: Any) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def route(
+    router: Any, hidden_states: torch.Tensor, router_logits: torch.Tensor, tensors: Any
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """What the kernel gets for these tokens: ``(hidden_states, topk_weights, topk_ids)``.
 
     A router with ``weight_on_input`` (Llama-4) has its weight multiply the tokens, and
@@ -34,9 +35,7 @@ class DefaultRunner(Runner):
 
     def __init__(self, context: BuildContext, params: Any) -> None:
         super().__init__(context, params)
-        self.router = context.router
-        self.dispatcher = context.dispatcher
-        self.kernel = context.kernel
+        self.router, self.kernel, self.dispatcher = context.built_parts()
         self.weights = context.weights
         self.expert_map = context.parallel.expert_map(context.model.num_experts, context.device)
 
@@ -46,10 +45,14 @@ class DefaultRunner(Runner):
 
     def experts(self) -> ExpertWeights:
         w = self.weights
-        return ExpertWeights(w["experts.w13"], w["experts.w2"], w.get("experts.b13"), w.get("experts.b2"), self.expert_map)
+        return ExpertWeights(
+            w["experts.w13"], w["experts.w2"], w.get("experts.b13"), w.get("experts.b2"), self.expert_map
+        )
 
     def forward(self, hidden_states: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
         hidden_states, topk_weights, topk_ids = route(self.router, hidden_states, router_logits, self.weights)
         dispatched = self.dispatcher.dispatch(hidden_states, topk_weights, topk_ids)
-        expert_output = self.kernel.run(dispatched.hidden_states, dispatched.topk_weights, dispatched.topk_ids, self.experts())
+        expert_output = self.kernel.run(
+            dispatched.hidden_states, dispatched.topk_weights, dispatched.topk_ids, self.experts()
+        )
         return self.dispatcher.combine(expert_output, dispatched)

@@ -41,9 +41,10 @@ class ChunkingWrapper(Wrapper):
         self.workspace = context.workspace
         self.parallel = context.parallel
         model = context.model
+        router, _, _ = context.built_parts()
         self._requests = (
             WorkspaceRequest("chunking.hidden_states", (self.chunk, model.hidden_size), model.torch_dtype),
-            WorkspaceRequest("chunking.router_logits", (self.chunk, model.num_experts), context.router.logits_dtype),
+            WorkspaceRequest("chunking.router_logits", (self.chunk, model.num_experts), router.logits_dtype),
         )
 
     def workspace_requests(self) -> Sequence[WorkspaceRequest]:

@@ -57,15 +57,23 @@ class SharedExpertsWrapper(Wrapper):
     def supports(cls, config: Config, params: SharedExpertsParams) -> str | None:
         size = params.intermediate_size or config.model.intermediate_size
         if size % config.parallel.tp_size:
-            return f"shared_experts: intermediate_size {size} is not divisible by parallel.tp_size {config.parallel.tp_size}"
+            return (
+                f"shared_experts: intermediate_size {size} is not divisible by "
+                f"parallel.tp_size {config.parallel.tp_size}"
+            )
         return None
 
     def weight_specs(self) -> list[WeightSpec]:
         m, Is = self.model, self.intermediate_size
         tp_rank, tp_size = self.parallel.tp_rank, self.parallel.tp_size
         specs = [
-            WeightSpec("shared.w13", (2 * Is, m.hidden_size), m.torch_dtype, std=m.hidden_size**-0.5,
-                       shard=tp_gate_up_rows(tp_rank, tp_size)),
+            WeightSpec(
+                "shared.w13",
+                (2 * Is, m.hidden_size),
+                m.torch_dtype,
+                std=m.hidden_size**-0.5,
+                shard=tp_gate_up_rows(tp_rank, tp_size),
+            ),
             WeightSpec("shared.w2", (m.hidden_size, Is), m.torch_dtype, std=Is**-0.5, shard=tp_cols(tp_rank, tp_size)),
         ]
         if self.params.gated:
@@ -103,4 +111,7 @@ class SharedExpertsWrapper(Wrapper):
         return routed + shared
 
     def describe(self) -> dict[str, Any]:
-        return {"intermediate_size": self.intermediate_size, "overlap": "side stream" if self._side_stream else "in order"}
+        return {
+            "intermediate_size": self.intermediate_size,
+            "overlap": "side stream" if self._side_stream else "in order",
+        }

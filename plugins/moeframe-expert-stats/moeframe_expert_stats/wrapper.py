@@ -58,7 +58,7 @@ class ExpertStatsWrapper(Wrapper):
     def __init__(self, inner: Runner, context: BuildContext, params: ExpertStatsParams) -> None:
         super().__init__(inner, context, params)
         self.context = context
-        self.router = context.router
+        self.router, _, _ = context.built_parts()
         self.weights = context.weights
         self.stats = ExpertStats(context.model.num_experts, params.name)
         self._seen_forward = -1

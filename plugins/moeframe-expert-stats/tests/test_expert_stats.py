@@ -26,11 +26,14 @@ def test_registered_through_its_entry_point():
     assert entry.provider.name == "moeframe-expert-stats" and entry.provider.version == "0.1.0"
 
 
-@pytest.mark.parametrize("wrappers", [
-    [{"name": "expert_stats"}],
-    [{"name": "chunking", "params": {"max_num_tokens": 4}}, {"name": "expert_stats"}],
-    [{"name": "expert_stats"}, {"name": "chunking", "params": {"max_num_tokens": 4}}],
-])
+@pytest.mark.parametrize(
+    "wrappers",
+    [
+        [{"name": "expert_stats"}],
+        [{"name": "chunking", "params": {"max_num_tokens": 4}}, {"name": "expert_stats"}],
+        [{"name": "expert_stats"}, {"name": "chunking", "params": {"max_num_tokens": 4}}],
+    ],
+)
 def test_counts_per_expert_cumulative_and_last_call(wrappers):
     layer = moeframe.MoELayer("qwen3-moe", overrides={"stack.wrappers": wrappers})
     x1, x2 = torch.randn(10, 256), torch.randn(7, 256)
@@ -85,7 +88,10 @@ def test_loading_the_plugin_imports_no_torch():
     import subprocess
     import sys
 
-    code = "import sys, moeframe; moeframe.get_registry(); print('torch' in sys.modules, 'moeframe_expert_stats.wrapper' in sys.modules)"
+    code = (
+        "import sys, moeframe; moeframe.get_registry(); "
+        "print('torch' in sys.modules, 'moeframe_expert_stats.wrapper' in sys.modules)"
+    )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]
 

@@ -21,9 +21,10 @@ torch op (``torch.ops.moeframe_triton.fused_moe``) and the whole ``MoELayer`` un
 ``torch.compile(fullgraph=True)``, and captured in a CUDA graph and replayed on new
 inputs; each output is compared with eager's (equal, or within the bf16 tolerance where
 Inductor reorders the router's arithmetic).  Where a layer with the ``torch`` kernel
-does not compile either, the layer's row says so (n/a): the graph breaks in the core.  With ``--precision-cost`` it also reports what
-the fp32 intermediates cost: the kernel timed as shipped against a variant that rounds
-``h`` and the per-pair outputs to bf16 (the layout before issue 11), per shape and M.
+does not compile either, the layer's row says so (n/a): the graph breaks in the core.
+With ``--precision-cost`` it also reports what the fp32 intermediates cost: the kernel
+timed as shipped against a variant that rounds ``h`` and the per-pair outputs to bf16
+(the layout before issue 11), per shape and M.
 
 ``--smoke`` runs the same code on the CPU through Triton's interpreter, at tiny shapes and
 token counts (the test suite runs it; ``torch.compile`` with the ``aot_eager`` backend,
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import functools
 import json
 import platform
 import sys
@@ -86,8 +88,19 @@ def preset_layers() -> list[Layer]:
     out = []
     for name in list_presets():
         m = load_config(name).model
-        out.append(Layer(f"preset:{name}", m.num_experts, m.top_k, m.hidden_size, m.intermediate_size,
-                         m.activation, m.expert_bias, m.swiglu_alpha, m.swiglu_limit))
+        out.append(
+            Layer(
+                f"preset:{name}",
+                m.num_experts,
+                m.top_k,
+                m.hidden_size,
+                m.intermediate_size,
+                m.activation,
+                m.expert_bias,
+                m.swiglu_alpha,
+                m.swiglu_limit,
+            )
+        )
     return out
 
 
@@ -102,13 +115,18 @@ def measure_peaks(device: torch.device, smoke: bool) -> dict[str, float]:
     src = torch.empty(numel, device=device, dtype=torch.bfloat16).fill_(1.0)
     dst = torch.empty_like(src)
     t_copy = median_time(lambda: dst.copy_(src), device, reps=3 if smoke else 20, warmup=1 if smoke else 3)
-    return {"matmul_flops": 2 * n**3 / t_mm, "copy_bytes_per_s": 2 * numel * 2 / t_copy, "matmul_n": n,
-            "copy_bytes": 2 * numel * 2}
+    return {
+        "matmul_flops": 2 * n**3 / t_mm,
+        "copy_bytes_per_s": 2 * numel * 2 / t_copy,
+        "matmul_n": n,
+        "copy_bytes": 2 * numel * 2,
+    }
 
 
 # -- the implementations compared -----------------------------------------------------------
-def grouped_mm_moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, experts: ExpertWeights,
-                   activation: Activation) -> torch.Tensor:
+def grouped_mm_moe(
+    x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, experts: ExpertWeights, activation: Activation
+) -> torch.Tensor:
     """The MoE computed with ``torch._grouped_mm`` (the path transformers calls grouped_mm):
     sort pairs by expert, gather tokens, two grouped GEMMs, weighted scatter-add in fp32."""
     T, H = x.shape
@@ -144,7 +162,9 @@ def make_layer_tensors(layer: Layer, device: torch.device, seed: int = 0) -> Exp
     return ExpertWeights(w13, w2, b13, b2)
 
 
-def make_routing(layer: Layer, M: int, device: torch.device, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def make_routing(
+    layer: Layer, M: int, device: torch.device, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator(device=device).manual_seed(seed)
     x = torch.randn(M, layer.hidden_size, generator=g, device=device).to(torch.bfloat16)
     logits = torch.randn(M, layer.num_experts, generator=g, device=device)
@@ -164,8 +184,14 @@ def work(layer: Layer, M: int, topk_ids: torch.Tensor) -> tuple[float, float]:
 
 
 # -- the run --------------------------------------------------------------------------------
-def run_layer(layer: Layer, tokens: Sequence[int], device: torch.device, peaks: dict[str, float],
-              reps: dict[str, int], log: Callable[[str], None]) -> list[dict[str, Any]]:
+def run_layer(
+    layer: Layer,
+    tokens: Sequence[int],
+    device: torch.device,
+    peaks: dict[str, float],
+    reps: dict[str, int],
+    log: Callable[[str], None],
+) -> list[dict[str, Any]]:
     """Check and time every implementation on ``layer`` at each token count (the layer's
     tensors are freed on return)."""
     from moeframe_triton.fused_moe import fused_moe
@@ -185,36 +211,54 @@ def run_layer(layer: Layer, tokens: Sequence[int], device: torch.device, peaks: 
         expected = reference_moe(x, w, ids, experts, act)
         flops, bytes_ = work(layer, M, ids)
         for name in ("triton", "grouped_mm", "torch"):
-            row: dict[str, Any] = {"layer": layer.name, "E": layer.num_experts, "top_k": layer.top_k,
-                                   "H": layer.hidden_size, "I": layer.intermediate_size, "M": M, "impl": name}
+            row: dict[str, Any] = {
+                "layer": layer.name,
+                "E": layer.num_experts,
+                "top_k": layer.top_k,
+                "H": layer.hidden_size,
+                "I": layer.intermediate_size,
+                "M": M,
+                "impl": name,
+            }
             if name not in impls:
                 rows.append({**row, "ok": None, "note": "torch._grouped_mm not available"})
                 continue
             fn = impls[name]
             try:
                 cmp = compare(fn(x, w, ids), expected, tol)
-                t = median_time(lambda fn=fn, x=x, w=w, ids=ids: fn(x, w, ids), device, reps[name])
+                t = median_time(functools.partial(fn, x, w, ids), device, reps[name])
             except Exception as exc:  # report it in the table; a peer's failure is not ours
                 note = f"{type(exc).__name__}: {str(exc).splitlines()[0][:120] if str(exc) else ''}"
                 rows.append({**row, "ok": None if name == "grouped_mm" else False, "note": note})
                 log(f"{layer.name:>24} M={M:<5} {name:<10} ERROR {note}")
                 continue
-            row.update({
-                "ok": cmp.ok, "max_abs_error": cmp.max_abs_error, "median_s": t,
-                "tflops": flops / t / 1e12, "gbps": bytes_ / t / 1e9,
-                "frac_flops": flops / t / peaks["matmul_flops"], "frac_bw": bytes_ / t / peaks["copy_bytes_per_s"],
-            })
+            row.update(
+                {
+                    "ok": cmp.ok,
+                    "max_abs_error": cmp.max_abs_error,
+                    "median_s": t,
+                    "tflops": flops / t / 1e12,
+                    "gbps": bytes_ / t / 1e9,
+                    "frac_flops": flops / t / peaks["matmul_flops"],
+                    "frac_bw": bytes_ / t / peaks["copy_bytes_per_s"],
+                }
+            )
             rows.append(row)
-            log(f"{layer.name:>24} M={M:<5} {name:<10} {'ok ' if cmp.ok else 'BAD'} "
-                f"{t * 1e3:9.3f} ms {row['tflops']:8.2f} TFLOP/s {row['gbps']:8.1f} GB/s")
+            log(
+                f"{layer.name:>24} M={M:<5} {name:<10} {'ok ' if cmp.ok else 'BAD'} "
+                f"{t * 1e3:9.3f} ms {row['tflops']:8.2f} TFLOP/s {row['gbps']:8.1f} GB/s"
+            )
     return rows
 
 
 # -- torch.compile, CUDA graphs, precision ---------------------------------------------------
 def _graph_config(device: torch.device) -> dict[str, Any]:
-    return {"seed": 0, "model": {"num_experts": 8, "top_k": 2, "hidden_size": 64, "intermediate_size": 32,
-                                 "dtype": "bfloat16"},
-            "router": {"name": "softmax_topk"}, "stack": {"kernel": "triton"}}
+    return {
+        "seed": 0,
+        "model": {"num_experts": 8, "top_k": 2, "hidden_size": 64, "intermediate_size": 32, "dtype": "bfloat16"},
+        "router": {"name": "softmax_topk"},
+        "stack": {"kernel": "triton"},
+    }
 
 
 def _outcome(name: str, fn: Callable[[], tuple[torch.Tensor, torch.Tensor]], exact: bool) -> dict[str, Any]:
@@ -222,7 +266,7 @@ def _outcome(name: str, fn: Callable[[], tuple[torch.Tensor, torch.Tensor]], exa
     the bf16 tolerance when ``exact`` is false; an exception is a failure, in one line."""
     try:
         out, eager = fn()
-    except Exception as exc:  # noqa: BLE001 - reported in the table
+    except Exception as exc:
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
         return {"check": name, "ok": False, "note": f"{type(exc).__name__}: {first}"}
     equal = out.shape == eager.shape and torch.equal(out, eager)
@@ -246,27 +290,34 @@ def graph_checks(device: torch.device, smoke: bool, log: Callable[[str], None]) 
     w, ids = make_routing(Layer("graph", 8, 2, 64, 32), 16, device, seed=3)[1:]
 
     def op(x: torch.Tensor) -> torch.Tensor:
-        return torch.ops.moeframe_triton.fused_moe(x, w, ids, experts.w13, experts.w2, None, None, None,
-                                                   "silu", 1.702, 7.0)
+        return torch.ops.moeframe_triton.fused_moe(
+            x, w, ids, experts.w13, experts.w2, None, None, None, "silu", 1.702, 7.0
+        )
 
     rows = []
     with torch.inference_mode():
         for name, fn, exact in (("op", op, True), ("layer", layer, False)):
+
             def compiled(fn: Callable[[torch.Tensor], torch.Tensor] = fn) -> tuple[torch.Tensor, torch.Tensor]:
                 torch._dynamo.reset()
                 c = torch.compile(fn, backend=backend, fullgraph=True)
                 c(x1)
                 return c(x2), fn(x2)
+
             row = _outcome(f"torch.compile({name}, fullgraph=True, backend={backend})", compiled, exact)
             if name == "layer" and not row["ok"]:
                 control = moeframe.MoELayer({**_graph_config(device), "stack": {"kernel": "torch"}}, device=device)
                 torch._dynamo.reset()
                 try:
                     torch.compile(control, backend=backend, fullgraph=True)(x1)
-                except Exception as exc:  # noqa: BLE001 - the core's graph break, not the kernel's
+                except Exception as exc:
                     first = str(exc).strip().splitlines()[0][:160] if str(exc).strip() else ""
-                    row = {**row, "ok": None, "note": f"the layer with the torch kernel does not compile either "
-                                                      f"({type(exc).__name__}: {first}); triton: {row['note']}"}
+                    row = {
+                        **row,
+                        "ok": None,
+                        "note": f"the layer with the torch kernel does not compile either "
+                        f"({type(exc).__name__}: {first}); triton: {row['note']}",
+                    }
             rows.append(row)
             if device.type != "cuda":
                 rows.append({"check": f"CUDA graph ({name})", "ok": None, "note": "no CUDA device"})
@@ -287,6 +338,7 @@ def graph_checks(device: torch.device, smoke: bool, log: Callable[[str], None]) 
                 graph.replay()
                 torch.cuda.synchronize()
                 return out.clone(), fn(x2)
+
             rows.append(_outcome(f"CUDA graph capture + replay ({name})", captured, True))
     for r in rows:
         log(f"graph check: {r['check']}: {'n/a' if r['ok'] is None else 'ok' if r['ok'] else 'FAIL'} ({r['note']})")
@@ -300,18 +352,22 @@ def precision_sweep(device: torch.device, log: Callable[[str], None]) -> list[di
     from moeframe.plugins import get_registry
 
     entry = get_registry().get("kernel", "triton")
-    rows = []
+    rows: list[dict[str, Any]] = []
     for case in scale_cases(entry):
         r = run_kernel_case(entry, case, device)
-        rows.append({"check": f"precision {case.id}", "ok": r.ok,
-                     "note": r.error or f"max rel error {r.comparison.max_rel_error:.2e}"})
+        if r.error is None and r.comparison is not None:
+            note = f"max rel error {r.comparison.max_rel_error:.2e}"
+        else:
+            note = r.error or "no comparison was made"
+        rows.append({"check": f"precision {case.id}", "ok": r.ok, "note": note})
     bad = [r["check"] for r in rows if not r["ok"]]
     log(f"precision sweep: {len(rows) - len(bad)}/{len(rows)} ok" + (f"; FAIL {', '.join(bad)}" if bad else ""))
     return rows
 
 
-def intermediate_cost(layers: Sequence[Layer], tokens: Sequence[int], device: torch.device, reps: int,
-                      log: Callable[[str], None]) -> list[dict[str, Any]]:
+def intermediate_cost(
+    layers: Sequence[Layer], tokens: Sequence[int], device: torch.device, reps: int, log: Callable[[str], None]
+) -> list[dict[str, Any]]:
     """The kernel as shipped (fp32 ``h`` and per-pair outputs, split down GEMM) against the
     same kernel with them in bf16: the time of each and their ratio."""
     from moeframe_triton.fused_moe import fused_moe
@@ -324,22 +380,47 @@ def intermediate_cost(layers: Sequence[Layer], tokens: Sequence[int], device: to
             x, w, ids = make_routing(layer, M, device, seed=M)
             times = {}
             for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16)):
-                def call(dtype: torch.dtype = dtype) -> torch.Tensor:
-                    return fused_moe(x, w, ids, experts.w13, experts.w2, experts.b13, experts.b2, activation=act,
-                                     intermediate_dtype=dtype)
+                # partial binds this iteration's tensors (a closure would read the loop variables late)
+                call = functools.partial(
+                    fused_moe,
+                    x,
+                    w,
+                    ids,
+                    experts.w13,
+                    experts.w2,
+                    experts.b13,
+                    experts.b2,
+                    activation=act,
+                    intermediate_dtype=dtype,
+                )
                 times[name] = median_time(call, device, reps)
-            rows.append({"layer": layer.name, "M": M, "fp32_s": times["fp32"], "bf16_s": times["bf16"],
-                         "ratio": times["fp32"] / times["bf16"]})
-            log(f"{layer.name:>24} M={M:<5} fp32 intermediates {times['fp32'] * 1e3:9.3f} ms, bf16 "
-                f"{times['bf16'] * 1e3:9.3f} ms: x{times['fp32'] / times['bf16']:.2f}")
+            rows.append(
+                {
+                    "layer": layer.name,
+                    "M": M,
+                    "fp32_s": times["fp32"],
+                    "bf16_s": times["bf16"],
+                    "ratio": times["fp32"] / times["bf16"],
+                }
+            )
+            log(
+                f"{layer.name:>24} M={M:<5} fp32 intermediates {times['fp32'] * 1e3:9.3f} ms, bf16 "
+                f"{times['bf16'] * 1e3:9.3f} ms: x{times['fp32'] / times['bf16']:.2f}"
+            )
         del experts
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return rows
 
 
-def run(layers: Sequence[Layer], tokens: Sequence[int], device: torch.device, smoke: bool,
-        log: Callable[[str], None], precision_cost: bool = False) -> dict[str, Any]:
+def run(
+    layers: Sequence[Layer],
+    tokens: Sequence[int],
+    device: torch.device,
+    smoke: bool,
+    log: Callable[[str], None],
+    precision_cost: bool = False,
+) -> dict[str, Any]:
     """Measure the peaks, then check and time every layer at every token count."""
     from moeframe_triton._triton import INTERPRETER
 
@@ -357,15 +438,25 @@ def run(layers: Sequence[Layer], tokens: Sequence[int], device: torch.device, sm
     import triton
 
     env = {
-        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"cpu ({platform.processor() or platform.machine()})",
         "mode": "interpreter" if INTERPRETER else "compiled",
-        "torch": torch.__version__, "triton": triton.__version__,
-        "cuda": torch.version.cuda, "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
         "smoke": smoke,
     }
-    return {"env": env, "peaks": peaks, "tolerance": attrs.asdict(tol), "rows": rows, "checks": checks,
-            "intermediate_cost": cost,
-            "ok": all(r["ok"] is not False for r in rows) and all(c["ok"] is not False for c in checks)}
+    return {
+        "env": env,
+        "peaks": peaks,
+        "tolerance": attrs.asdict(tol),
+        "rows": rows,
+        "checks": checks,
+        "intermediate_cost": cost,
+        "ok": all(r["ok"] is not False for r in rows) and all(c["ok"] is not False for c in checks),
+    }
 
 
 def markdown(result: dict[str, Any]) -> str:
@@ -373,14 +464,22 @@ def markdown(result: dict[str, Any]) -> str:
     lines = [
         f"# Triton kernel: check and timings on {env['device']}",
         "",
-        f"Generated by `plugins/moeframe-triton/benchmarks/gpu_check.py{' --smoke' if env['smoke'] else ''}` on {env['date']}"
-        f" (torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, {env['mode']}).",
+        (
+            "Generated by `plugins/moeframe-triton/benchmarks/gpu_check.py"
+            f"{' --smoke' if env['smoke'] else ''}` on {env['date']}"
+            f" (torch {env['torch']}, triton {env['triton']}, CUDA {env['cuda']}, {env['mode']})."
+        ),
         "",
-        f"Measured in the same run: dense bf16 matmul ({peaks['matmul_n']}^3) **{peaks['matmul_flops'] / 1e12:.1f} TFLOP/s**, "
-        f"copy ({peaks['copy_bytes'] / 2**30:.2f} GiB moved) **{peaks['copy_bytes_per_s'] / 1e9:.0f} GB/s**.  "
-        "bf16; routing: softmax top-k of random logits, renormalised.  FLOPs: 2 x M x top_k x 3 x H x I; bytes: "
-        "the experts hit (read once) plus input and output.  `% FLOP` and `% BW` are fractions of the measured peaks.  "
-        f"Check: against the `torch` reference kernel, atol {result['tolerance']['atol']:g}, rtol {result['tolerance']['rtol']:g}.",
+        (
+            f"Measured in the same run: dense bf16 matmul ({peaks['matmul_n']}^3) "
+            f"**{peaks['matmul_flops'] / 1e12:.1f} TFLOP/s**, "
+            f"copy ({peaks['copy_bytes'] / 2**30:.2f} GiB moved) **{peaks['copy_bytes_per_s'] / 1e9:.0f} GB/s**.  "
+            "bf16; routing: softmax top-k of random logits, renormalised.  FLOPs: 2 x M x top_k x 3 x H x I; bytes: "
+            "the experts hit (read once) plus input and output.  "
+            "`% FLOP` and `% BW` are fractions of the measured peaks.  "
+            f"Check: against the `torch` reference kernel, atol {result['tolerance']['atol']:g}, "
+            f"rtol {result['tolerance']['rtol']:g}."
+        ),
         "",
         "| layer | E | top_k | H | I | M | impl | check | max abs err | median ms | TFLOP/s | GB/s | % FLOP | % BW |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -388,25 +487,43 @@ def markdown(result: dict[str, Any]) -> str:
     for r in result["rows"]:
         if "note" in r:
             verdict = "n/a" if r["ok"] is None else "**FAIL**"
-            lines.append(f"| {r['layer']} | {r['E']} | {r['top_k']} | {r['H']} | {r['I']} | {r['M']} | {r['impl']} | "
-                         f"{verdict}: {r['note'].replace('|', '/')} | | | | | | |")
+            lines.append(
+                f"| {r['layer']} | {r['E']} | {r['top_k']} | {r['H']} | {r['I']} | {r['M']} | {r['impl']} | "
+                f"{verdict}: {r['note'].replace('|', '/')} | | | | | | |"
+            )
             continue
         lines.append(
             f"| {r['layer']} | {r['E']} | {r['top_k']} | {r['H']} | {r['I']} | {r['M']} | {r['impl']} | "
             f"{'ok' if r['ok'] else '**FAIL**'} | {r['max_abs_error']:.2e} | {r['median_s'] * 1e3:.3f} | "
             f"{r['tflops']:.3g} | {r['gbps']:.3g} | {100 * r['frac_flops']:.3g} | {100 * r['frac_bw']:.3g} |"
         )
-    lines += ["", "## torch.compile, CUDA graphs and the precision sweep", "", "| check | result | note |", "|---|---|---|"]
+    lines += [
+        "",
+        "## torch.compile, CUDA graphs and the precision sweep",
+        "",
+        "| check | result | note |",
+        "|---|---|---|",
+    ]
     for c in result.get("checks", []):
         verdict = "n/a" if c["ok"] is None else "ok" if c["ok"] else "**FAIL**"
         lines.append(f"| {c['check']} | {verdict} | {c['note'].replace('|', '/')} |")
     if result.get("intermediate_cost"):
-        lines += ["", "## What the fp32 intermediates cost", "",
-                  "The kernel as shipped (fp32 `h` and per-pair outputs, the down GEMM's `h` split into two bf16 dots) "
-                  "against the same kernel keeping them in bf16.", "",
-                  "| layer | M | fp32 ms | bf16 ms | ratio |", "|---|---|---|---|---|"]
+        lines += [
+            "",
+            "## What the fp32 intermediates cost",
+            "",
+            (
+                "The kernel as shipped (fp32 `h` and per-pair outputs, the down GEMM's `h` split into two bf16 dots) "
+                "against the same kernel keeping them in bf16."
+            ),
+            "",
+            "| layer | M | fp32 ms | bf16 ms | ratio |",
+            "|---|---|---|---|---|",
+        ]
         for r in result["intermediate_cost"]:
-            lines.append(f"| {r['layer']} | {r['M']} | {r['fp32_s'] * 1e3:.3f} | {r['bf16_s'] * 1e3:.3f} | {r['ratio']:.2f} |")
+            lines.append(
+                f"| {r['layer']} | {r['M']} | {r['fp32_s'] * 1e3:.3f} | {r['bf16_s'] * 1e3:.3f} | {r['ratio']:.2f} |"
+            )
     lines.append("")
     return "\n".join(lines)
 
@@ -418,14 +535,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--json", type=Path, help="write the raw results (JSON) here")
     p.add_argument("--tokens", default=None, help="comma-separated token counts (default 1,16,64,256,1024,4096)")
     p.add_argument("--no-presets", action="store_true", help="only the model layers, not the packaged presets")
-    p.add_argument("--precision-cost", action="store_true",
-                   help="also time the kernel with bf16 intermediates (what the fp32 ones cost)")
+    p.add_argument(
+        "--precision-cost",
+        action="store_true",
+        help="also time the kernel with bf16 intermediates (what the fp32 ones cost)",
+    )
     args = p.parse_args(argv)
 
     if args.smoke:
         device = torch.device("cpu")
         layers: list[Layer] = list(SMOKE_LAYERS)
-        tokens = SMOKE_TOKENS
+        tokens: tuple[int, ...] = SMOKE_TOKENS
     else:
         if not torch.cuda.is_available():
             sys.stderr.write("gpu_check: no CUDA GPU here; run it on the GPU, or use --smoke for the CPU code path\n")
@@ -440,8 +560,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.smoke:  # OpenMP workers spinning between torch ops would starve the interpreter
         torch.set_num_threads(1)
     try:
-        result = run(layers, tokens, device, args.smoke, log=lambda m: print(m, flush=True),
-                     precision_cost=args.precision_cost)
+        result = run(
+            layers, tokens, device, args.smoke, log=lambda m: print(m, flush=True), precision_cost=args.precision_cost
+        )
     finally:
         torch.set_num_threads(threads)
     result["env"]["wall_s"] = time.perf_counter() - start

@@ -29,11 +29,10 @@ def _gpu_device_nodes() -> bool:
 def cuda_available() -> bool:
     """What ``torch.cuda.is_available()`` says, without importing torch when no GPU
     device node exists (then the answer is certainly False)."""
-    torch = sys.modules.get("torch")
-    if torch is None:
-        if not _gpu_device_nodes():
-            return False
-        import torch
+    if "torch" not in sys.modules and not _gpu_device_nodes():
+        return False
+    import torch
+
     return bool(torch.cuda.is_available())
 
 

@@ -17,10 +17,10 @@ from moeframe_triton._device import INTERPRET_ENV, interpreter_mode
 if not os.environ.get(INTERPRET_ENV, "").strip() and interpreter_mode():
     os.environ[INTERPRET_ENV] = "1"
 
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
-import triton.language.standard as _standard  # noqa: E402
-from triton.runtime.interpreter import InterpretedFunction as _Interpreted  # noqa: E402
+import triton
+import triton.language as tl
+import triton.language.standard as _standard
+from triton.runtime.interpreter import InterpretedFunction as _Interpreted
 
 if interpreter_mode() and not isinstance(_standard.cdiv, _Interpreted):
     # triton was imported earlier (torch.profiler and torch.compile import it) with the

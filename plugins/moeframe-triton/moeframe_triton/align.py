@@ -73,8 +73,15 @@ def _align_count_kernel(ids_ptr, counts_ptr, num_pairs, CHUNK: tl.constexpr, E_P
 
 
 @triton.jit(do_not_specialize=["num_chunks"])
-def _align_scan_kernel(counts_ptr, chunk_offsets_ptr, totals_ptr, num_chunks,
-                       E_PAD: tl.constexpr, ROWS: tl.constexpr, E_BLOCK: tl.constexpr):
+def _align_scan_kernel(
+    counts_ptr,
+    chunk_offsets_ptr,
+    totals_ptr,
+    num_chunks,
+    E_PAD: tl.constexpr,
+    ROWS: tl.constexpr,
+    E_BLOCK: tl.constexpr,
+):
     """chunk_offsets[c, e] = pairs of expert e in chunks before c; totals[e] = all of them."""
     pid = tl.program_id(0)
     experts = pid * E_BLOCK + tl.arange(0, E_BLOCK)
@@ -91,11 +98,23 @@ def _align_scan_kernel(counts_ptr, chunk_offsets_ptr, totals_ptr, num_chunks,
 
 
 @triton.jit(do_not_specialize=["num_pairs", "max_rows"])
-def _align_place_kernel(ids_ptr, chunk_offsets_ptr, totals_ptr, expert_map_ptr,
-                        sorted_ids_ptr, expert_ids_ptr, total_ptr,
-                        num_pairs, max_rows,
-                        BLOCK_SIZE: tl.constexpr, CHUNK: tl.constexpr, E_PAD: tl.constexpr,
-                        ROWS: tl.constexpr, SINGLE_CHUNK: tl.constexpr, HAS_MAP: tl.constexpr):
+def _align_place_kernel(
+    ids_ptr,
+    chunk_offsets_ptr,
+    totals_ptr,
+    expert_map_ptr,
+    sorted_ids_ptr,
+    expert_ids_ptr,
+    total_ptr,
+    num_pairs,
+    max_rows,
+    BLOCK_SIZE: tl.constexpr,
+    CHUNK: tl.constexpr,
+    E_PAD: tl.constexpr,
+    ROWS: tl.constexpr,
+    SINGLE_CHUNK: tl.constexpr,
+    HAS_MAP: tl.constexpr,
+):
     """Write each pair of this chunk to its slot; fill padding slots and block experts."""
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
@@ -104,7 +123,7 @@ def _align_place_kernel(ids_ptr, chunk_offsets_ptr, totals_ptr, expert_map_ptr,
     offs = pid * CHUNK + lane
     valid = offs < num_pairs
     ids = tl.load(ids_ptr + offs, mask=valid, other=-1).to(tl.int32)
-    onehot = ids[:, None] == experts[None, :]                      # [CHUNK, E_PAD]
+    onehot = ids[:, None] == experts[None, :]  # [CHUNK, E_PAD]
     if SINGLE_CHUNK:
         totals = tl.sum(onehot.to(tl.int32), axis=0)
         chunk_base = tl.zeros([CHUNK], dtype=tl.int32)
@@ -125,7 +144,7 @@ def _align_place_kernel(ids_ptr, chunk_offsets_ptr, totals_ptr, expert_map_ptr,
     for row_start in range(pid * ROWS, max_rows, num_programs * ROWS):
         rows = row_start + tl.arange(0, ROWS)
         in_rows = rows < max_rows
-        owner = (rows[:, None] >= starts[None, :]) & (rows[:, None] < ends[None, :])   # [ROWS, E_PAD]
+        owner = (rows[:, None] >= starts[None, :]) & (rows[:, None] < ends[None, :])  # [ROWS, E_PAD]
         owned = tl.sum(owner.to(tl.int32), axis=1) > 0
         expert = tl.sum(tl.where(owner, experts[None, :], 0), axis=1)
         rank_in_group = rows - tl.sum(tl.where(owner, starts[None, :], 0), axis=1)
@@ -134,7 +153,7 @@ def _align_place_kernel(ids_ptr, chunk_offsets_ptr, totals_ptr, expert_map_ptr,
         sentinel = tl.zeros([ROWS], dtype=tl.int32) + num_pairs
         tl.store(sorted_ids_ptr + rows, sentinel, mask=in_rows & is_padding)
         block_head = in_rows & (rows % BLOCK_SIZE == 0)
-        if HAS_MAP:
+        if HAS_MAP:  # noqa: SIM108 (a constexpr branch Triton resolves at compile time)
             local = tl.load(expert_map_ptr + expert, mask=block_head & owned, other=-1)
         else:
             local = expert
@@ -188,12 +207,34 @@ def align_block_size(
         totals = torch.empty(e_pad, dtype=torch.int32, device=device)
         rt.launch(_align_count_kernel, (num_chunks,), ids, counts, num_pairs, CHUNK=chunk, E_PAD=e_pad)
         e_block = min(e_pad, _SCAN_EXPERTS)
-        rt.launch(_align_scan_kernel, (e_pad // e_block,), counts, chunk_offsets, totals, num_chunks,
-                  E_PAD=e_pad, ROWS=_SCAN_ROWS, E_BLOCK=e_block)
+        rt.launch(
+            _align_scan_kernel,
+            (e_pad // e_block,),
+            counts,
+            chunk_offsets,
+            totals,
+            num_chunks,
+            E_PAD=e_pad,
+            ROWS=_SCAN_ROWS,
+            E_BLOCK=e_block,
+        )
     rt.launch(
-        _align_place_kernel, (num_chunks,),
-        ids, chunk_offsets, totals, emap, sorted_ids, expert_ids, total, num_pairs, max_rows,
-        BLOCK_SIZE=block_size, CHUNK=chunk, E_PAD=e_pad, ROWS=chunk, SINGLE_CHUNK=single,
+        _align_place_kernel,
+        (num_chunks,),
+        ids,
+        chunk_offsets,
+        totals,
+        emap,
+        sorted_ids,
+        expert_ids,
+        total,
+        num_pairs,
+        max_rows,
+        BLOCK_SIZE=block_size,
+        CHUNK=chunk,
+        E_PAD=e_pad,
+        ROWS=chunk,
+        SINGLE_CHUNK=single,
         HAS_MAP=expert_map is not None,
     )
     return sorted_ids, expert_ids, total

@@ -67,7 +67,13 @@ class ConfigWarning(UserWarning):
 
 def _power_of_two(minimum: int, maximum: int) -> Any:
     def check(_: Any, attribute: attrs.Attribute, value: int) -> None:
-        if not isinstance(value, int) or isinstance(value, bool) or value < minimum or value > maximum or value & (value - 1):
+        if (
+            not isinstance(value, int)
+            or isinstance(value, bool)
+            or value < minimum
+            or value > maximum
+            or value & (value - 1)
+        ):
             raise ValueError(f"{attribute.name} must be a power of two in [{minimum}, {maximum}], got {value!r}")
 
     return check
@@ -90,13 +96,23 @@ class GemmConfig:
     num_stages: int = attrs.field(default=3, validator=_positive)
 
     def to_json(self) -> dict[str, int]:
-        return {"BLOCK_SIZE_N": self.block_n, "BLOCK_SIZE_K": self.block_k, "GROUP_SIZE_M": self.group_m,
-                "num_warps": self.num_warps, "num_stages": self.num_stages}
+        return {
+            "BLOCK_SIZE_N": self.block_n,
+            "BLOCK_SIZE_K": self.block_k,
+            "GROUP_SIZE_M": self.group_m,
+            "num_warps": self.num_warps,
+            "num_stages": self.num_stages,
+        }
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> GemmConfig:
-        return cls(int(data["BLOCK_SIZE_N"]), int(data["BLOCK_SIZE_K"]), int(data.get("GROUP_SIZE_M", 1)),
-                   int(data.get("num_warps", 4)), int(data.get("num_stages", 3)))
+        return cls(
+            int(data["BLOCK_SIZE_N"]),
+            int(data["BLOCK_SIZE_K"]),
+            int(data.get("GROUP_SIZE_M", 1)),
+            int(data.get("num_warps", 4)),
+            int(data.get("num_stages", 3)),
+        )
 
 
 @attrs.frozen
@@ -119,7 +135,9 @@ class MoEConfig:
         down GEMM's A tile is the fp32 intermediate ``h``."""
         size = _DTYPE_BYTES[dtype]
         up = self.up.num_stages * (self.block_m * self.up.block_k + 2 * self.up.block_k * self.up.block_n) * size
-        down = self.down.num_stages * (self.block_m * self.down.block_k * H_BYTES + self.down.block_k * self.down.block_n * size)
+        down = self.down.num_stages * (
+            self.block_m * self.down.block_k * H_BYTES + self.down.block_k * self.down.block_n * size
+        )
         return {"up": up, "down": down}
 
 
@@ -129,8 +147,9 @@ def config_file_name(E: int, N: int, K: int, dtype: str, device_name: str) -> st
     return f"E={E},N={N},K={K},device_name={device},dtype={dtype}.json"
 
 
-def pipeline_bytes(block_m: int, block_n: int, block_k: int, stages: int, dtype: str, b_tiles: int,
-                   a_bytes: int | None = None) -> int:
+def pipeline_bytes(
+    block_m: int, block_n: int, block_k: int, stages: int, dtype: str, b_tiles: int, a_bytes: int | None = None
+) -> int:
     """Shared memory of a GEMM pipeline: ``stages`` x (an A tile of ``a_bytes`` elements,
     default the dtype's, and ``b_tiles`` weight tiles)."""
     size = _DTYPE_BYTES[dtype]
@@ -139,10 +158,16 @@ def pipeline_bytes(block_m: int, block_n: int, block_k: int, stages: int, dtype:
 
 def _fit_stages(cfg: GemmConfig, block_m: int, dtype: str, b_tiles: int, a_bytes: int | None = None) -> GemmConfig:
     stages = cfg.num_stages
-    while stages > 2 and pipeline_bytes(block_m, cfg.block_n, cfg.block_k, stages, dtype, b_tiles, a_bytes) > SHARED_MEMORY_BUDGET:
+    while (
+        stages > 2
+        and pipeline_bytes(block_m, cfg.block_n, cfg.block_k, stages, dtype, b_tiles, a_bytes) > SHARED_MEMORY_BUDGET
+    ):
         stages -= 1
     block_k = cfg.block_k
-    while pipeline_bytes(block_m, cfg.block_n, block_k, stages, dtype, b_tiles, a_bytes) > SHARED_MEMORY_BUDGET and block_k > 16:
+    while (
+        pipeline_bytes(block_m, cfg.block_n, block_k, stages, dtype, b_tiles, a_bytes) > SHARED_MEMORY_BUDGET
+        and block_k > 16
+    ):
         block_k //= 2
     return attrs.evolve(cfg, num_stages=stages, block_k=block_k)
 
@@ -213,8 +238,17 @@ def read_config_file(path: str | Path) -> dict[int, MoEConfig]:
     return out
 
 
-def write_config_file(path: str | Path, configs: Mapping[int, MoEConfig], *, E: int, N: int, K: int,
-                      dtype: str, device_name: str, extra: Mapping[str, Any] | None = None) -> Path:
+def write_config_file(
+    path: str | Path,
+    configs: Mapping[int, MoEConfig],
+    *,
+    E: int,
+    N: int,
+    K: int,
+    dtype: str,
+    device_name: str,
+    extra: Mapping[str, Any] | None = None,
+) -> Path:
     """Write a tuned file (atomically); entries already in it for other batch sizes are kept."""
     path = Path(path)
     merged: dict[int, MoEConfig] = read_config_file(path) if path.is_file() else {}
@@ -222,7 +256,11 @@ def write_config_file(path: str | Path, configs: Mapping[int, MoEConfig], *, E: 
     doc = {
         "format": FILE_FORMAT_VERSION,
         "kernel": "moeframe-triton fused_moe",
-        "E": E, "N": N, "K": K, "dtype": dtype, "device_name": device_name,
+        "E": E,
+        "N": N,
+        "K": K,
+        "dtype": dtype,
+        "device_name": device_name,
         **(dict(extra) if extra else {}),
         "configs": {str(m): merged[m].to_json() for m in sorted(merged)},
     }
@@ -268,8 +306,9 @@ def _load(path: Path) -> dict[int, MoEConfig] | None:
     return cached
 
 
-def lookup_config(M: int, E: int, N: int, K: int, dtype: str, device_name: str, *,
-                  override_dir: str | Path | None = None) -> tuple[MoEConfig, Path] | None:
+def lookup_config(
+    M: int, E: int, N: int, K: int, dtype: str, device_name: str, *, override_dir: str | Path | None = None
+) -> tuple[MoEConfig, Path] | None:
     """The tuned config for ``M`` tokens (nearest batch size) and the file it came from,
     or None when neither the override folder nor the shipped files have the shape."""
     found = _find_table(config_file_name(E, N, K, dtype, device_name), _search_dirs(override_dir))
@@ -285,8 +324,9 @@ def _find_table(name: str, dirs: list[Path]) -> tuple[dict[int, MoEConfig], Path
     return None
 
 
-def get_config(M: int, E: int, N: int, K: int, dtype: str, device_name: str, *,
-               override_dir: str | Path | None = None) -> MoEConfig:
+def get_config(
+    M: int, E: int, N: int, K: int, dtype: str, device_name: str, *, override_dir: str | Path | None = None
+) -> MoEConfig:
     """The config the kernel uses on a GPU: a tuned one if a file has the shape, else
     :func:`default_config`, warning once per shape (naming the missing file)."""
     dirs = _search_dirs(override_dir)

@@ -30,8 +30,18 @@ from moeframe_triton._triton import INTERPRETER, tl, triton
 from moeframe_triton.align import align_block_size, max_padded_rows
 from moeframe_triton.configs import GemmConfig, MoEConfig, get_config, interpreter_config
 
-__all__ = ["fused_moe", "check_inputs", "select_config", "route_blocks", "run_up", "run_down", "run_sum", "RoutedBlocks",
-           "ACTIVATION_CODES", "FP16_SPLIT_SCALE"]
+__all__ = [
+    "fused_moe",
+    "check_inputs",
+    "select_config",
+    "route_blocks",
+    "run_up",
+    "run_down",
+    "run_sum",
+    "RoutedBlocks",
+    "ACTIVATION_CODES",
+    "FP16_SPLIT_SCALE",
+]
 
 #: the activation as the kernels' constexpr
 ACTIVATION_CODES = {"silu": 0, "gelu": 1, "swigluoai": 2}
@@ -40,17 +50,37 @@ _SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 @triton.jit(do_not_specialize=["num_pairs", "num_rows"])  # they vary with the token count
 def _moe_up_kernel(
-    x_ptr, w_ptr, b_ptr, h_ptr,
-    sorted_ids_ptr, expert_ids_ptr, total_ptr,
-    N, K, num_pairs, num_rows,
-    stride_xm, stride_xk,
-    stride_we, stride_wn, stride_wk,
-    stride_be, stride_bn,
-    stride_hm, stride_hn,
-    alpha, limit,
-    TOP_K: tl.constexpr, ACTIVATION: tl.constexpr, HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr,
+    x_ptr,
+    w_ptr,
+    b_ptr,
+    h_ptr,
+    sorted_ids_ptr,
+    expert_ids_ptr,
+    total_ptr,
+    N,
+    K,
+    num_pairs,
+    num_rows,
+    stride_xm,
+    stride_xk,
+    stride_we,
+    stride_wn,
+    stride_wk,
+    stride_be,
+    stride_bn,
+    stride_hm,
+    stride_hn,
+    alpha,
+    limit,
+    TOP_K: tl.constexpr,
+    ACTIVATION: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """h[pair, n] = act(x[pair // TOP_K] . w13[e, n] + b13[e, n], x . w13[e, N + n] + b13[e, N + n])."""
     # GROUP_M block rows sweep the columns together (weight tiles reused from L2);
@@ -83,7 +113,7 @@ def _moe_up_kernel(
     up_ptrs = gate_ptrs + N * stride_wn
     acc_gate = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k in range(0, (K + BLOCK_K - 1) // BLOCK_K):
+    for k in range((K + BLOCK_K - 1) // BLOCK_K):
         k_mask = offs_k < K - k * BLOCK_K
         a = tl.load(x_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         gate_w = tl.load(gate_ptrs, mask=k_mask[:, None], other=0.0)
@@ -114,16 +144,36 @@ def _moe_up_kernel(
 
 @triton.jit(do_not_specialize=["num_pairs", "num_rows"])
 def _moe_down_kernel(
-    h_ptr, w_ptr, b_ptr, y_ptr, weights_ptr,
-    sorted_ids_ptr, expert_ids_ptr, total_ptr,
-    N, K, num_pairs, num_rows,
-    stride_hm, stride_hk,
-    stride_we, stride_wn, stride_wk,
-    stride_be, stride_bn,
-    stride_ym, stride_yn,
+    h_ptr,
+    w_ptr,
+    b_ptr,
+    y_ptr,
+    weights_ptr,
+    sorted_ids_ptr,
+    expert_ids_ptr,
+    total_ptr,
+    N,
+    K,
+    num_pairs,
+    num_rows,
+    stride_hm,
+    stride_hk,
+    stride_we,
+    stride_wn,
+    stride_wk,
+    stride_be,
+    stride_bn,
+    stride_ym,
+    stride_yn,
     HAS_BIAS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-    UPCAST_DOT: tl.constexpr, PRECISION: tl.constexpr, SPLIT: tl.constexpr, SPLIT_SCALE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    UPCAST_DOT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    SPLIT: tl.constexpr,
+    SPLIT_SCALE: tl.constexpr,
 ):
     """y[pair, n] = weight[pair] * (h[pair] . w2[e, n] + b2[e, n]), h in fp32.
 
@@ -160,7 +210,7 @@ def _moe_down_kernel(
     a_ptrs = h_ptr + pair[:, None] * stride_hm + offs_k[None, :] * stride_hk
     w_ptrs = w_ptr + expert * stride_we + offs_wn[None, :] * stride_wn + offs_k[:, None] * stride_wk
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for k in range(0, (K + BLOCK_K - 1) // BLOCK_K):
+    for k in range((K + BLOCK_K - 1) // BLOCK_K):
         k_mask = offs_k < K - k * BLOCK_K
         a = tl.load(a_ptrs, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         w = tl.load(w_ptrs, mask=k_mask[:, None], other=0.0)
@@ -191,8 +241,20 @@ def _moe_down_kernel(
 
 
 @triton.jit(do_not_specialize=["T"])
-def _moe_sum_kernel(y_ptr, out_ptr, T, H, stride_yt, stride_yk, stride_yh, stride_ot, stride_oh,
-                    TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+def _moe_sum_kernel(
+    y_ptr,
+    out_ptr,
+    T,
+    H,
+    stride_yt,
+    stride_yk,
+    stride_yh,
+    stride_ot,
+    stride_oh,
+    TOP_K: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+):
     """out[t, h] = sum over k of y[t, k, h], in fp32, k in increasing order."""
     rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -215,8 +277,14 @@ def _device_name(device: torch.device) -> str:
     return _device_names[index]
 
 
-def select_config(num_tokens: int, num_experts: int, intermediate_size: int, hidden_size: int,
-                  dtype: torch.dtype, device: torch.device) -> MoEConfig:
+def select_config(
+    num_tokens: int,
+    num_experts: int,
+    intermediate_size: int,
+    hidden_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> MoEConfig:
     """The config for a call: :func:`~moeframe_triton.configs.interpreter_config` under the
     interpreter, else the tuned file's (or the heuristic's) for this GPU."""
     name = dtype_name(dtype)
@@ -225,23 +293,36 @@ def select_config(num_tokens: int, num_experts: int, intermediate_size: int, hid
     return get_config(num_tokens, num_experts, intermediate_size, hidden_size, name, _device_name(device))
 
 
-def check_inputs(hidden_states: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-           w13: torch.Tensor, w2: torch.Tensor, b13: torch.Tensor | None, b2: torch.Tensor | None,
-           expert_map: torch.Tensor | None) -> None:
+def check_inputs(
+    hidden_states: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    b13: torch.Tensor | None,
+    b2: torch.Tensor | None,
+    expert_map: torch.Tensor | None,
+) -> None:
     """``ValueError`` naming the tensor whose shape or dtype does not fit (metadata only:
     also the op's fake implementation)."""
     T, H = hidden_states.shape
     if hidden_states.dtype not in _SUPPORTED_DTYPES:
-        raise ValueError(f"hidden_states is {hidden_states.dtype}; the triton kernel supports float32, bfloat16, float16")
+        raise ValueError(
+            f"hidden_states is {hidden_states.dtype}; the triton kernel supports float32, bfloat16, float16"
+        )
     if topk_ids.dim() != 2 or topk_ids.shape[0] != T or topk_weights.shape != topk_ids.shape:
-        raise ValueError(f"topk_ids {list(topk_ids.shape)} and topk_weights {list(topk_weights.shape)} must both be [{T}, K]")
+        raise ValueError(
+            f"topk_ids {list(topk_ids.shape)} and topk_weights {list(topk_weights.shape)} must both be [{T}, K]"
+        )
     if w13.dim() != 3 or w13.shape[2] != H or w13.shape[1] % 2:
         raise ValueError(f"w13 has shape {list(w13.shape)}; expected [E, 2I, {H}]")
     E, I = w13.shape[0], w13.shape[1] // 2
     if tuple(w2.shape) != (E, H, I):
         raise ValueError(f"w2 has shape {list(w2.shape)}; expected [{E}, {H}, {I}]")
     if w13.dtype != hidden_states.dtype or w2.dtype != hidden_states.dtype:
-        raise ValueError(f"weights are {w13.dtype}/{w2.dtype} but hidden_states is {hidden_states.dtype}; convert at load time")
+        raise ValueError(
+            f"weights are {w13.dtype}/{w2.dtype} but hidden_states is {hidden_states.dtype}; convert at load time"
+        )
     if (b13 is None) != (b2 is None):
         raise ValueError("give both expert biases b13 and b2, or neither")
     if b13 is not None and (tuple(b13.shape) != (E, 2 * I) or tuple(b2.shape) != (E, H)):  # type: ignore[union-attr]
@@ -270,16 +351,22 @@ class RoutedBlocks:
         return self.num_tokens * self.top_k
 
 
-def route_blocks(topk_weights: torch.Tensor, topk_ids: torch.Tensor, block_m: int, num_experts: int,
-                 expert_map: torch.Tensor | None = None) -> RoutedBlocks:
+def route_blocks(
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    block_m: int,
+    num_experts: int,
+    expert_map: torch.Tensor | None = None,
+) -> RoutedBlocks:
     """Align ``topk_ids`` to blocks of ``block_m`` rows (see :mod:`moeframe_triton.align`)."""
     T, top_k = topk_ids.shape
     sorted_ids, expert_ids, total = align_block_size(topk_ids, block_m, num_experts, expert_map)
     weights = topk_weights.reshape(-1)
     if not weights.is_contiguous():
         weights = weights.contiguous()
-    return RoutedBlocks(sorted_ids, expert_ids, total, max_padded_rows(T * top_k, num_experts, block_m),
-                        block_m, T, top_k, weights)
+    return RoutedBlocks(
+        sorted_ids, expert_ids, total, max_padded_rows(T * top_k, num_experts, block_m), block_m, T, top_k, weights
+    )
 
 
 def _dot_flags(dtype: torch.dtype) -> tuple[bool, str]:
@@ -300,8 +387,15 @@ def _split_flags(weight_dtype: torch.dtype) -> tuple[bool, float]:
     return True, FP16_SPLIT_SCALE if weight_dtype == torch.float16 else 1.0
 
 
-def run_up(hidden_states: torch.Tensor, w13: torch.Tensor, b13: torch.Tensor | None, routed: RoutedBlocks,
-           gemm: GemmConfig, activation: Activation, intermediate_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+def run_up(
+    hidden_states: torch.Tensor,
+    w13: torch.Tensor,
+    b13: torch.Tensor | None,
+    routed: RoutedBlocks,
+    gemm: GemmConfig,
+    activation: Activation,
+    intermediate_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
     """GEMM 1 with bias and activation fused: a new ``h [T * K, I]`` in fp32 (whatever the
     activation dtype: rounding ``h`` to 16 bits loses precision, and fp16 its range).
     ``intermediate_dtype`` is for measuring what fp32 costs (see :func:`fused_moe`)."""
@@ -314,24 +408,51 @@ def run_up(hidden_states: torch.Tensor, w13: torch.Tensor, b13: torch.Tensor | N
     rt.launch(
         _moe_up_kernel,
         (triton.cdiv(routed.num_rows, block_m) * triton.cdiv(I, gemm.block_n),),
-        hidden_states, w13, bias, h,
-        routed.sorted_ids, routed.expert_ids, routed.total,
-        I, H, routed.num_pairs, routed.num_rows,
-        hidden_states.stride(0), hidden_states.stride(1),
-        w13.stride(0), w13.stride(1), w13.stride(2),
-        bias.stride(0), bias.stride(1),
-        h.stride(0), h.stride(1),
-        float(activation.alpha), float(activation.limit),
-        TOP_K=routed.top_k, ACTIVATION=ACTIVATION_CODES[activation.name], HAS_BIAS=b13 is not None,
-        BLOCK_M=block_m, BLOCK_N=gemm.block_n, BLOCK_K=gemm.block_k, GROUP_M=gemm.group_m,
-        UPCAST_DOT=upcast, PRECISION=precision,
-        num_warps=gemm.num_warps, num_stages=gemm.num_stages,
+        hidden_states,
+        w13,
+        bias,
+        h,
+        routed.sorted_ids,
+        routed.expert_ids,
+        routed.total,
+        I,
+        H,
+        routed.num_pairs,
+        routed.num_rows,
+        hidden_states.stride(0),
+        hidden_states.stride(1),
+        w13.stride(0),
+        w13.stride(1),
+        w13.stride(2),
+        bias.stride(0),
+        bias.stride(1),
+        h.stride(0),
+        h.stride(1),
+        float(activation.alpha),
+        float(activation.limit),
+        TOP_K=routed.top_k,
+        ACTIVATION=ACTIVATION_CODES[activation.name],
+        HAS_BIAS=b13 is not None,
+        BLOCK_M=block_m,
+        BLOCK_N=gemm.block_n,
+        BLOCK_K=gemm.block_k,
+        GROUP_M=gemm.group_m,
+        UPCAST_DOT=upcast,
+        PRECISION=precision,
+        num_warps=gemm.num_warps,
+        num_stages=gemm.num_stages,
     )
     return h
 
 
-def run_down(h: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor | None, routed: RoutedBlocks,
-             gemm: GemmConfig, out: torch.Tensor | None = None) -> torch.Tensor:
+def run_down(
+    h: torch.Tensor,
+    w2: torch.Tensor,
+    b2: torch.Tensor | None,
+    routed: RoutedBlocks,
+    gemm: GemmConfig,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """GEMM 2 with bias and routed weight fused, from ``h`` (fp32: split into two 16-bit
     dots for 16-bit weights): ``y [T * K, H]`` in ``h``'s dtype for the top-k sum (or into
     ``out``, any dtype, if given)."""
@@ -344,17 +465,38 @@ def run_down(h: torch.Tensor, w2: torch.Tensor, b2: torch.Tensor | None, routed:
     rt.launch(
         _moe_down_kernel,
         (triton.cdiv(routed.num_rows, block_m) * triton.cdiv(H, gemm.block_n),),
-        h, w2, bias, y, routed.weights,
-        routed.sorted_ids, routed.expert_ids, routed.total,
-        H, I, routed.num_pairs, routed.num_rows,
-        h.stride(0), h.stride(1),
-        w2.stride(0), w2.stride(1), w2.stride(2),
-        bias.stride(0), bias.stride(1),
-        y.stride(0), y.stride(1),
+        h,
+        w2,
+        bias,
+        y,
+        routed.weights,
+        routed.sorted_ids,
+        routed.expert_ids,
+        routed.total,
+        H,
+        I,
+        routed.num_pairs,
+        routed.num_rows,
+        h.stride(0),
+        h.stride(1),
+        w2.stride(0),
+        w2.stride(1),
+        w2.stride(2),
+        bias.stride(0),
+        bias.stride(1),
+        y.stride(0),
+        y.stride(1),
         HAS_BIAS=b2 is not None,
-        BLOCK_M=block_m, BLOCK_N=gemm.block_n, BLOCK_K=gemm.block_k, GROUP_M=gemm.group_m,
-        UPCAST_DOT=upcast, PRECISION=precision, SPLIT=split, SPLIT_SCALE=split_scale,
-        num_warps=gemm.num_warps, num_stages=gemm.num_stages,
+        BLOCK_M=block_m,
+        BLOCK_N=gemm.block_n,
+        BLOCK_K=gemm.block_k,
+        GROUP_M=gemm.group_m,
+        UPCAST_DOT=upcast,
+        PRECISION=precision,
+        SPLIT=split,
+        SPLIT_SCALE=split_scale,
+        num_warps=gemm.num_warps,
+        num_stages=gemm.num_stages,
     )
     return y
 
@@ -367,9 +509,20 @@ def run_sum(y: torch.Tensor, num_tokens: int, top_k: int, dtype: torch.dtype | N
     block_h = min(128, max(16, rt.next_power_of_2(H)))
     block_t = 16 if not INTERPRETER else min(64, max(16, rt.next_power_of_2(num_tokens)))
     rt.launch(
-        _moe_sum_kernel, (triton.cdiv(num_tokens, block_t), triton.cdiv(H, block_h)),
-        y, out, num_tokens, H, top_k * y.stride(0), y.stride(0), y.stride(1), out.stride(0), out.stride(1),
-        TOP_K=top_k, BLOCK_T=block_t, BLOCK_H=block_h,
+        _moe_sum_kernel,
+        (triton.cdiv(num_tokens, block_t), triton.cdiv(H, block_h)),
+        y,
+        out,
+        num_tokens,
+        H,
+        top_k * y.stride(0),
+        y.stride(0),
+        y.stride(1),
+        out.stride(0),
+        out.stride(1),
+        TOP_K=top_k,
+        BLOCK_T=block_t,
+        BLOCK_H=block_h,
     )
     return out
 
@@ -403,7 +556,9 @@ def fused_moe(
     if T == 0:
         return torch.empty((0, H), dtype=hidden_states.dtype, device=hidden_states.device)
     if activation.name not in ACTIVATION_CODES:
-        raise ValueError(f"unknown activation {activation.name!r}; the triton kernel supports {', '.join(ACTIVATION_CODES)}")
+        raise ValueError(
+            f"unknown activation {activation.name!r}; the triton kernel supports {', '.join(ACTIVATION_CODES)}"
+        )
     E, I = w13.shape[0], w13.shape[1] // 2
     top_k = topk_ids.shape[1]
     num_experts = expert_map.numel() if expert_map is not None else E

@@ -39,8 +39,17 @@ class TritonKernel(Kernel):
     ) -> torch.Tensor:
         act = self.activation
         return fused_moe_op(
-            hidden_states, topk_weights, topk_ids, experts.w13, experts.w2, experts.b13, experts.b2,
-            experts.expert_map, act.name, float(act.alpha), float(act.limit),
+            hidden_states,
+            topk_weights,
+            topk_ids,
+            experts.w13,
+            experts.w2,
+            experts.b13,
+            experts.b2,
+            experts.expert_map,
+            act.name,
+            float(act.alpha),
+            float(act.limit),
         )
 
     def describe(self) -> dict[str, Any]:
@@ -51,13 +60,14 @@ class TritonKernel(Kernel):
         cls,
         config: Config,
         *,
-        batch_sizes: Sequence[int],
-        output_dir: str | Path,
+        batch_sizes: Sequence[int] | None,
+        output_dir: str | Path | None,
         device: str = "cuda",
         log: Callable[[str], None] | None = None,
     ) -> list[Path]:
         """Search block sizes, warps and stages for ``config``'s layer shape at each batch
         size on the GPU and write the tuned file into ``output_dir``; return its path.
+        ``batch_sizes`` None: the default list; ``output_dir`` None: the current folder.
         The shape is one rank's: ``parallel.ep_size`` (unset: 1) and ``parallel.tp_size``
         divide the experts and the intermediate size.
 
@@ -65,5 +75,14 @@ class TritonKernel(Kernel):
         """
         from moeframe_triton.tune import tune_model
 
-        return [tune_model(config.model, batch_sizes=batch_sizes, output_dir=Path(output_dir), device=device, log=log,
-                           expert_parallel=config.parallel.ep_size or 1, tensor_parallel=config.parallel.tp_size)]
+        return [
+            tune_model(
+                config.model,
+                batch_sizes=batch_sizes,
+                output_dir=Path("." if output_dir is None else output_dir),
+                device=device,
+                log=log,
+                expert_parallel=config.parallel.ep_size or 1,
+                tensor_parallel=config.parallel.tp_size,
+            )
+        ]

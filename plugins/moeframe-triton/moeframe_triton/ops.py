@@ -43,8 +43,17 @@ def fused_moe_op(
 ) -> torch.Tensor:
     """``out[t] = sum_k w[t,k] * f_{ids[t,k]}(x[t])``: a new ``[T, H]`` tensor in the
     activation dtype (see :func:`~moeframe_triton.fused_moe.fused_moe`)."""
-    return fused_moe(hidden_states, topk_weights, topk_ids, w13, w2, b13, b2,
-                     activation=Activation(activation, alpha, limit), expert_map=expert_map)
+    return fused_moe(
+        hidden_states,
+        topk_weights,
+        topk_ids,
+        w13,
+        w2,
+        b13,
+        b2,
+        activation=Activation(activation, alpha, limit),
+        expert_map=expert_map,
+    )
 
 
 @fused_moe_op.register_fake

@@ -8,8 +8,9 @@ import torch
 from moeframe_triton.align import align_block_size, chunk_size_for, max_padded_rows
 
 
-def reference_align(topk_ids: torch.Tensor, block: int, num_experts: int,
-                    expert_map: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, int]:
+def reference_align(
+    topk_ids: torch.Tensor, block: int, num_experts: int, expert_map: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Pairs grouped by expert in increasing pair order, each group padded with the
     sentinel to a multiple of ``block``; the (local) expert of each block; the total."""
     flat = topk_ids.reshape(-1)
@@ -41,8 +42,9 @@ def even_local_map(num_experts: int) -> torch.Tensor:
     return emap
 
 
-def check_against_reference(topk_ids: torch.Tensor, block: int, num_experts: int,
-                            expert_map: torch.Tensor | None, chunk_size: int | None = None) -> int:
+def check_against_reference(
+    topk_ids: torch.Tensor, block: int, num_experts: int, expert_map: torch.Tensor | None, chunk_size: int | None = None
+) -> int:
     sorted_ids, expert_ids, total = align_block_size(topk_ids, block, num_experts, expert_map, chunk_size=chunk_size)
     exp_sorted, exp_experts, exp_total = reference_align(topk_ids, block, num_experts, expert_map)
     num_pairs = topk_ids.numel()
@@ -52,9 +54,9 @@ def check_against_reference(topk_ids: torch.Tensor, block: int, num_experts: int
     assert sorted_ids.numel() == rows >= exp_total and rows % block == 0
     assert expert_ids.numel() == rows // block
     assert torch.equal(sorted_ids[:exp_total].long(), exp_sorted)
-    assert (sorted_ids[exp_total:] == num_pairs).all()          # past the total: the sentinel
+    assert (sorted_ids[exp_total:] == num_pairs).all()  # past the total: the sentinel
     assert torch.equal(expert_ids[: exp_total // block].long(), exp_experts)
-    assert (expert_ids[exp_total // block:] == -1).all()          # past the total: no expert
+    assert (expert_ids[exp_total // block :] == -1).all()  # past the total: no expert
     return exp_total
 
 
@@ -84,8 +86,11 @@ def test_align_multi_chunk_path(use_map):
     """Several chunks (count, scan and place kernels), with chunk borders inside groups,
     and a skewed routing where one expert takes most pairs."""
     g = torch.Generator().manual_seed(7)
-    ids = torch.where(torch.rand(70, 2, generator=g) < 0.6, torch.zeros(70, 2, dtype=torch.long),
-                      torch.randint(0, 8, (70, 2), generator=g))
+    ids = torch.where(
+        torch.rand(70, 2, generator=g) < 0.6,
+        torch.zeros(70, 2, dtype=torch.long),
+        torch.randint(0, 8, (70, 2), generator=g),
+    )
     emap = even_local_map(8) if use_map else None
     assert chunk_size_for(8) > 16  # the default would use fewer chunks
     total = check_against_reference(ids, 16, 8, emap, chunk_size=16)

@@ -58,8 +58,10 @@ def lookup(M: int, **shape) -> MoEConfig:
 
 
 def test_file_name_is_keyed_by_shape_dtype_and_device():
-    assert config_file_name(8, 14336, 4096, "bfloat16", "NVIDIA H200") == \
-        "E=8,N=14336,K=4096,device_name=NVIDIA_H200,dtype=bfloat16.json"
+    assert (
+        config_file_name(8, 14336, 4096, "bfloat16", "NVIDIA H200")
+        == "E=8,N=14336,K=4096,device_name=NVIDIA_H200,dtype=bfloat16.json"
+    )
 
 
 def test_exact_batch_size(tmp_path, monkeypatch):
@@ -73,10 +75,10 @@ def test_exact_batch_size(tmp_path, monkeypatch):
 def test_nearest_batch_size_wins(tmp_path, monkeypatch):
     monkeypatch.setenv(CONFIG_DIR_ENV, str(tmp_path / "mine"))
     write(tmp_path / "mine", {1: SMALL, 64: MIDDLE, 1024: LARGE})
-    assert lookup(20) == SMALL       # |20-1| = 19 < |20-64| = 44
-    assert lookup(40) == MIDDLE      # 24 < 39
-    assert lookup(500) == MIDDLE     # 436 < 524
-    assert lookup(600) == LARGE      # 424 < 536
+    assert lookup(20) == SMALL  # |20-1| = 19 < |20-64| = 44
+    assert lookup(40) == MIDDLE  # 24 < 39
+    assert lookup(500) == MIDDLE  # 436 < 524
+    assert lookup(600) == LARGE  # 424 < 536
     assert lookup(100_000) == LARGE
     write(tmp_path / "mine", {10: SMALL, 20: MIDDLE}, E=4)
     assert lookup(15, E=4) == SMALL  # a tie goes to the smaller batch size
@@ -99,8 +101,8 @@ def test_fallback_warns_once_per_shape_naming_the_file(recwarn):
     first = lookup(1)
     assert first == default_config(1, 8, 14336, 4096, "bfloat16")
     lookup(1)
-    lookup(4096)                          # same shape, another batch size: no new warning
-    lookup(1, dtype="float16")            # another shape: one more
+    lookup(4096)  # same shape, another batch size: no new warning
+    lookup(1, dtype="float16")  # another shape: one more
     found = [w for w in recwarn.list if issubclass(w.category, ConfigWarning)]
     assert len(found) == 2
     assert "E=8,N=14336,K=4096,device_name=NVIDIA_H200,dtype=bfloat16.json" in str(found[0].message)
@@ -144,8 +146,13 @@ def test_a_broken_file_is_a_user_error_naming_it(tmp_path, monkeypatch):
 
 
 @settings(max_examples=60, deadline=None, derandomize=True)
-@given(M=st.integers(1, 65536), E=st.integers(1, 512), N=st.integers(1, 32768), K=st.integers(1, 16384),
-       dtype=st.sampled_from(["float32", "bfloat16", "float16"]))
+@given(
+    M=st.integers(1, 65536),
+    E=st.integers(1, 512),
+    N=st.integers(1, 32768),
+    K=st.integers(1, 16384),
+    dtype=st.sampled_from(["float32", "bfloat16", "float16"]),
+)
 def test_heuristic_gives_valid_configs(M, E, N, K, dtype):
     cfg = default_config(M, E, N, K, dtype)
     for value in (cfg.block_m, cfg.up.block_n, cfg.up.block_k, cfg.down.block_n, cfg.down.block_k):

@@ -25,8 +25,9 @@ COMBOS = list(itertools.product(DTYPES, ACTIVATIONS, (False, True), (False, True
 FACTORS = (TOKENS, EXPERTS, TOPK, DTYPES, ACTIVATIONS, (False, True), (False, True))
 
 
-def run_case(case: KernelCase, seed: int = 0, config: MoEConfig | None = None,
-             transform=None) -> tuple[torch.Tensor, torch.Tensor, dict]:
+def run_case(
+    case: KernelCase, seed: int = 0, config: MoEConfig | None = None, transform=None
+) -> tuple[torch.Tensor, torch.Tensor, dict]:
     """The triton kernel's and the reference kernel's outputs on the conformance inputs."""
     inputs = make_case_inputs(case, seed=seed)
     if transform is not None:
@@ -34,8 +35,18 @@ def run_case(case: KernelCase, seed: int = 0, config: MoEConfig | None = None,
     model = case.model()
     expected = reference_moe(**inputs, activation=Activation.from_model(model))
     e = inputs["experts"]
-    out = fused_moe(inputs["hidden_states"], inputs["topk_weights"], inputs["topk_ids"], e.w13, e.w2, e.b13, e.b2,
-                    activation=Activation.from_model(model), expert_map=e.expert_map, config=config)
+    out = fused_moe(
+        inputs["hidden_states"],
+        inputs["topk_weights"],
+        inputs["topk_ids"],
+        e.w13,
+        e.w2,
+        e.b13,
+        e.b2,
+        activation=Activation.from_model(model),
+        expert_map=e.expert_map,
+        config=config,
+    )
     return out, expected, inputs
 
 
@@ -70,15 +81,22 @@ CASES = covering_cases()
 
 
 def test_cases_meet_every_pair_of_values():
-    wanted = {(i, a, j, b) for (i, fa), (j, fb) in itertools.combinations(enumerate(FACTORS), 2) for a in fa for b in fb}
+    wanted = {
+        (i, a, j, b) for (i, fa), (j, fb) in itertools.combinations(enumerate(FACTORS), 2) for a in fa for b in fb
+    }
     met = set().union(*(_pairs(c) for c in CASES))
     assert wanted <= met
     assert {c[3:] for c in CASES} == set(COMBOS)
 
 
-@pytest.mark.parametrize("m,num_experts,topk,dtype,activation,bias,expert_map", CASES,
-                         ids=[f"m{c[0]}-E{c[1]}-k{c[2]}-{c[3]}-{c[4]}-{'bias' if c[5] else 'nobias'}-"
-                              f"{'map' if c[6] else 'nomap'}" for c in CASES])
+@pytest.mark.parametrize(
+    "m,num_experts,topk,dtype,activation,bias,expert_map",
+    CASES,
+    ids=[
+        f"m{c[0]}-E{c[1]}-k{c[2]}-{c[3]}-{c[4]}-{'bias' if c[5] else 'nobias'}-{'map' if c[6] else 'nomap'}"
+        for c in CASES
+    ],
+)
 def test_fused_matches_reference(m, num_experts, topk, dtype, activation, bias, expert_map):
     case = KernelCase(activation, bias, expert_map, dtype, m, num_experts=num_experts, top_k=topk)
     out, expected, inputs = run_case(case, seed=m * 7 + num_experts + topk)
@@ -110,8 +128,17 @@ CONFIGS = {
 @pytest.mark.parametrize("name,dtype", [("bm16-tails-swizzle", "float32"), ("bm32-wide", "bfloat16")])
 def test_fused_with_explicit_configs(name, dtype):
     """Tiles smaller than the dimensions: K loops with masked tails, wrapped N columns."""
-    case = KernelCase("silu" if dtype == "float32" else "swigluoai", True, name == "bm32-wide", dtype, 24,
-                      num_experts=8, top_k=2, hidden_size=72, intermediate_size=40)
+    case = KernelCase(
+        "silu" if dtype == "float32" else "swigluoai",
+        True,
+        name == "bm32-wide",
+        dtype,
+        24,
+        num_experts=8,
+        top_k=2,
+        hidden_size=72,
+        intermediate_size=40,
+    )
     assert_matches(case, *run_case(case, seed=11, config=CONFIGS[name]))
 
 
@@ -121,8 +148,17 @@ def test_zero_tokens_launches_nothing(monkeypatch):
     case = KernelCase("silu", True, True, "bfloat16", 0)
     inputs = make_case_inputs(case)
     e = inputs["experts"]
-    out = fused_moe(inputs["hidden_states"], inputs["topk_weights"], inputs["topk_ids"], e.w13, e.w2, e.b13, e.b2,
-                    activation=Activation("silu"), expert_map=e.expert_map)
+    out = fused_moe(
+        inputs["hidden_states"],
+        inputs["topk_weights"],
+        inputs["topk_ids"],
+        e.w13,
+        e.w2,
+        e.b13,
+        e.b2,
+        activation=Activation("silu"),
+        expert_map=e.expert_map,
+    )
     assert launches == []
     assert out.shape == (0, case.hidden_size) and out.dtype == torch.bfloat16
 
@@ -162,7 +198,7 @@ def test_no_local_expert_gives_zeros():
 
 def test_deterministic_and_fresh_output():
     case = KernelCase("silu", True, False, "bfloat16", 33, top_k=3)
-    first, _, inputs = run_case(case)
+    first, _, _ = run_case(case)
     second, _, _ = run_case(case)
     assert torch.equal(first, second)
     assert first.data_ptr() != second.data_ptr() and first.is_contiguous()
@@ -186,11 +222,23 @@ def test_mismatched_shapes_are_refused():
     inputs = make_case_inputs(case)
     e = inputs["experts"]
     with pytest.raises(ValueError, match=r"w2 has shape"):
-        fused_moe(inputs["hidden_states"], inputs["topk_weights"], inputs["topk_ids"], e.w13, e.w2[:, :-1],
-                  activation=Activation("silu"))
+        fused_moe(
+            inputs["hidden_states"],
+            inputs["topk_weights"],
+            inputs["topk_ids"],
+            e.w13,
+            e.w2[:, :-1],
+            activation=Activation("silu"),
+        )
     with pytest.raises(ValueError, match=r"convert at load time"):
-        fused_moe(inputs["hidden_states"], inputs["topk_weights"], inputs["topk_ids"], e.w13.half(), e.w2.half(),
-                  activation=Activation("silu"))
+        fused_moe(
+            inputs["hidden_states"],
+            inputs["topk_weights"],
+            inputs["topk_ids"],
+            e.w13.half(),
+            e.w2.half(),
+            activation=Activation("silu"),
+        )
 
 
 @pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # numpy, in the interpreter

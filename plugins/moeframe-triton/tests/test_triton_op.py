@@ -20,16 +20,29 @@ from moeframe_triton.ops import OP_NAME
 def op_args(case: KernelCase, activation: str = "silu") -> tuple:
     inputs = make_case_inputs(case)
     e = inputs["experts"]
-    return (inputs["hidden_states"], inputs["topk_weights"], inputs["topk_ids"], e.w13, e.w2, e.b13, e.b2,
-            e.expert_map, activation, 1.702, 7.0)
+    return (
+        inputs["hidden_states"],
+        inputs["topk_weights"],
+        inputs["topk_ids"],
+        e.w13,
+        e.w2,
+        e.b13,
+        e.b2,
+        e.expert_map,
+        activation,
+        1.702,
+        7.0,
+    )
 
 
 def test_op_is_registered_with_a_schema():
     op = torch.ops.moeframe_triton.fused_moe.default
     assert op.name() == OP_NAME
     schema = str(op._schema)
-    assert schema.startswith(OP_NAME + "(Tensor hidden_states, Tensor topk_weights, Tensor topk_ids, Tensor w13, Tensor w2, "
-                             "Tensor? b13, Tensor? b2, Tensor? expert_map, str activation, float alpha, float limit)")
+    assert schema.startswith(
+        OP_NAME + "(Tensor hidden_states, Tensor topk_weights, Tensor topk_ids, Tensor w13, Tensor w2, "
+        "Tensor? b13, Tensor? b2, Tensor? expert_map, str activation, float alpha, float limit)"
+    )
     assert schema.endswith("-> Tensor")  # a new tensor: no alias annotation, no mutation
     assert not any(a.alias_info for a in op._schema.arguments)
 
@@ -56,9 +69,11 @@ def test_fake_implementation_checks_shapes_and_the_activation():
 
 def test_opcheck():
     """torch's own checks of a custom op: schema, fake against real, no aliasing."""
-    torch.library.opcheck(torch.ops.moeframe_triton.fused_moe.default,
-                          op_args(KernelCase("gelu", True, True, "bfloat16", 5)),
-                          test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(
+        torch.ops.moeframe_triton.fused_moe.default,
+        op_args(KernelCase("gelu", True, True, "bfloat16", 5)),
+        test_utils=("test_schema", "test_faketensor"),
+    )
 
 
 def test_the_strategy_calls_the_op(monkeypatch):
@@ -66,7 +81,12 @@ def test_the_strategy_calls_the_op(monkeypatch):
 
     calls = []
     real = kernel_module.fused_moe_op
-    monkeypatch.setattr(kernel_module, "fused_moe_op", lambda *a: calls.append(a) or real(*a))
+
+    def spy(*a):
+        calls.append(a)
+        return real(*a)
+
+    monkeypatch.setattr(kernel_module, "fused_moe_op", spy)
     case = KernelCase("swigluoai", True, False, "float32", 3)
     kernel = TritonKernel(kernel_context(case.model()), None)
     inputs = make_case_inputs(case)

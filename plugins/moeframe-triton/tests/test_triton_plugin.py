@@ -44,7 +44,9 @@ def test_registering_does_not_import_triton():
     )
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["MOEFRAME_PLUGINS"] = "moeframe-triton"
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120, check=False
+    )
     assert proc.returncode == 0, proc.stderr
     torch_imported = str(_device._gpu_device_nodes())
     assert proc.stdout.split() == ["triton", "(interpreter)", "False", "False", torch_imported]
@@ -54,9 +56,9 @@ def test_capabilities_are_declared():
     entry = get_registry().get("kernel", "triton")
     caps = entry.capabilities
     assert str(entry.provider) == "moeframe-triton 0.1.0"
-    assert caps.dtypes == {"float32", "bfloat16", "float16"}
-    assert caps.activations == {"silu", "gelu", "swigluoai"}
-    assert caps.devices == {"cpu"}  # no CUDA here: the interpreter, on CPU tensors
+    assert caps.dtypes == frozenset({"float32", "bfloat16", "float16"})
+    assert caps.activations == frozenset({"silu", "gelu", "swigluoai"})
+    assert caps.devices == frozenset({"cpu"})  # no CUDA here: the interpreter, on CPU tensors
     assert caps.expert_map and caps.biases
 
 
@@ -83,8 +85,21 @@ def test_run_a_preset_with_the_triton_kernel(capsys):
 
 
 def test_run_json_reports_an_error_within_tolerance(capsys):
-    code = main(["run", "gpt-oss", "--set", "stack.kernel=triton", "--set", "model.dtype=bfloat16",
-                 "--tokens", "4", "--repeat", "1", "--json"])
+    code = main(
+        [
+            "run",
+            "gpt-oss",
+            "--set",
+            "stack.kernel=triton",
+            "--set",
+            "model.dtype=bfloat16",
+            "--tokens",
+            "4",
+            "--repeat",
+            "1",
+            "--json",
+        ]
+    )
     result = json.loads(capsys.readouterr().out)
     assert code == 0 and result["ok"]
     kernel = next(p for p in result["stack"] if p["kind"] == "kernel")
@@ -104,15 +119,34 @@ def test_tune_without_a_gpu_is_a_one_line_user_error(capsys):
 def test_tuner_search_writes_a_file_the_lookup_reads(tmp_path):
     """The search itself, run through the interpreter with a tiny space (its timings mean
     nothing here; on a GPU ``moeframe tune`` runs the same code)."""
-    space = SearchSpace(block_m=(16, 32), block_n=(16, 32), block_k=(32,), group_m=(1,), num_warps=(4,), num_stages=(2,))
-    found = tune_layer(E=4, N=16, K=32, top_k=2, dtype="float32", activation=Activation("silu"),
-                       batch_sizes=[1, 8], device="cpu", space=space, reps=1)
+    space = SearchSpace(
+        block_m=(16, 32), block_n=(16, 32), block_k=(32,), group_m=(1,), num_warps=(4,), num_stages=(2,)
+    )
+    found = tune_layer(
+        E=4,
+        N=16,
+        K=32,
+        top_k=2,
+        dtype="float32",
+        activation=Activation("silu"),
+        batch_sizes=[1, 8],
+        device="cpu",
+        space=space,
+        reps=1,
+    )
     assert set(found) == {1, 8}
     for cfg in found.values():
         assert isinstance(cfg, MoEConfig)
         assert cfg.block_m in space.block_m and cfg.up.block_n in space.block_n and cfg.down.block_k == 32
-    path = write_config_file(tmp_path / config_file_name(4, 16, 32, "float32", "Test GPU"), found,
-                             E=4, N=16, K=32, dtype="float32", device_name="Test GPU")
+    path = write_config_file(
+        tmp_path / config_file_name(4, 16, 32, "float32", "Test GPU"),
+        found,
+        E=4,
+        N=16,
+        K=32,
+        dtype="float32",
+        device_name="Test GPU",
+    )
     hit = lookup_config(6, 4, 16, 32, "float32", "Test GPU", override_dir=tmp_path)
     assert hit == (found[8], path)
 
@@ -127,18 +161,31 @@ def test_search_space_prunes_by_shared_memory_and_size():
 
 def _load_gpu_check():
     spec = importlib.util.spec_from_file_location("gpu_check", PLUGIN_ROOT / "benchmarks" / "gpu_check.py")
+    assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
     spec.loader.exec_module(module)
     return module
 
 
 def test_gpu_script_smoke_mode(tmp_path, capsys):
     gpu_check = _load_gpu_check()
-    assert gpu_check.main(["--smoke", "--out", str(tmp_path / "r.md"), "--json", str(tmp_path / "r.json"),
-                           "--precision-cost", "--tokens", "1,16"]) == 0
+    assert (
+        gpu_check.main(
+            [
+                "--smoke",
+                "--out",
+                str(tmp_path / "r.md"),
+                "--json",
+                str(tmp_path / "r.json"),
+                "--precision-cost",
+                "--tokens",
+                "1,16",
+            ]
+        )
+        == 0
+    )
     result = json.loads((tmp_path / "r.json").read_text())
-    impls = {(r["layer"], r["M"]): set() for r in result["rows"]}
+    impls: dict[tuple[str, int], set[str]] = {(r["layer"], r["M"]): set() for r in result["rows"]}
     for r in result["rows"]:
         impls[(r["layer"], r["M"])].add(r["impl"])
         assert r["ok"] is True and r["median_s"] > 0 and r["tflops"] > 0 and r["gbps"] > 0
@@ -191,8 +238,14 @@ def test_kernels_compile_for_sm90_and_gemms_are_pipelined():
     pytest.importorskip("triton.backends.nvidia.compiler", reason="triton without its NVIDIA backend")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    proc = subprocess.run([sys.executable, str(PLUGIN_ROOT / "benchmarks" / "compile_check.py"), "--quick"],
-                          capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, str(PLUGIN_ROOT / "benchmarks" / "compile_check.py"), "--quick"],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+        check=False,
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert "all kernels compiled for sm_90" in proc.stdout
     assert proc.stdout.count("pipelined") == 2  # up and down
@@ -207,7 +260,9 @@ def fake_gpu_tuning(monkeypatch):
 
     def search(**kwargs):
         calls.append(kwargs)
-        return {m: default_config(m, kwargs["E"], kwargs["N"], kwargs["K"], kwargs["dtype"]) for m in kwargs["batch_sizes"]}
+        return {
+            m: default_config(m, kwargs["E"], kwargs["N"], kwargs["K"], kwargs["dtype"]) for m in kwargs["batch_sizes"]
+        }
 
     monkeypatch.setattr(tune_module, "INTERPRETER", False)
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -218,11 +273,31 @@ def fake_gpu_tuning(monkeypatch):
 
 def test_tune_on_a_gpu_tunes_one_ranks_shape_and_writes_the_file(fake_gpu_tuning, tmp_path, capsys):
     # parallel.ep_size unset: the whole layer (it used to fail dividing by None)
-    assert main(["tune", "qwen3-moe", "--set", "stack.kernel=triton", "--batch-sizes", "1,16", "--output", str(tmp_path)]) == 0
+    assert (
+        main(["tune", "qwen3-moe", "--set", "stack.kernel=triton", "--batch-sizes", "1,16", "--output", str(tmp_path)])
+        == 0
+    )
     model = load_config("qwen3-moe").model
-    assert [(c["E"], c["N"], c["batch_sizes"]) for c in fake_gpu_tuning] == [(model.num_experts, model.intermediate_size, [1, 16])]
-    assert main(["tune", "qwen3-moe", "--set", "stack.kernel=triton", "--set", "parallel.ep_size=2",
-                 "--batch-sizes", "1", "--output", str(tmp_path)]) == 0
+    assert [(c["E"], c["N"], c["batch_sizes"]) for c in fake_gpu_tuning] == [
+        (model.num_experts, model.intermediate_size, [1, 16])
+    ]
+    assert (
+        main(
+            [
+                "tune",
+                "qwen3-moe",
+                "--set",
+                "stack.kernel=triton",
+                "--set",
+                "parallel.ep_size=2",
+                "--batch-sizes",
+                "1",
+                "--output",
+                str(tmp_path),
+            ]
+        )
+        == 0
+    )
     assert fake_gpu_tuning[-1]["E"] == model.num_experts // 2
     assert len(list(tmp_path.glob("E=*.json"))) == 2
 
@@ -233,7 +308,9 @@ def test_tune_refuses_a_bad_output_before_searching(fake_gpu_tuning, tmp_path, c
     assert main(["tune", "qwen3-moe", "--set", "stack.kernel=triton", "--output", str(not_a_folder)]) == 2
     assert "--output: cannot create the folder" in capsys.readouterr().err
     model = load_config("qwen3-moe").model
-    broken = tmp_path / config_file_name(model.num_experts, model.intermediate_size, model.hidden_size, model.dtype, "NVIDIA H200")
+    broken = tmp_path / config_file_name(
+        model.num_experts, model.intermediate_size, model.hidden_size, model.dtype, "NVIDIA H200"
+    )
     broken.write_bytes(b"\xff\xfe not json")
     assert main(["tune", "qwen3-moe", "--set", "stack.kernel=triton", "--output", str(tmp_path)]) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
@@ -260,7 +337,11 @@ x = torch.randn(3, 32)
 print(moeframe.compare(layer(x), layer.reference()(x)).ok)
 """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    first = subprocess.run([sys.executable, "-c", script, "registry first"], capture_output=True, text=True, env=env)
+    first = subprocess.run(
+        [sys.executable, "-c", script, "registry first"], capture_output=True, text=True, env=env, check=False
+    )
     assert first.returncode == 0 and first.stdout.strip() == "True", first.stderr[-2000:]
-    late = subprocess.run([sys.executable, "-c", script, "profiler first"], capture_output=True, text=True, env=env)
+    late = subprocess.run(
+        [sys.executable, "-c", script, "profiler first"], capture_output=True, text=True, env=env, check=False
+    )
     assert late.returncode != 0 and "triton was imported before moeframe-triton selected its interpreter" in late.stderr

@@ -51,7 +51,9 @@ def layer_needs(config: Config, specs: list[WeightSpec], stack: Stack) -> list[N
         e_local, two_i, hidden = w13.local_shape()
         derived = stack.kernel.derived_weight_bytes(e_local, hidden, two_i // 2)
         if derived:
-            needs.append(Need("repacked expert weights", derived, f"stack.kernel, {expert_keys}, model.dtype={m.dtype}"))
+            needs.append(
+                Need("repacked expert weights", derived, f"stack.kernel, {expert_keys}, model.dtype={m.dtype}")
+            )
     wrappers = [p for p in stack.parts if p.kind == "wrapper"]
     for part in stack.parts:
         if part.workspace_bytes:

@@ -111,6 +111,48 @@ def test_first_moe_layer_by_default_and_overrides_apply(saved):
     assert moe.config.stack.kernel.name == "torch"
 
 
+@pytest.mark.parametrize("family", ["qwen2_moe", "gpt_oss"])
+def test_load_hf_reads_into_the_layer_without_initialising_it(saved, family, monkeypatch):
+    """No seeded initialisation (then overwritten): every tensor is read straight into the
+    layer, and the layer holds the tensors it was given (no second copy)."""
+    import moeframe.layer
+    import moeframe.weights
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("load_hf initialised a tensor")
+
+    monkeypatch.setattr(moeframe.layer, "materialize", refuse)
+    monkeypatch.setattr(moeframe.weights, "materialize", refuse)
+    given: dict[str, int] = {}
+    original = ckpt._read_layer
+
+    def spy(*args, **kwargs):
+        tensors = original(*args, **kwargs)
+        given.update({name: t.data_ptr() for name, t in tensors.items()})
+        return tensors
+
+    monkeypatch.setattr(ckpt, "_read_layer", spy)
+    model, dirs = saved[family]
+    layer = MOE_LAYERS[family][-1]
+    moe = load_hf(dirs["sharded"], layer)
+    assert given == {name: t.data_ptr() for name, t in moe.tensors.items()}
+    x = torch.randn(3, model.config.hidden_size, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        torch.testing.assert_close(moe(x), block_output(hf_block(model, layer), x), **TOLERANCE[torch.float32])
+
+
+def test_load_hf_checks_the_memory_before_reading(saved, monkeypatch):
+    import moeframe.memory
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("read before the memory check")
+
+    monkeypatch.setattr(ckpt, "_read_layer", refuse)
+    monkeypatch.setattr(moeframe.memory, "available_bytes", lambda device: 1024)
+    with pytest.raises(InputError, match=r"the layer needs about .* but 1\.0 KiB is available"):
+        load_hf(saved["qwen3_moe"][1]["unsharded"], 1)
+
+
 def test_each_rank_reads_only_its_experts(saved, monkeypatch):
     model, dirs = saved["qwen3_moe"]
     read: list[str] = []

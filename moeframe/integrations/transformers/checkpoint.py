@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from contextlib import ExitStack
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from moeframe.config import Config
     from moeframe.layer import MoELayer
     from moeframe.parallel import ParallelContext
+    from moeframe.weights import WeightSpec
     from moeframe.workspace import Workspace
 
 __all__ = [
@@ -374,38 +375,55 @@ def _reader(files: _Files, config: Config, hf_raw: Mapping[str, Any], layer: int
     return _LayerReader(files, prefix, sources, block.tensors(config))
 
 
-def _iter_specs(layer: MoELayer, reader: _LayerReader) -> Iterator[tuple[str, torch.Tensor]]:
-    """(moeframe name, this rank's part) for every tensor of ``layer``."""
-    for spec in layer.weight_specs:
-        shard: Callable[[torch.Tensor], torch.Tensor] = spec.shard or (lambda t: t)
-        hf = reader.tensors.get(spec.name)
-        if hf is None:
-            raise InputError(f"{reader.files.root}: moeframe's {spec.name!r} has no counterpart in the checkpoint")
-        if spec.expert_dim:
-            ids = range(spec.shape[0]) if spec.local_experts is None else spec.local_experts
-            parts = [shard(reader.expert(hf, e, spec.shape[0], tuple(spec.shape[1:]))) for e in ids]
-            value = torch.stack(parts) if parts else torch.empty(spec.local_shape())
-        elif len(hf.paths) > 1:  # rows of several tensors (the shared expert's gate and up)
-            rows = spec.shape[0] // len(hf.paths)
-            value = shard(torch.cat([reader.plain(p, (rows, *spec.shape[1:])) for p in hf.paths], dim=0))
-        else:
-            value = shard(reader.plain(hf.paths[0], spec.shape))
-        yield spec.name, value.to(dtype=spec.dtype)
+def _read_into(spec: WeightSpec, reader: _LayerReader, out: torch.Tensor) -> None:
+    """Fill ``out`` (this rank's part of ``spec``) from the checkpoint; the experts one at
+    a time, so that no second copy of them exists at any moment."""
+    shard: Callable[[torch.Tensor], torch.Tensor] = spec.shard or (lambda t: t)
+    hf = reader.tensors.get(spec.name)
+    if hf is None:
+        raise InputError(f"{reader.files.root}: moeframe's {spec.name!r} has no counterpart in the checkpoint")
+    if spec.expert_dim:
+        ids = range(spec.shape[0]) if spec.local_experts is None else spec.local_experts
+        for slot, e in enumerate(ids):
+            out[slot].copy_(shard(reader.expert(hf, e, spec.shape[0], tuple(spec.shape[1:]))))
+    elif len(hf.paths) > 1:  # rows of several tensors (the shared expert's gate and up)
+        rows = spec.shape[0] // len(hf.paths)
+        out.copy_(shard(torch.cat([reader.plain(p, (rows, *spec.shape[1:])) for p in hf.paths], dim=0)))
+    else:
+        out.copy_(shard(reader.plain(hf.paths[0], spec.shape)))
 
 
-def load_layer_weights(layer: MoELayer, checkpoint_dir: str | Path, layer_index: int) -> None:
-    """Fill ``layer``'s tensors (this rank's part) with decoder layer ``layer_index``'s
-    MoE block of the checkpoint.  Missing or mis-shaped tensors are one-line
+def _read_layer(
+    specs: list[WeightSpec], config: Config, checkpoint_dir: str | Path, layer_index: int, device: torch.device
+) -> dict[str, torch.Tensor]:
+    """This rank's part of every tensor in ``specs``, read from decoder layer
+    ``layer_index``'s MoE block into fresh (uninitialised) tensors of the spec's dtype on
+    ``device``.  Missing or mis-shaped tensors are one-line
     :class:`~moeframe.errors.InputError` naming the tensor and the file."""
     root = Path(checkpoint_dir)
     raw = read_hf_config(root)
+    out: dict[str, torch.Tensor] = {}
+    with ExitStack() as stack, torch.no_grad():
+        files = _Files(root, stack)
+        reader = _reader(files, config, raw, layer_index)
+        for spec in specs:
+            out[spec.name] = torch.empty(spec.local_shape(), dtype=spec.dtype, device=device)
+            _read_into(spec, reader, out[spec.name])
+    return out
+
+
+def load_layer_weights(layer: MoELayer, checkpoint_dir: str | Path, layer_index: int) -> None:
+    """Fill an existing ``layer``'s tensors (this rank's part) with decoder layer
+    ``layer_index``'s MoE block of the checkpoint.  Missing or mis-shaped tensors are
+    one-line :class:`~moeframe.errors.InputError` naming the tensor and the file."""
+    root = Path(checkpoint_dir)
+    raw = read_hf_config(root)
     tensors = layer.tensors
-    with ExitStack() as stack:
+    with ExitStack() as stack, torch.no_grad():
         files = _Files(root, stack)
         reader = _reader(files, layer.config, raw, layer_index)
-        with torch.no_grad():
-            for name, value in _iter_specs(layer, reader):
-                tensors[name].copy_(value)
+        for spec in layer.weight_specs:
+            _read_into(spec, reader, tensors[spec.name])
 
 
 def load_hf(
@@ -418,11 +436,28 @@ def load_hf(
     parallel: ParallelContext | None = None,
     workspace: Workspace | None = None,
 ) -> MoELayer:
-    """See :meth:`moeframe.MoELayer.load_hf`."""
+    """See :meth:`moeframe.MoELayer.load_hf`.
+
+    The layer's tensors are read from the checkpoint into uninitialised tensors and the
+    layer is built holding them (``MoELayer(tensors=...)``): nothing is initialised and
+    then overwritten.  The stack is composed first, without allocating, for the shapes,
+    this rank's experts and the memory check, which comes before any read."""
+    from moeframe.composer import build_stack
+    from moeframe.context import BuildContext
+    from moeframe.layer import layer_needs, layer_weight_specs
+    from moeframe.memory import check_fits
+    from moeframe.parallel import ParallelContext
+    from moeframe.workspace import Workspace
+
     config, index = hf_layer_config(checkpoint_dir, layer, overrides=overrides)
-    moe = cls(config, device=device, parallel=parallel, workspace=workspace)
-    load_layer_weights(moe, checkpoint_dir, index)
-    return moe
+    where = torch.device(device or "cpu")
+    parallel = parallel or ParallelContext.from_config(config.parallel)
+    parallel.check_same_config(config)
+    stack = build_stack(BuildContext(config, where, parallel, Workspace(), {}))
+    specs = layer_weight_specs(config, parallel, stack)
+    check_fits(layer_needs(config, specs, stack), where, "the layer")
+    tensors = _read_layer(specs, config, checkpoint_dir, index, where)
+    return cls(config, device=where, parallel=parallel, workspace=workspace, tensors=tensors)
 
 
 # -- the command line -------------------------------------------------------------------------------
@@ -503,10 +538,9 @@ def check_kernel_on_checkpoint(
             overrides["model.dtype"] = dtype
         config, index = hf_layer_config(checkpoint_dir, layer, overrides=overrides)
         try:
-            moe = MoELayer(config, device=device)
+            moe = MoELayer.load_hf(checkpoint_dir, index, overrides=overrides, device=device)
         except StackError:
             continue  # the kernel does not run this dtype or device: no case
-        load_layer_weights(moe, checkpoint_dir, index)
         reference = moe.reference()
         m = config.model
         for num_tokens in token_counts:

@@ -531,3 +531,36 @@ def test_two_ranks_hold_half_the_experts_and_compute_the_one_process_logits():
             assert r["same_tokens"], r
             assert r["experts_held"] * 2 == r["experts_total"], r
     assert results[0][0]["stack"][-2] == "all2all" and results[0][1]["stack"][-2] == "allgather_reducescatter"
+
+
+@pytest.mark.distributed
+def test_data_and_expert_parallel_ranks_with_their_own_prompts_compute_the_one_process_logits():
+    """dp_size = ep_size = 2: each rank gives the HF model prompts of its own (another batch
+    size and length, so the ranks dispatch different token counts) while the experts are
+    spread over both; each rank's logits, router logits and greedy tokens are the
+    unpatched model's on its prompts."""
+    from moeframe.testing import run_on_ranks
+
+    cases = [
+        {
+            "id": f"{family}-{dispatcher}",
+            "family": family,
+            "per_rank_inputs": True,
+            "overrides": {"parallel.dp_size": 2, "parallel.ep_size": 2, "stack.dispatcher": dispatcher},
+        }
+        for family, dispatcher in (("qwen2_moe", "all2all"), ("mixtral", "allgather_reducescatter"))
+    ]
+    results = run_on_ranks(
+        2,
+        Path(__file__).with_name("hf_distributed_scenarios.py"),
+        "patched_with_experts_spread",
+        timeout=240,
+        cases=cases,
+    )
+    assert results[0][0]["tokens_in"] != results[1][0]["tokens_in"]  # the ranks' prompts differ
+    for rank in results:
+        assert [r["case"] for r in rank] == [c["id"] for c in cases]
+        for r in rank:
+            assert r["max_abs_error"] < 1e-4 and r["router_logits_error"] < 1e-4, r
+            assert r["same_tokens"], r
+            assert r["experts_held"] * 2 == r["experts_total"], r

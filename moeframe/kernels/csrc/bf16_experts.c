@@ -269,37 +269,40 @@ static void gemm1(const call_t *c, const int amx, long g, long nb0, long nb1) {
     }
 }
 
-/* GEMM 2 for hidden rows [32 cb, 32 cb + 32), every group in order */
-static void gemm2(const call_t *c, const int amx, long G, long cb) {
+/* GEMM 2 for hidden rows [32 cb0, 32 cb1), every group in order; for each 32-token block
+   of h (kept in L1) every column block of the range in turn (their weights kept in L2) */
+static void gemm2(const call_t *c, const int amx, long G, long cb0, long cb1) {
     const long H = c->H, Hp = c->Hp, Ip = c->Ip;
-    const long col = cb * 32;
-    const int n0 = H - col < 16 ? (int)(H - col) : 16;
-    const int n1 = H - col - 16 <= 0 ? 0 : (H - col - 16 < 16 ? (int)(H - col - 16) : 16);
-    const __mmask16 k0 = (__mmask16)(n0 >= 16 ? 0xffffu : (1u << n0) - 1u);
-    const __mmask16 k1 = (__mmask16)(n1 >= 16 ? 0xffffu : (1u << n1) - 1u);
     float C[32 * 32] __attribute__((aligned(64)));
     for (long g = 0; g < G; g++) {
         const long e = c->experts[g], m = c->rows[g + 1] - c->rows[g];
         const long m16 = c->hrows[g + 1] - c->hrows[g];
         const uint16_t *ha = c->hbuf + c->hrows[g] * Ip;
         const uint16_t *w = c->w2p + e * Hp * Ip;
-        const uint16_t *B0 = w + (cb * 2) * 16 * Ip, *B1 = B0 + 16 * Ip;
-        const uint16_t *b = c->b2 ? c->b2 + e * H + col : NULL;
-        const __m512 bias0 = b ? load_bf16(b, n0) : _mm512_setzero_ps();
-        const __m512 bias1 = b && n1 ? load_bf16(b + 16, n1) : _mm512_setzero_ps();
         for (long r0 = 0; r0 < m16; r0 += 32) {
             const int rows = m16 - r0 < 32 ? (int)(m16 - r0) : 32;
-            tile_step(amx, ha + r0 * Ip, Ip, rows, B0, B1, Ip / TK, C);
             const long live = m - r0 < rows ? m - r0 : rows;
-            for (long r = 0; r < live; r++) {
-                const long row = c->rows[g] + r0 + r;
-                const __m512 wv = _mm512_set1_ps(c->tw[row]);
-                float *o = c->acc + (long)c->tok[row] * H + col;
-                const __m512 y0 = _mm512_mul_ps(_mm512_add_ps(_mm512_load_ps(C + r * 32), bias0), wv);
-                _mm512_mask_storeu_ps(o, k0, _mm512_add_ps(_mm512_maskz_loadu_ps(k0, o), y0));
-                if (n1) {
-                    const __m512 y1 = _mm512_mul_ps(_mm512_add_ps(_mm512_load_ps(C + r * 32 + 16), bias1), wv);
-                    _mm512_mask_storeu_ps(o + 16, k1, _mm512_add_ps(_mm512_maskz_loadu_ps(k1, o + 16), y1));
+            for (long cb = cb0; cb < cb1; cb++) {
+                const long col = cb * 32;
+                const int n0 = H - col < 16 ? (int)(H - col) : 16;
+                const int n1 = H - col - 16 <= 0 ? 0 : (H - col - 16 < 16 ? (int)(H - col - 16) : 16);
+                const __mmask16 k0 = (__mmask16)(n0 >= 16 ? 0xffffu : (1u << n0) - 1u);
+                const __mmask16 k1 = (__mmask16)(n1 >= 16 ? 0xffffu : (1u << n1) - 1u);
+                const uint16_t *B0 = w + (cb * 2) * 16 * Ip, *B1 = B0 + 16 * Ip;
+                const uint16_t *b = c->b2 ? c->b2 + e * H + col : NULL;
+                const __m512 bias0 = b ? load_bf16(b, n0) : _mm512_setzero_ps();
+                const __m512 bias1 = b && n1 ? load_bf16(b + 16, n1) : _mm512_setzero_ps();
+                tile_step(amx, ha + r0 * Ip, Ip, rows, B0, B1, Ip / TK, C);
+                for (long r = 0; r < live; r++) {
+                    const long row = c->rows[g] + r0 + r;
+                    const __m512 wv = _mm512_set1_ps(c->tw[row]);
+                    float *o = c->acc + (long)c->tok[row] * H + col;
+                    const __m512 y0 = _mm512_mul_ps(_mm512_add_ps(_mm512_load_ps(C + r * 32), bias0), wv);
+                    _mm512_mask_storeu_ps(o, k0, _mm512_add_ps(_mm512_maskz_loadu_ps(k0, o), y0));
+                    if (n1) {
+                        const __m512 y1 = _mm512_mul_ps(_mm512_add_ps(_mm512_load_ps(C + r * 32 + 16), bias1), wv);
+                        _mm512_mask_storeu_ps(o + 16, k1, _mm512_add_ps(_mm512_maskz_loadu_ps(k1, o + 16), y1));
+                    }
                 }
             }
         }
@@ -314,6 +317,7 @@ int moe_bf16_experts(int use_amx, const uint16_t *x, long H, long Hp, const int3
     const call_t c = {x,  H,   Hp,  I,   Ip,  tok, experts, rows, hrows, tw, w13p, w2p, b13, b2,
                       {act_kind, alpha, limit}, acc, xg, hbuf};
     const long nblocks = Ip / 16, per = (nblocks + UNIT_BLOCKS - 1) / UNIT_BLOCKS;
+    const long cbs = Hp / 32, per2 = (cbs + 2 * nthreads - 1) / (2 * nthreads), units2 = (cbs + per2 - 1) / per2;
 #pragma omp parallel num_threads(nthreads)
     {
 #if HAVE_AMX
@@ -339,8 +343,9 @@ int moe_bf16_experts(int use_amx, const uint16_t *x, long H, long Hp, const int3
             const long g = u / per, nb0 = (u % per) * UNIT_BLOCKS;
             gemm1(&c, use_amx, g, nb0, nb0 + UNIT_BLOCKS < nblocks ? nb0 + UNIT_BLOCKS : nblocks);
         }
+        /* two units per thread: few passes over h, some room for a thread slowed down */
 #pragma omp for schedule(dynamic, 1)
-        for (long cb = 0; cb < Hp / 32; cb++) gemm2(&c, use_amx, G, cb);
+        for (long u = 0; u < units2; u++) gemm2(&c, use_amx, G, u * per2, (u + 1) * per2 < cbs ? (u + 1) * per2 : cbs);
 #if HAVE_AMX
         if (use_amx) _tile_release();
 #endif

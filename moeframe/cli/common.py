@@ -13,12 +13,26 @@ from moeframe.errors import InputError
 
 
 def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", metavar="CONFIG", help="a TOML config file, a packaged preset name (see `moeframe list presets`) "
-                        "or a transformers checkpoint directory (config.json and *.safetensors; see --layer)")
-    parser.add_argument("--layer", type=int, default=None, metavar="N",
-                        help="with a checkpoint directory as CONFIG: the decoder layer whose MoE block to load (default: the first MoE layer)")
     parser.add_argument(
-        "--set", dest="overrides", metavar="KEY=VALUE", action="append", default=[],
+        "config",
+        metavar="CONFIG",
+        help="a TOML config file, a packaged preset name (see `moeframe list presets`) "
+        "or a transformers checkpoint directory (config.json and *.safetensors; see --layer)",
+    )
+    parser.add_argument(
+        "--layer",
+        type=int,
+        default=None,
+        metavar="N",
+        help="with a checkpoint directory as CONFIG: the decoder layer whose MoE block to load "
+        "(default: the first MoE layer)",
+    )
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        metavar="KEY=VALUE",
+        action="append",
+        default=[],
         help="override a config field, e.g. --set stack.kernel=torch --set model.dtype=bfloat16 (repeatable)",
     )
 
@@ -33,15 +47,16 @@ def load_from_args(args: argparse.Namespace, extra: dict[str, Any] | None = None
     ``--set KEY+=[...]`` appends to the list at KEY (``stack.wrappers+=["chunking"]``
     keeps the preset's wrappers and their parameters); ``--set stack.wrappers=[...]``
     replaces the list, with a warning naming the wrappers it drops."""
-    from moeframe.integrations.transformers.checkpoint import config_from_args
-
     from moeframe.config import list_presets
+    from moeframe.integrations.transformers.checkpoint import config_from_args
 
     text = str(args.config)
     bare_preset = text in list_presets() and "/" not in text and not text.endswith(".toml")
     # a preset's name is the preset even when a folder of that name sits here (./NAME is the folder)
     if bare_preset and getattr(args, "layer", None) is not None:
-        raise InputError(f"--layer applies to a transformers checkpoint directory as CONFIG, not to the preset {text!r}")
+        raise InputError(
+            f"--layer applies to a transformers checkpoint directory as CONFIG, not to the preset {text!r}"
+        )
     checkpoint = None if bare_preset else config_from_args(args, extra)  # None unless CONFIG is a checkpoint directory
     if checkpoint is not None:
         return checkpoint
@@ -60,7 +75,9 @@ def _toml_value(value: Any) -> str:
     if isinstance(value, (list, tuple)):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items() if v is not None) + "}"
+        return (
+            "{" + ", ".join(f"{json.dumps(str(k))} = {_toml_value(v)}" for k, v in value.items() if v is not None) + "}"
+        )
     raise InputError(f"--set: cannot write {value!r} back as TOML")
 
 
@@ -92,21 +109,27 @@ def _expand_appends(source: Any, overrides: list[str]) -> list[str]:
         _, value = parse_override(f"{key}={text.partition('=')[2]}")
         if appending:
             if not isinstance(current, list) or not isinstance(value, list):
-                raise InputError(f"--set {text}: += appends to a list ({key} is {json.dumps(current)}); "
-                                 "give a list, e.g. --set stack.wrappers+=[\"chunking\"]")
+                raise InputError(
+                    f"--set {text}: += appends to a list ({key} is {json.dumps(current)}); "
+                    'give a list, e.g. --set stack.wrappers+=["chunking"]'
+                )
             out.append(f"{key}={_toml_value(current + value)}")
             continue
         kept = {w if isinstance(w, str) else w.get("name") for w in value} if isinstance(value, list) else set()
         dropped = [w["name"] for w in current or () if w["name"] not in kept]
         if dropped:
-            warnings.warn(f"--set {text} replaces the list and drops {', '.join(dropped)}; "
-                          "to keep them, use --set stack.wrappers+=[...] to append", stacklevel=2)
+            warnings.warn(
+                f"--set {text} replaces the list and drops {', '.join(dropped)}; "
+                "to keep them, use --set stack.wrappers+=[...] to append",
+                stacklevel=2,
+            )
         out.append(text)
     return out
 
 
-def parse_int_list(option: str, text: str, *, minimum: int = 0, expects: str = "comma-separated integers",
-                   unique: bool = False) -> list[int]:
+def parse_int_list(
+    option: str, text: str, *, minimum: int = 0, expects: str = "comma-separated integers", unique: bool = False
+) -> list[int]:
     """``"1,16,64"`` -> ``[1, 16, 64]`` for a command-line option, or one-line
     :class:`~moeframe.errors.InputError` naming the option and the value."""
     try:
@@ -143,11 +166,15 @@ def resolve_device(text: str, option: str = "--device") -> Any:
         raise InputError(f"{option}: moeframe runs on cpu or cuda, not {device.type!r}")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise InputError(f"{option} {text}: no CUDA device is available here (this torch: {torch.__version__}); use cpu")
+            raise InputError(
+                f"{option} {text}: no CUDA device is available here (this torch: {torch.__version__}); use cpu"
+            )
         count = torch.cuda.device_count()
         if device.index is not None and device.index >= count:
-            raise InputError(f"{option} {text}: there {'is' if count == 1 else 'are'} {count} CUDA device(s) here "
-                             f"(cuda:0..cuda:{count - 1})")
+            raise InputError(
+                f"{option} {text}: there {'is' if count == 1 else 'are'} {count} CUDA device(s) here "
+                f"(cuda:0..cuda:{count - 1})"
+            )
     return device
 
 
@@ -160,7 +187,7 @@ def table(rows: Sequence[Sequence[Any]], headers: Sequence[str]) -> str:
     """A plain left-aligned text table."""
     cells = [[str(h) for h in headers]] + [[str(c) for c in r] for r in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
+    lines = ["  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip() for row in cells]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
@@ -186,8 +213,13 @@ def stack_lines(parts: Sequence[dict[str, Any]]) -> str:
         return f"{p['name']} ({summary})" if summary else p["name"]
 
     rows = [
-        (p["kind"], name(p), p["provider"], format_params(p["params"]),
-         format_bytes(p["workspace_bytes"]) if p["workspace_bytes"] else "")
+        (
+            p["kind"],
+            name(p),
+            p["provider"],
+            format_params(p["params"]),
+            format_bytes(p["workspace_bytes"]) if p["workspace_bytes"] else "",
+        )
         for p in parts
     ]
     return table(rows, ["part", "name", "provider", "params", "workspace"])

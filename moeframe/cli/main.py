@@ -6,7 +6,7 @@ import argparse
 import sys
 import warnings
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from moeframe import __version__
 from moeframe.errors import UserError
@@ -24,7 +24,7 @@ class _Parser(argparse.ArgumentParser):
     """Usage errors as one line and exit status 2; options only by their full names (an
     abbreviation such as ``--np`` would slip past code that looks for ``--nproc``)."""
 
-    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
         kwargs.setdefault("allow_abbrev", False)
         super().__init__(*args, **kwargs)
 
@@ -65,11 +65,16 @@ def _missing_command(word: str, host: PluginHost) -> UserError | None:
     if record is not None and record.errors:
         return PluginError(f"`moeframe {word}` comes with {dist}, which failed to load: {record.errors[0]}")
     if record is None and _installed(dist):
-        why = ("MOEFRAME_DISABLE_PLUGIN_AUTOLOAD is set" if not host.autoload
-               else f"MOEFRAME_PLUGINS allows only {', '.join(sorted(host.allow or ()))}")
+        why = (
+            "MOEFRAME_DISABLE_PLUGIN_AUTOLOAD is set"
+            if not host.autoload
+            else f"MOEFRAME_PLUGINS allows only {', '.join(sorted(host.allow or ()))}"
+        )
         return UserError(f"`moeframe {word}` comes with the plugin {dist}, which is installed but not loaded: {why}")
-    return UserError(f"`moeframe {word}` comes with the plugin distribution {dist}, which is not installed; "
-                     f"in a moeframe checkout: pip install -e plugins/{dist} (or ./dev.sh setup)")
+    return UserError(
+        f"`moeframe {word}` comes with the plugin distribution {dist}, which is not installed; "
+        f"in a moeframe checkout: pip install -e plugins/{dist} (or ./dev.sh setup)"
+    )
 
 
 def _installed(dist: str) -> bool:
@@ -87,7 +92,9 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
     through the ``register_commands`` hook).  Given ``argv``, only the command it names
     gets its arguments (imported lazily: ``moeframe --help`` and ``moeframe run`` import no
     other command's module), and a builtin command loads no plugin to parse."""
-    parser = _Parser(prog="moeframe", description="Mixture-of-Experts layers where every stage is a named, pluggable strategy.")
+    parser = _Parser(
+        prog="moeframe", description="Mixture-of-Experts layers where every stage is a named, pluggable strategy."
+    )
     parser.add_argument("--version", action="version", version=f"moeframe {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     word = None if argv is None else _command_word(argv)
@@ -102,14 +109,16 @@ def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
                 raise missing
         entries = host.commands.entries()
     for entry in entries:
-        p = sub.add_parser(entry.name, help=entry.command.help, description=entry.command.description or entry.command.help)
+        p = sub.add_parser(
+            entry.name, help=entry.command.help, description=entry.command.description or entry.command.help
+        )
         p.set_defaults(command_entry=entry)
         if argv is None or entry.name == word:
             entry.add_arguments(p)
     return parser
 
 
-def _format_warning(message, category, filename, lineno, line=None):  # type: ignore[no-untyped-def]
+def _format_warning(message: Any, category: Any, filename: Any, lineno: Any, line: Any = None) -> str:
     return f"moeframe: warning: {message}\n"
 
 

@@ -9,9 +9,12 @@ from moeframe.cli.common import add_json_argument, print_json
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments of `moeframe plugins`."""
-    p.add_argument("--check", action="store_true",
-                   help="also import every registered strategy's class and check it against its kind's contract "
-                        "(a few seconds: it imports torch and the plugins' backends)")
+    p.add_argument(
+        "--check",
+        action="store_true",
+        help="also import every registered strategy's class and check it against its kind's contract "
+        "(a few seconds: it imports torch and the plugins' backends)",
+    )
     add_json_argument(p)
 
 

@@ -14,7 +14,14 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from moeframe.cli.common import add_config_arguments, add_json_argument, load_from_args, parse_int_list, print_json, stack_lines
+from moeframe.cli.common import (
+    add_config_arguments,
+    add_json_argument,
+    load_from_args,
+    parse_int_list,
+    print_json,
+    stack_lines,
+)
 from moeframe.errors import InputError
 
 if TYPE_CHECKING:
@@ -30,25 +37,52 @@ MAX_SEED = 2**63 - 1
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments of `moeframe run`."""
     add_config_arguments(p)
-    p.add_argument("--tokens", default=None, metavar="N[,N...]",
-                   help=f"number of tokens (default {DEFAULT_TOKENS}, or the rows of --input); under data parallelism "
-                        "one count per DP rank, e.g. 64,0")
-    p.add_argument("--seed", type=int, default=None, metavar="S",
-                   help=f"seed for weights and inputs, 0..2**63-1 (default: the config's)")
+    p.add_argument(
+        "--tokens",
+        default=None,
+        metavar="N[,N...]",
+        help=f"number of tokens (default {DEFAULT_TOKENS}, or the rows of --input); under data parallelism "
+        "one count per DP rank, e.g. 64,0",
+    )
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        metavar="S",
+        help="seed for weights and inputs, 0..2**63-1 (default: the config's)",
+    )
     p.add_argument("--device", default="cpu", metavar="D", help="device, e.g. cpu or cuda (default cpu)")
-    p.add_argument("--repeat", type=int, default=5, metavar="R", help="timed repetitions; the median is reported (default 5)")
-    p.add_argument("--nproc", type=int, default=None, metavar="N",
-                   help="launch N local processes (torch.distributed, as torchrun would) and run distributed")
+    p.add_argument(
+        "--repeat", type=int, default=5, metavar="R", help="timed repetitions; the median is reported (default 5)"
+    )
+    p.add_argument(
+        "--nproc",
+        type=int,
+        default=None,
+        metavar="N",
+        help="launch N local processes (torch.distributed, as torchrun would) and run distributed",
+    )
     p.add_argument("--weights", type=Path, metavar="W.safetensors", help="load the layer's tensors from this file")
-    p.add_argument("--strict-weights", action="store_true",
-                   help="refuse weights holding NaN or inf (default: a warning naming the tensors)")
-    p.add_argument("--input", type=Path, metavar="X.safetensors", help="take hidden states from tensor 'hidden_states' [T, H]")
-    p.add_argument("--output", type=Path, metavar="Y.safetensors",
-                   help="write tensor 'output' [T, H] (only when the check passes; the folder must exist)")
+    p.add_argument(
+        "--strict-weights",
+        action="store_true",
+        help="refuse weights holding NaN or inf (default: a warning naming the tensors)",
+    )
+    p.add_argument(
+        "--input", type=Path, metavar="X.safetensors", help="take hidden states from tensor 'hidden_states' [T, H]"
+    )
+    p.add_argument(
+        "--output",
+        type=Path,
+        metavar="Y.safetensors",
+        help="write tensor 'output' [T, H] (only when the check passes; the folder must exist)",
+    )
     add_json_argument(p)
 
 
-def seeded_hidden_states(num_tokens: int, hidden_size: int, dtype: torch.dtype, seed: int, device: Any = "cpu") -> torch.Tensor:
+def seeded_hidden_states(
+    num_tokens: int, hidden_size: int, dtype: torch.dtype, seed: int, device: Any = "cpu"
+) -> torch.Tensor:
     """The hidden states ``moeframe run`` uses: standard normal, from ``seed`` alone
     (any integer: it is folded into the generator's 63-bit range)."""
     import torch
@@ -68,7 +102,9 @@ def _input_header(path: Path) -> tuple[list[str], Any]:
         with safe_open(str(path), framework="pt") as f:
             names = list(f.keys())
             if "hidden_states" not in names:
-                raise InputError(f"--input: {path} has no tensor 'hidden_states' (it has: {', '.join(sorted(names)) or 'none'})")
+                raise InputError(
+                    f"--input: {path} has no tensor 'hidden_states' (it has: {', '.join(sorted(names)) or 'none'})"
+                )
             sl = f.get_slice("hidden_states")
             return names, (list(sl.get_shape()), sl.get_dtype())
     except (SafetensorError, OSError) as exc:
@@ -148,7 +184,9 @@ def check_options(args: argparse.Namespace, config: Any, world_size: int) -> lis
     dp_size = config.parallel.dp_size
     counts = parse_tokens(args.tokens)
     if len(counts) not in (1, dp_size):
-        raise InputError(f"--tokens has {len(counts)} counts but there are {dp_size} DP ranks; give one count or one per DP rank")
+        raise InputError(
+            f"--tokens has {len(counts)} counts but there are {dp_size} DP ranks; give one count or one per DP rank"
+        )
     if args.repeat < 1:
         raise InputError(f"--repeat must be >= 1, got {args.repeat}")
     if args.seed is not None and not 0 <= args.seed <= MAX_SEED:
@@ -161,8 +199,10 @@ def check_options(args: argparse.Namespace, config: Any, world_size: int) -> lis
     if args.input is not None:
         rows = check_input(args.input, config.model.hidden_size)
         if args.tokens is not None and any(c != rows for c in counts):
-            raise InputError(f"--input: {args.input} has {rows} rows but --tokens is {args.tokens}; "
-                             "leave out --tokens to run the input's rows")
+            raise InputError(
+                f"--input: {args.input} has {rows} rows but --tokens is {args.tokens}; "
+                "leave out --tokens to run the input's rows"
+            )
         counts = [rows]
     if args.output is not None:
         for target in output_targets(args.output, world_size):
@@ -178,18 +218,27 @@ def _agree_on_options(parallel: Any, args: argparse.Namespace, counts: list[int]
     """Every rank must run the same options (the same number of forwards, so that
     collectives match): gather them and refuse, with the same line on every rank, when
     they differ."""
-    mine = {"--repeat": args.repeat, "--tokens": counts, "--device": str(args.device), "--input": str(args.input),
-            "--weights": str(args.weights)}
+    mine = {
+        "--repeat": args.repeat,
+        "--tokens": counts,
+        "--device": str(args.device),
+        "--input": str(args.input),
+        "--weights": str(args.weights),
+    }
     try:
         everyone = parallel.collectives.all_gather_object(mine)
     except RuntimeError as exc:
-        raise RankFailure(f"rank {parallel.rank}: a collective failed ({str(exc).splitlines()[0][:200]}); "
-                          "another rank probably failed first: see its error") from exc
+        raise RankFailure(
+            f"rank {parallel.rank}: a collective failed ({str(exc).splitlines()[0][:200]}); "
+            "another rank probably failed first: see its error"
+        ) from exc
     for rank, theirs in enumerate(everyone):
-        for key, value in mine.items():
+        for key in mine:
             if everyone[0][key] != theirs[key]:
-                raise InputError(f"{key} differs between ranks: {everyone[0][key]} on rank 0 but {theirs[key]} on rank {rank}; "
-                                 "give every rank the same options")
+                raise InputError(
+                    f"{key} differs between ranks: {everyone[0][key]} on rank 0 but {theirs[key]} on rank {rank}; "
+                    "give every rank the same options"
+                )
 
 
 def _nonfinite_rows(x: torch.Tensor, out: torch.Tensor) -> int:
@@ -207,8 +256,8 @@ def execute(args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
     from moeframe.cli.common import resolve_device
-    from moeframe.integrations.transformers.checkpoint import load_checkpoint_weights
     from moeframe.composer import reference_config
+    from moeframe.integrations.transformers.checkpoint import load_checkpoint_weights
     from moeframe.layer import MoELayer, describe_layer
     from moeframe.memory import Need, activation_bytes, check_fits
     from moeframe.numerics import compare, count_nonfinite
@@ -226,16 +275,28 @@ def execute(args: argparse.Namespace) -> dict[str, Any]:
     num_tokens = counts[parallel.dp_rank] if len(counts) > 1 else counts[0]
     # what this run is about to allocate, from the shapes alone, checked before any of it is
     plan = describe_layer(config, device=device, parallel=parallel)
-    reference_weights = (describe_layer(reference_config(config), device=device)["weight_bytes"] if parallel.distributed
-                         else plan["weight_bytes"])
+    reference_weights = (
+        describe_layer(reference_config(config), device=device)["weight_bytes"]
+        if parallel.distributed
+        else plan["weight_bytes"]
+    )
     m = model
-    check_fits([
-        *(Need(n["what"], n["nbytes"], n["keys"]) for n in plan["needs"]),
-        Need("the reference's weights", reference_weights, "the same keys: the run checks against a reference layer"),
-        Need("activations", activation_bytes(model, num_tokens),
-             f"--tokens={num_tokens}, model.top_k={m.top_k}, model.hidden_size={m.hidden_size}, "
-             f"model.intermediate_size={m.intermediate_size}"),
-    ], device, "this run")
+    check_fits(
+        [
+            *(Need(n["what"], n["nbytes"], n["keys"]) for n in plan["needs"]),
+            Need(
+                "the reference's weights", reference_weights, "the same keys: the run checks against a reference layer"
+            ),
+            Need(
+                "activations",
+                activation_bytes(model, num_tokens),
+                f"--tokens={num_tokens}, model.top_k={m.top_k}, model.hidden_size={m.hidden_size}, "
+                f"model.intermediate_size={m.intermediate_size}",
+            ),
+        ],
+        device,
+        "this run",
+    )
     layer = MoELayer(config, device=device, parallel=parallel)
     load_checkpoint_weights(args, layer)
     if args.weights:
@@ -243,7 +304,9 @@ def execute(args: argparse.Namespace) -> dict[str, Any]:
     if args.input:
         x = read_input(args.input, model.hidden_size, model.torch_dtype, device)
     else:
-        x = seeded_hidden_states(num_tokens, model.hidden_size, model.torch_dtype, config.seed + 1_000 * parallel.dp_rank, device)
+        x = seeded_hidden_states(
+            num_tokens, model.hidden_size, model.torch_dtype, config.seed + 1_000 * parallel.dp_rank, device
+        )
     with torch.inference_mode():
         try:
             out, times = time_forward(layer, x, args.repeat)
@@ -281,8 +344,10 @@ def execute(args: argparse.Namespace) -> dict[str, Any]:
         try:
             ranks = parallel.collectives.all_gather_object(mine)
         except RuntimeError as exc:
-            raise RankFailure(f"rank {parallel.rank}: gathering the ranks' results failed "
-                              f"({str(exc).splitlines()[0][:200]}); another rank probably failed first: see its error") from exc
+            raise RankFailure(
+                f"rank {parallel.rank}: gathering the ranks' results failed "
+                f"({str(exc).splitlines()[0][:200]}); another rank probably failed first: see its error"
+            ) from exc
     else:
         ranks = [mine]
     ok = all(r["ok"] for r in ranks)
@@ -321,8 +386,10 @@ def launch(args: argparse.Namespace, argv: list[str]) -> int:
     if args.nproc < 1:
         raise InputError(f"--nproc must be >= 1, got {args.nproc}")
     if "WORLD_SIZE" in os.environ:
-        raise InputError("--nproc: this process is already one of a launched group (WORLD_SIZE is set); "
-                         "leave out --nproc under torchrun")
+        raise InputError(
+            "--nproc: this process is already one of a launched group (WORLD_SIZE is set); "
+            "leave out --nproc under torchrun"
+        )
     config = load_from_args(args, {"seed": args.seed} if args.seed is not None else None)
     from moeframe.parallel import validate_world
 
@@ -337,15 +404,28 @@ def launch(args: argparse.Namespace, argv: list[str]) -> int:
         from moeframe.layer import describe_layer
         from moeframe.memory import Need, activation_bytes, check_fits
 
-        counts = parse_tokens(args.tokens) if args.input is None else [check_input(args.input, config.model.hidden_size)]
+        counts = (
+            parse_tokens(args.tokens) if args.input is None else [check_input(args.input, config.model.hidden_size)]
+        )
         reference = describe_layer(reference_config(config))["weight_bytes"]
         m = config.model
-        check_fits([
-            Need("the ranks' weights and workspaces", sum(n["nbytes"] for r in ranks for n in r["needs"]), ranks[0]["needs"][0]["keys"]),
-            Need("each rank's reference weights", args.nproc * reference, f"--nproc={args.nproc}"),
-            Need("activations", args.nproc * activation_bytes(m, max(counts)),
-                 f"--tokens={max(counts)}, --nproc={args.nproc}, model.top_k={m.top_k}"),
-        ], device, f"run --nproc {args.nproc}")
+        check_fits(
+            [
+                Need(
+                    "the ranks' weights and workspaces",
+                    sum(n["nbytes"] for r in ranks for n in r["needs"]),
+                    ranks[0]["needs"][0]["keys"],
+                ),
+                Need("each rank's reference weights", args.nproc * reference, f"--nproc={args.nproc}"),
+                Need(
+                    "activations",
+                    args.nproc * activation_bytes(m, max(counts)),
+                    f"--tokens={max(counts)}, --nproc={args.nproc}, model.top_k={m.top_k}",
+                ),
+            ],
+            device,
+            f"run --nproc {args.nproc}",
+        )
     rest = []
     skip = False
     for a in argv:
@@ -358,13 +438,15 @@ def launch(args: argparse.Namespace, argv: list[str]) -> int:
         if a.startswith("--nproc="):
             continue
         rest.append(a)
-    codes = launch_local_ranks([sys.executable, "-m", "moeframe", *rest], args.nproc,
-                               grace_s=config.parallel.timeout_s + 10)
+    codes = launch_local_ranks(
+        [sys.executable, "-m", "moeframe", *rest], args.nproc, grace_s=config.parallel.timeout_s + 10
+    )
     if all(c == codes[0] for c in codes) and codes[0] in (0, 1):
         return codes[0]  # rank 0 reported every rank's outcome
     summary = ", ".join(f"rank {r}: {'terminated' if c < 0 else f'exit {c}'}" for r, c in enumerate(codes))
-    sys.stderr.write(f"moeframe: error: run --nproc {args.nproc}: not every rank finished ({summary}); "
-                     "their errors are above\n")
+    sys.stderr.write(
+        f"moeframe: error: run --nproc {args.nproc}: not every rank finished ({summary}); their errors are above\n"
+    )
     worst = max(codes)
     return worst if worst > 0 else 1
 
@@ -404,8 +486,10 @@ def run(args: argparse.Namespace) -> int:
         print_json(result)
         return 0 if result["ok"] else 1
     distributed = len(result["ranks"]) > 1
-    print(f"moeframe run: {result['source'] or '(dict)'} · {result['dtype']} · {result['device']}"
-          + (f" · {len(result['ranks'])} ranks" if distributed else ""))
+    print(
+        f"moeframe run: {result['source'] or '(dict)'} · {result['dtype']} · {result['device']}"
+        + (f" · {len(result['ranks'])} ranks" if distributed else "")
+    )
     print(stack_lines(result["stack"]))
     if distributed:
         _print_ranks(result)
@@ -426,7 +510,8 @@ def run(args: argparse.Namespace) -> int:
         f"(atol {err['atol']:g}, rtol {err['rtol']:g}, scale {err['scale_rtol']:g}): {verdict_text(err, nonfinite)}"
     )
     if args.output:
-        print(f"output: {'written to ' + result['output_written'] if result['output_written'] else 'not written (check failed)'}")
+        written = result["output_written"]
+        print(f"output: {'written to ' + written if written else 'not written (check failed)'}")
     return 0 if result["ok"] else 1
 
 
@@ -446,7 +531,21 @@ def _print_ranks(result: dict[str, Any]) -> None:
     rows = []
     for r in result["ranks"]:
         err = r["error"]
-        rows.append((r["rank"], r["dp_rank"], r["ep_rank"], r["tokens"], r["local_experts"], format_bytes(r["expert_weight_bytes"]),
-                     f"{r['median_s'] * 1e3:.3f}", f"{err['max_abs_error']:.2e}", verdict_text(err, r["nonfinite"])))
+        rows.append(
+            (
+                r["rank"],
+                r["dp_rank"],
+                r["ep_rank"],
+                r["tokens"],
+                r["local_experts"],
+                format_bytes(r["expert_weight_bytes"]),
+                f"{r['median_s'] * 1e3:.3f}",
+                f"{err['max_abs_error']:.2e}",
+                verdict_text(err, r["nonfinite"]),
+            )
+        )
     print(table(rows, ["rank", "dp", "ep", "tokens", "experts", "expert weights", "median ms", "max abs err", "check"]))
-    print("error vs single-process reference: " + ("ok on every rank" if result["ok"] else "FAILED on some rank (see the table)"))
+    print(
+        "error vs single-process reference: "
+        + ("ok on every rank" if result["ok"] else "FAILED on some rank (see the table)")
+    )

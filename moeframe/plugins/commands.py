@@ -35,7 +35,7 @@ def _check_name(_: Any, __: Any, value: Any) -> None:
         raise ValueError(f"command name {value!r} must be lower case letters, digits or '-', starting with a letter")
 
 
-def _check_function(_: Any, attribute: attrs.Attribute, value: Any) -> None:  # type: ignore[type-arg]
+def _check_function(_: Any, attribute: attrs.Attribute, value: Any) -> None:
     if value is None and attribute.name == "add_arguments":
         return
     if isinstance(value, str):
@@ -78,11 +78,17 @@ def collect_commands(hook: Callable[..., Any]) -> list[Command]:
     its commands; return them (a bad registration raises ``ValueError``/``TypeError``)."""
     found: list[Command] = []
 
-    def register(name: str, run: RunFunction | str, *, help: str, add_arguments: AddArguments | str | None = None,
-                 description: str | None = None) -> None:
+    def register(
+        name: str,
+        run: RunFunction | str,
+        *,
+        help: str,
+        add_arguments: AddArguments | str | None = None,
+        description: str | None = None,
+    ) -> None:
         found.append(Command(name, run, help, add_arguments, description))
 
-    hook(register)
+    hook(register=register)
     return found
 
 
@@ -93,8 +99,10 @@ def _resolve(ref: Any, what: str, command: str, provider: Provider) -> Any:
     try:
         return getattr(importlib.import_module(module), attr)
     except (Exception, SystemExit) as exc:  # KeyboardInterrupt stays an interrupt
-        raise PluginError(f"command {command!r} from {provider} cannot be loaded: its {what} {ref!r} failed: "
-                          f"{_describe_exception(exc)}") from None
+        raise PluginError(
+            f"command {command!r} from {provider} cannot be loaded: its {what} {ref!r} failed: "
+            f"{_describe_exception(exc)}"
+        ) from None
 
 
 @attrs.frozen
@@ -119,8 +127,9 @@ class CommandEntry:
         except (Exception, SystemExit) as exc:
             if self.provider.builtin:
                 raise
-            raise PluginError(f"command {self.name!r} from {self.provider} cannot add its arguments: "
-                              f"{_describe_exception(exc)}") from None
+            raise PluginError(
+                f"command {self.name!r} from {self.provider} cannot add its arguments: {_describe_exception(exc)}"
+            ) from None
 
     def run(self, args: argparse.Namespace) -> int:
         """Run the command; its exit status (``None`` counts as 0)."""
@@ -129,8 +138,10 @@ class CommandEntry:
         if status is None:
             return 0
         if isinstance(status, bool) or not isinstance(status, int):
-            raise PluginError(f"command {self.name!r} from {self.provider} returned {status!r} where an exit "
-                              "status (an int, or None for 0) was expected")
+            raise PluginError(
+                f"command {self.name!r} from {self.provider} returned {status!r} where an exit "
+                "status (an int, or None for 0) was expected"
+            )
         return status
 
 
@@ -153,16 +164,20 @@ class CommandTable:
             self._entries[name] = entry
             return None
         elif current.provider.builtin:
-            return (f"command {name!r} from {entry.provider} clashes with moeframe's builtin command {name!r}; "
-                    "the builtin is kept: rename the plugin's command")
+            return (
+                f"command {name!r} from {entry.provider} clashes with moeframe's builtin command {name!r}; "
+                "the builtin is kept: rename the plugin's command"
+            )
         else:
             self._conflicts[name] = [self._entries.pop(name), entry]
         return self.conflict_error(name)
 
     def conflict_error(self, name: str) -> str:
         providers = " and ".join(str(e.provider) for e in self._conflicts[name])
-        return (f"command {name!r} is registered by both {providers}; it is unusable until one of them is "
-                "uninstalled (or left out with MOEFRAME_PLUGINS)")
+        return (
+            f"command {name!r} is registered by both {providers}; it is unusable until one of them is "
+            "uninstalled (or left out with MOEFRAME_PLUGINS)"
+        )
 
     def get(self, name: str) -> CommandEntry | None:
         return self._entries.get(name)

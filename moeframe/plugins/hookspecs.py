@@ -57,7 +57,7 @@ hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
 
 
 @hookspec
-def register_routers() -> Iterable[Strategy]:
+def register_routers() -> Iterable[Strategy]:  # type: ignore[empty-body]  # a specification: never called
     """Return router strategies: router logits -> :class:`moeframe.TopKOutput`
     (``weights [T, K]``, ``ids [T, K]``, ``weight_on_input``).
 
@@ -67,7 +67,7 @@ def register_routers() -> Iterable[Strategy]:
 
 
 @hookspec
-def register_kernels() -> Iterable[Strategy]:
+def register_kernels() -> Iterable[Strategy]:  # type: ignore[empty-body]  # a specification: never called
     """Return expert-kernel strategies: the experts computation for routed tokens.
 
     Called once when the kernel registry is first used.  Each ``impl`` must subclass
@@ -78,7 +78,7 @@ def register_kernels() -> Iterable[Strategy]:
 
 
 @hookspec
-def register_dispatchers() -> Iterable[Strategy]:
+def register_dispatchers() -> Iterable[Strategy]:  # type: ignore[empty-body]  # a specification: never called
     """Return dispatcher strategies: move tokens to the ranks owning their experts and back.
 
     Called once when the dispatcher registry is first used.  Each ``impl`` must subclass
@@ -87,7 +87,7 @@ def register_dispatchers() -> Iterable[Strategy]:
 
 
 @hookspec
-def register_runners() -> Iterable[Strategy]:
+def register_runners() -> Iterable[Strategy]:  # type: ignore[empty-body]  # a specification: never called
     """Return runner strategies: the route -> dispatch -> kernel -> combine orchestration.
 
     Called once when the runner registry is first used.  Each ``impl`` must subclass
@@ -96,7 +96,7 @@ def register_runners() -> Iterable[Strategy]:
 
 
 @hookspec
-def register_wrappers() -> Iterable[Strategy]:
+def register_wrappers() -> Iterable[Strategy]:  # type: ignore[empty-body]  # a specification: never called
     """Return wrapper strategies: runners that wrap an inner runner.
 
     Called once when the wrapper registry is first used.  Each ``impl`` must subclass

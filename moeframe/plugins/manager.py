@@ -16,6 +16,7 @@ their hooks and builds the registry.  Environment variables (read at that moment
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.metadata as importlib_metadata
 import os
@@ -187,9 +188,7 @@ class PluginHost:
         specs: ModuleType | type = hookspecs,
     ) -> None:
         env = os.environ
-        self.autoload = (
-            not _truthy(env.get("MOEFRAME_DISABLE_PLUGIN_AUTOLOAD")) if autoload is None else autoload
-        )
+        self.autoload = not _truthy(env.get("MOEFRAME_DISABLE_PLUGIN_AUTOLOAD")) if autoload is None else autoload
         if allow is None and env.get("MOEFRAME_PLUGINS", "").strip():
             allow = [a for a in env["MOEFRAME_PLUGINS"].split(",") if a.strip()]
         self.allow = None if allow is None else {normalize_dist_name(a.strip()) for a in allow}
@@ -256,8 +255,10 @@ class PluginHost:
         for name in sorted(self.allow or ()):
             if name not in installed:
                 hint = did_you_mean(name, sorted(installed.values()))
-                _warn(f"MOEFRAME_PLUGINS names {name!r}, but no installed plugin distribution has that name{hint}; "
-                      f"installed: {', '.join(sorted(installed.values())) or 'none'}")
+                _warn(
+                    f"MOEFRAME_PLUGINS names {name!r}, but no installed plugin distribution has that name{hint}; "
+                    f"installed: {', '.join(sorted(installed.values())) or 'none'}"
+                )
         self.registry.unknown_note = (
             f"MOEFRAME_PLUGINS allows only {', '.join(sorted(self.allow or ())) or 'no plugin'}; "
             "add the distribution that provides it, or unset MOEFRAME_PLUGINS"
@@ -280,7 +281,8 @@ class PluginHost:
             self.pm.unregister(name=plugin_name)
             known = set(hookspecs.HOOK_FOR_KIND.values()) | {COMMANDS_HOOK}
             unknown = [
-                name for name in dir(plugin)
+                name
+                for name in dir(plugin)
                 if name not in known and self.pm.parse_hookimpl_opts(plugin, name) is not None
             ]
             if not unknown:  # pragma: no cover - pluggy reported something else
@@ -294,7 +296,9 @@ class PluginHost:
             return
         for warning in caught:  # pluggy's warn_on_impl / warn_on_impl_args: say whose hook it is
             if issubclass(warning.category, DeprecationWarning):
-                warnings.warn(MoeframeDeprecationWarning(f"moeframe plugin {record.name!r}: {warning.message}"), stacklevel=4)
+                warnings.warn(
+                    MoeframeDeprecationWarning(f"moeframe plugin {record.name!r}: {warning.message}"), stacklevel=4
+                )
             else:
                 warnings.warn(warning.message, stacklevel=4)
         self._records_by_plugin_name[plugin_name] = record
@@ -370,8 +374,7 @@ class PluginHost:
                 if bad:
                     self._fail(
                         record,
-                        f"hook {hook_name} returned {type(bad[0]).__name__} "
-                        "where a moeframe.Strategy was expected",
+                        f"hook {hook_name} returned {type(bad[0]).__name__} where a moeframe.Strategy was expected",
                     )
                     continue
                 for strategy in items:
@@ -392,11 +395,13 @@ class PluginHost:
             record = self._records_by_plugin_name.get(impl.plugin_name)
             if record is not None and (only is None or impl.plugin_name == only):
                 impls.append((impl, record))
-        impls.sort(key=lambda pair: not pair[1].builtin)  # builtins first, whatever tryfirst says: they keep their names
+        impls.sort(
+            key=lambda pair: not pair[1].builtin
+        )  # builtins first, whatever tryfirst says: they keep their names
         for impl, record in impls:
             record.hooks.append(COMMANDS_HOOK)
             try:
-                commands = collect_commands(lambda register: self._call(COMMANDS_HOOK, impl, register=register))
+                commands = collect_commands(functools.partial(self._call, COMMANDS_HOOK, impl))
             except (Exception, SystemExit) as exc:  # KeyboardInterrupt stays an interrupt
                 self._fail(record, f"hook {COMMANDS_HOOK} raised {_describe_exception(exc)}")
                 continue
@@ -408,7 +413,9 @@ class PluginHost:
                     record.commands.append(command.name)
                 if problem is None:
                     continue
-                clashing = [record] if refused else [r for r in self.plugins if command.name in r.commands and not r.builtin]
+                clashing = (
+                    [record] if refused else [r for r in self.plugins if command.name in r.commands and not r.builtin]
+                )
                 for r in clashing:
                     if problem not in r.errors:
                         r.errors.append(problem)
@@ -418,10 +425,7 @@ class PluginHost:
 
     def _fail(self, record: PluginRecord, message: str) -> None:
         record.errors.append(message)
-        text = (
-            f"moeframe plugin {record.name!r}"
-            f"{' ' + record.version if record.version else ''} was skipped: {message}"
-        )
+        text = f"moeframe plugin {record.name!r}{' ' + record.version if record.version else ''} was skipped: {message}"
         if self.strict:
             raise PluginError(text + " (MOEFRAME_STRICT_PLUGINS is set)")
         _warn(text + "; other plugins keep working (MOEFRAME_STRICT_PLUGINS=1 makes this fatal)")
@@ -470,12 +474,16 @@ def _entry_points() -> Iterable[importlib_metadata.EntryPoint]:
     seen: set[tuple[str, str, str]] = set()
     unique = []
     for ep in eps:  # a distribution found twice on sys.path is loaded once
-        dist = getattr(ep, "dist", None)
-        key = (normalize_dist_name(dist.name) if dist else "", ep.name, ep.value)
+        key = (_dist_key(ep), ep.name, ep.value)
         if key not in seen:
             seen.add(key)
             unique.append(ep)
-    return sorted(unique, key=lambda ep: (normalize_dist_name(ep.dist.name) if getattr(ep, "dist", None) else "", ep.name))
+    return sorted(unique, key=lambda ep: (_dist_key(ep), ep.name))
+
+
+def _dist_key(ep: importlib_metadata.EntryPoint) -> str:
+    dist = getattr(ep, "dist", None)
+    return normalize_dist_name(dist.name) if dist is not None else ""
 
 
 _host: PluginHost | None = None

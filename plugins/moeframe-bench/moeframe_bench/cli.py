@@ -24,20 +24,58 @@ from moeframe.errors import InputError
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments of `moeframe bench`."""
     add_config_arguments(p)
-    p.add_argument("--kernels", metavar="A,B", help="comma-separated kernels (default: every registered kernel but interpreter variants)")
-    p.add_argument("--tokens", default="1,16,64,256,1024,4096", metavar="T,...", help="comma-separated token counts (default 1,16,64,256,1024,4096)")
-    p.add_argument("--dtype", metavar="D,...", help="comma-separated dtypes: float32, bfloat16, float16 (default: the config's)")
-    p.add_argument("--repeat", type=int, default=7, metavar="R", help="timed rounds per token count; the median is reported (default 7)")
-    p.add_argument("--budget", type=float, default=20.0, metavar="S",
-                   help="seconds one implementation may take at one token count before stopping at 3 samples (default 20)")
+    p.add_argument(
+        "--kernels",
+        metavar="A,B",
+        help="comma-separated kernels (default: every registered kernel but interpreter variants)",
+    )
+    p.add_argument(
+        "--tokens",
+        default="1,16,64,256,1024,4096",
+        metavar="T,...",
+        help="comma-separated token counts (default 1,16,64,256,1024,4096)",
+    )
+    p.add_argument(
+        "--dtype", metavar="D,...", help="comma-separated dtypes: float32, bfloat16, float16 (default: the config's)"
+    )
+    p.add_argument(
+        "--repeat",
+        type=int,
+        default=7,
+        metavar="R",
+        help="timed rounds per token count; the median is reported (default 7)",
+    )
+    p.add_argument(
+        "--budget",
+        type=float,
+        default=20.0,
+        metavar="S",
+        help="seconds one implementation may take at one token count before stopping at 3 samples (default 20)",
+    )
     p.add_argument("--no-peers", action="store_true", help="leave out transformers' implementations")
-    p.add_argument("--overhead", action="store_true", help="also measure the framework's overhead (runner, chunking, import time)")
-    p.add_argument("--memory", action="store_true", help="also measure peak extra memory of a forward with and without chunking")
-    p.add_argument("--memory-tokens", type=int, default=32768, metavar="T", help="tokens of the --memory forward (default 32768)")
-    p.add_argument("--chunk", type=int, default=1024, metavar="N", help="chunking's max_num_tokens for --overhead and --memory (default 1024)")
+    p.add_argument(
+        "--overhead", action="store_true", help="also measure the framework's overhead (runner, chunking, import time)"
+    )
+    p.add_argument(
+        "--memory", action="store_true", help="also measure peak extra memory of a forward with and without chunking"
+    )
+    p.add_argument(
+        "--memory-tokens", type=int, default=32768, metavar="T", help="tokens of the --memory forward (default 32768)"
+    )
+    p.add_argument(
+        "--chunk",
+        type=int,
+        default=1024,
+        metavar="N",
+        help="chunking's max_num_tokens for --overhead and --memory (default 1024)",
+    )
     p.add_argument("--json", type=Path, metavar="FILE", help="write the full results as JSON to FILE (atomically)")
-    p.add_argument("--plot", type=Path, metavar="FILE.png", help="plot GFLOP/s and GB/s against T to FILE.png (needs matplotlib)")
-    p.add_argument("--markdown", type=Path, metavar="FILE.md", help="replace the bench section of FILE.md with the tables")
+    p.add_argument(
+        "--plot", type=Path, metavar="FILE.png", help="plot GFLOP/s and GB/s against T to FILE.png (needs matplotlib)"
+    )
+    p.add_argument(
+        "--markdown", type=Path, metavar="FILE.md", help="replace the bench section of FILE.md with the tables"
+    )
 
 
 def _names(option: str, text: str | None) -> tuple[str, ...] | None:
@@ -49,36 +87,12 @@ def _names(option: str, text: str | None) -> tuple[str, ...] | None:
     return names
 
 
-class _Bar:
-    """tqdm on stderr when installed (it stays silent off a terminal), else nothing."""
-
-    def __init__(self, total: int) -> None:
-        self.total = total
-        try:
-            from tqdm import tqdm
-        except ImportError:
-            self._bar: Any = None
-        else:
-            self._bar = tqdm(total=total, file=sys.stderr, unit="step", leave=False, dynamic_ncols=True, disable=None)
-
-    def step(self, n: int = 1, desc: str = "") -> None:
-        if self._bar is not None:
-            if desc:
-                self._bar.set_description(desc, refresh=False)
-            self._bar.update(n)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.close()
-
-
 def run(args: argparse.Namespace) -> int:
-    from moeframe_bench.measure import BenchOptions, default_kernels, run_benchmark
-    from moeframe_bench.measure import total_steps
-    from moeframe_bench.peers import IMPLEMENTATIONS, transformers_version, unsupported_reason
-    from moeframe_bench.report import check_output_paths, plot, text_report, update_markdown, write_json
     from moeframe.config import DTYPE_NAMES
     from moeframe.plugins import get_registry
+    from moeframe_bench.measure import BarProgress, BenchOptions, default_kernels, run_benchmark, total_steps
+    from moeframe_bench.peers import IMPLEMENTATIONS, transformers_version, unsupported_reason
+    from moeframe_bench.report import check_output_paths, plot, text_report, update_markdown, write_json
 
     tokens = tuple(parse_int_list("--tokens", args.tokens, unique=True))
     dtypes = _names("--dtype", args.dtype)
@@ -97,14 +111,21 @@ def run(args: argparse.Namespace) -> int:
         get_registry().get("kernel", name)  # unknown names: exit 2 before any work
     check_output_paths(args.json, args.plot, args.markdown)
     config = load_from_args(args)
-    _check_memory(config, max(max(tokens), args.memory_tokens if args.memory else 0))
+    _check_memory(config, max(*tokens, args.memory_tokens if args.memory else 0))
     options = BenchOptions(
-        kernels=kernels, tokens=tokens, dtypes=dtypes, repeat=args.repeat, budget_s=args.budget,
-        peers=not args.no_peers, overhead=args.overhead, memory=args.memory,
-        memory_tokens=args.memory_tokens, chunk=args.chunk,
+        kernels=kernels,
+        tokens=tokens,
+        dtypes=dtypes,
+        repeat=args.repeat,
+        budget_s=args.budget,
+        peers=not args.no_peers,
+        overhead=args.overhead,
+        memory=args.memory,
+        memory_tokens=args.memory_tokens,
+        chunk=args.chunk,
     )
     peers = 0 if args.no_peers or transformers_version() is None or unsupported_reason(config) else len(IMPLEMENTATIONS)
-    bar = _Bar(total_steps(options, len(kernels or default_kernels()), peers))
+    bar = BarProgress(total_steps(options, len(kernels or default_kernels()), peers))
     try:
         result = run_benchmark(config, options, bar)
     finally:
@@ -129,9 +150,16 @@ def _check_memory(config: Any, num_tokens: int) -> None:
 
     plan = describe_layer(config)
     m = config.model
-    check_fits([
-        *(Need(n["what"], n["nbytes"], n["keys"]) for n in plan["needs"]),
-        Need("the reference's weights", plan["weight_bytes"], "the same keys"),
-        Need("activations", activation_bytes(m, num_tokens),
-             f"--tokens or --memory-tokens = {num_tokens}, model.top_k={m.top_k}, model.hidden_size={m.hidden_size}"),
-    ], "cpu", "bench")
+    check_fits(
+        [
+            *(Need(n["what"], n["nbytes"], n["keys"]) for n in plan["needs"]),
+            Need("the reference's weights", plan["weight_bytes"], "the same keys"),
+            Need(
+                "activations",
+                activation_bytes(m, num_tokens),
+                f"--tokens or --memory-tokens = {num_tokens}, model.top_k={m.top_k}, model.hidden_size={m.hidden_size}",
+            ),
+        ],
+        "cpu",
+        "bench",
+    )

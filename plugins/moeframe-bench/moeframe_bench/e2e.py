@@ -26,6 +26,7 @@ transformers' best path.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import statistics
 import sys
@@ -81,12 +82,20 @@ def build_model(options: E2EOptions, dtype: torch.dtype) -> Any:
     """The Qwen3-MoE-shaped causal LM, random weights from ``options.seed``, in eval mode."""
     import transformers
 
-    config = transformers.Qwen3MoeConfig(
-        vocab_size=options.vocab, hidden_size=options.hidden, intermediate_size=options.intermediate * 2,
-        moe_intermediate_size=options.intermediate, num_experts=options.experts, num_experts_per_tok=options.top_k,
-        num_hidden_layers=options.layers, num_attention_heads=options.heads, num_key_value_heads=options.kv_heads,
-        head_dim=options.hidden // options.heads, max_position_embeddings=options.prompt + options.new_tokens + 8,
-        norm_topk_prob=True, tie_word_embeddings=False,
+    config = transformers.Qwen3MoeConfig(  # type: ignore[call-arg]  # transformers types fewer fields than it takes
+        vocab_size=options.vocab,
+        hidden_size=options.hidden,
+        intermediate_size=options.intermediate * 2,
+        moe_intermediate_size=options.intermediate,
+        num_experts=options.experts,
+        num_experts_per_tok=options.top_k,
+        num_hidden_layers=options.layers,
+        num_attention_heads=options.heads,
+        num_key_value_heads=options.kv_heads,
+        head_dim=options.hidden // options.heads,
+        max_position_embeddings=options.prompt + options.new_tokens + 8,
+        norm_topk_prob=True,
+        tie_word_embeddings=False,
     )
     torch.manual_seed(options.seed)
     model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
@@ -154,7 +163,7 @@ def _run_once(
     ``path``: (prefill (wall, CPU) seconds, or None when ``skip_prefill`` says why the path
     cannot afford it and the default path makes the cache; decode (wall, CPU) seconds; the
     ``steps + 1`` tokens).  CPU seconds are the process's (every thread's)."""
-    prefill_s = None
+    prefill_s: tuple[float, float] | None = None
     clocks = (time.perf_counter, time.process_time)
     if skip_prefill:
         model.set_experts_implementation(default)
@@ -164,11 +173,11 @@ def _run_once(
         path.enter()
         start = [c() for c in clocks]
         cache, token = _prefill(model, prompt)
-        prefill_s = tuple(c() - s for c, s in zip(clocks, start))
+        prefill_s = (clocks[0]() - start[0], clocks[1]() - start[1])
     try:
         start = [c() for c in clocks]
-        tokens = [int(token)] + _decode(model, cache, token, steps)
-        decode_s = tuple(c() - s for c, s in zip(clocks, start))
+        tokens = [int(token), *_decode(model, cache, token, steps)]
+        decode_s = (clocks[0]() - start[0], clocks[1]() - start[1])
     finally:
         path.leave()
     return prefill_s, decode_s, tokens
@@ -177,7 +186,7 @@ def _run_once(
 def _greedy(model: Any, prompt: torch.Tensor, steps: int) -> list[int]:
     """Greedy tokens with transformers' own ``generate``."""
     out = model.generate(prompt, max_new_tokens=steps, min_new_tokens=steps, do_sample=False)
-    return out[0, prompt.shape[1]:].tolist()
+    return out[0, prompt.shape[1] :].tolist()
 
 
 def _logit_gap(model: Any, prompt: torch.Tensor, tokens: list[int], step: int) -> float:
@@ -205,7 +214,7 @@ def _cpu_model() -> str:
         from moeframe.kernels.cpu_isa import cpu_model
 
         return cpu_model()
-    except Exception:  # noqa: BLE001 - only a label
+    except Exception:
         import platform
 
         return platform.processor() or platform.machine()
@@ -246,8 +255,13 @@ def run_e2e(
             warm = prompt[:, : min(16, options.prompt)]
             for path in paths:
                 _run_once(path, model, warm, 2, path.skips("prefill", options), default)
-                section["paths"][path.name] = {"prefill": [], "decode": [], "prefill_cpu": [], "decode_cpu": [],
-                                               "identical": True}
+                section["paths"][path.name] = {
+                    "prefill": [],
+                    "decode": [],
+                    "prefill_cpu": [],
+                    "decode_cpu": [],
+                    "identical": True,
+                }
             # 2. the reference tokens: transformers' default path, through generate()
             model.set_experts_implementation(default)
             reference = _greedy(model, prompt, options.new_tokens + 1)
@@ -264,10 +278,12 @@ def run_e2e(
                         entry["patch"] = str(path.report).splitlines()[0]
                     if tokens != reference and entry["identical"]:
                         entry["identical"] = False
-                        step = next(i for i, (a, b) in enumerate(zip(tokens, reference)) if a != b)
+                        step = next(i for i, (a, b) in enumerate(zip(tokens, reference, strict=False)) if a != b)
                         model.set_experts_implementation(default)
                         entry["first_difference"] = {
-                            "round": round_, "step": step, "tokens": tokens,
+                            "round": round_,
+                            "step": step,
+                            "tokens": tokens,
                             "reference_logit_gap": _logit_gap(model, prompt, reference, step),
                         }
                     if prefill_s is not None:
@@ -276,8 +292,11 @@ def run_e2e(
                     entry["decode"].append(decode_s[0])
                     entry["decode_cpu"].append(decode_s[1])
                     shown = "-" if prefill_s is None else f"{prefill_s[0]:.2f} s (CPU {prefill_s[1]:.2f} s)"
-                    log(f"{dtype_name} {path.name}: prefill {shown}, decode {decode_s[0]:.2f} s (CPU {decode_s[1]:.2f} s), "
-                        f"greedy tokens {'identical' if tokens == reference else 'DIFFER'}")
+                    same = "identical" if tokens == reference else "DIFFER"
+                    log(
+                        f"{dtype_name} {path.name}: prefill {shown}, "
+                        f"decode {decode_s[0]:.2f} s (CPU {decode_s[1]:.2f} s), greedy tokens {same}"
+                    )
                 log(f"{dtype_name}: round {round_ + 1}/{options.repeat} done")
                 _summarise(section, options)
                 partial(result)  # what is measured so far, should the run be stopped
@@ -286,17 +305,19 @@ def run_e2e(
                 section["profile"] = {}
                 for phase in ("prefill", "decode"):
                     for name in dict.fromkeys(["patch_model(fused_cpu)", _best(section, HF_PATHS, phase)]):
-                        path = next((p for p in paths if p.name == name), None)
-                        if path is None:
+                        profiled = next((p for p in paths if p.name == name), None)
+                        if profiled is None:
                             continue
+                        path = profiled
                         model.set_experts_implementation(default)
                         cache, token = _prefill(model, prompt)  # a cache to profile decode steps on
                         path.enter()
                         try:
                             if phase == "prefill":
-                                ops = _profile(lambda: _prefill(model, prompt))
+                                ops = _profile(functools.partial(_prefill, model, prompt))
                             else:
-                                ops = _profile(lambda: _decode(model, cache, token, min(8, options.new_tokens)))
+                                steps = min(8, options.new_tokens)
+                                ops = _profile(functools.partial(_decode, model, cache, token, steps))
                         finally:
                             path.leave()
                         section["profile"].setdefault(name, {})[phase] = ops
@@ -309,8 +330,11 @@ def run_e2e(
 def _best(section: dict[str, Any], names: Sequence[str], phase: str) -> str | None:
     """The path of ``names`` with the least median CPU time in ``phase`` (under load, CPU
     time is the steadier measure; see the module docstring)."""
-    timed = {n: statistics.median(section["paths"][n][f"{phase}_cpu"]) for n in names
-             if n in section["paths"] and section["paths"][n][f"{phase}_cpu"]}
+    timed = {
+        n: statistics.median(section["paths"][n][f"{phase}_cpu"])
+        for n in names
+        if n in section["paths"] and section["paths"][n][f"{phase}_cpu"]
+    }
     return min(timed, key=timed.__getitem__) if timed else None
 
 
@@ -340,14 +364,18 @@ def markdown_table(result: dict[str, Any]) -> str:
     the spread (min..max), and the ratio to transformers' best path (by CPU time)."""
     o = result["options"]
     lines = [
-        f"Qwen3-MoE-shaped model, {o['layers']} layers, H={o['hidden']}, E={o['experts']}, top_k={o['top_k']}, "
-        f"I={o['intermediate']}, vocabulary {o['vocab']}, random weights; prefill {o['prompt']} tokens, then "
-        f"{o['new_tokens']} decode steps with a KV cache; batch 1.  CPU: {result['cpu']}, {result['threads']} "
-        f"thread(s); torch {result['torch']}, transformers {result['transformers']}; median of {o['repeat']} "
-        "round-robin rounds, [min..max].",
+        (
+            f"Qwen3-MoE-shaped model, {o['layers']} layers, H={o['hidden']}, E={o['experts']}, top_k={o['top_k']}, "
+            f"I={o['intermediate']}, vocabulary {o['vocab']}, random weights; prefill {o['prompt']} tokens, then "
+            f"{o['new_tokens']} decode steps with a KV cache; batch 1.  CPU: {result['cpu']}, {result['threads']} "
+            f"thread(s); torch {result['torch']}, transformers {result['transformers']}; median of {o['repeat']} "
+            "round-robin rounds, [min..max]."
+        ),
         "",
-        "| dtype | experts path | prefill tok/CPU-s | vs best HF | prefill tok/s (wall) | decode tok/CPU-s | vs best HF "
-        "| decode tok/s (wall) | greedy tokens |",
+        (
+            "| dtype | experts path | prefill tok/CPU-s | vs best HF | prefill tok/s (wall) | decode tok/CPU-s "
+            "| vs best HF | decode tok/s (wall) | greedy tokens |"
+        ),
         "|---|---|---|---|---|---|---|---|---|",
     ]
 
@@ -409,8 +437,10 @@ def _positive(text: str) -> int:
     return value
 
 
-DESCRIPTION = ("End-to-end prefill and decode tokens/s of a Qwen3-MoE-shaped transformers model, "
-               "for transformers' experts implementations, moeframe:fused_cpu and patch_model.")
+DESCRIPTION = (
+    "End-to-end prefill and decode tokens/s of a Qwen3-MoE-shaped transformers model, "
+    "for transformers' experts implementations, moeframe:fused_cpu and patch_model."
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -434,15 +464,26 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--new-tokens", type=_positive, default=32, help="decode steps (default 32)")
     p.add_argument("--dtype", default="float32,bfloat16", help="comma-separated dtypes (default float32,bfloat16)")
     p.add_argument("--repeat", type=_positive, default=5, help="timed rounds (default 5)")
-    p.add_argument("--paths", default=None,
-                   help=f"comma-separated experts paths (default: {','.join(HF_PATHS + OWN_PATHS)})")
+    p.add_argument(
+        "--paths", default=None, help=f"comma-separated experts paths (default: {','.join(HF_PATHS + OWN_PATHS)})"
+    )
     p.add_argument("--seed", type=int, default=0, help="seed of the weights and the prompt (default 0)")
-    p.add_argument("--threads", type=_positive, default=None,
-                   help="torch threads (default: torch's); 1 keeps CPU time meaningful on a loaded machine")
-    p.add_argument("--profile", action="store_true", help="add torch.profiler's top ops of the patched model and the best HF path")
+    p.add_argument(
+        "--threads",
+        type=_positive,
+        default=None,
+        help="torch threads (default: torch's); 1 keeps CPU time meaningful on a loaded machine",
+    )
+    p.add_argument(
+        "--profile", action="store_true", help="add torch.profiler's top ops of the patched model and the best HF path"
+    )
     p.add_argument("--json", type=Path, metavar="FILE", help="write the full result as JSON to FILE")
-    p.add_argument("--markdown", type=Path, metavar="FILE.md",
-                   help=f"replace the part of FILE.md between {MARKDOWN_BEGIN} and {MARKDOWN_END} with the table")
+    p.add_argument(
+        "--markdown",
+        type=Path,
+        metavar="FILE.md",
+        help=f"replace the part of FILE.md between {MARKDOWN_BEGIN} and {MARKDOWN_END} with the table",
+    )
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -470,9 +511,14 @@ def run(args: argparse.Namespace) -> int:
     known = HF_PATHS + OWN_PATHS
     for path in paths or ():
         if path not in known:
-            raise UserError(f"--paths: unknown path {path!r}{did_you_mean(path, known)}; choose from {', '.join(known)}")
+            raise UserError(
+                f"--paths: unknown path {path!r}{did_you_mean(path, known)}; choose from {', '.join(known)}"
+            )
     if args.hidden % args.heads or args.heads % args.kv_heads:
-        raise UserError(f"--hidden ({args.hidden}) must divide by --heads ({args.heads}), and --heads by --kv-heads ({args.kv_heads})")
+        raise UserError(
+            f"--hidden ({args.hidden}) must divide by --heads ({args.heads}), "
+            f"and --heads by --kv-heads ({args.kv_heads})"
+        )
     if args.top_k > args.experts:
         raise UserError(f"--top-k ({args.top_k}) must be <= --experts ({args.experts})")
     for target in (args.json, args.markdown):
@@ -481,13 +527,25 @@ def run(args: argparse.Namespace) -> int:
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     options = E2EOptions(
-        layers=args.layers, hidden=args.hidden, experts=args.experts, top_k=args.top_k,
-        intermediate=args.intermediate, vocab=args.vocab, heads=args.heads, kv_heads=args.kv_heads,
-        prompt=args.prompt, new_tokens=args.new_tokens, dtypes=dtypes, repeat=args.repeat, seed=args.seed,
-        profile=args.profile, paths=paths,
+        layers=args.layers,
+        hidden=args.hidden,
+        experts=args.experts,
+        top_k=args.top_k,
+        intermediate=args.intermediate,
+        vocab=args.vocab,
+        heads=args.heads,
+        kv_heads=args.kv_heads,
+        prompt=args.prompt,
+        new_tokens=args.new_tokens,
+        dtypes=dtypes,
+        repeat=args.repeat,
+        seed=args.seed,
+        profile=args.profile,
+        paths=paths,
     )
-    result = run_e2e(options, log=lambda s: print(s, file=sys.stderr, flush=True),
-                     partial=lambda r: _write_json(args.json, r))
+    result = run_e2e(
+        options, log=lambda s: print(s, file=sys.stderr, flush=True), partial=lambda r: _write_json(args.json, r)
+    )
     table = markdown_table(result)
     print(table)
     _write_json(args.json, result)

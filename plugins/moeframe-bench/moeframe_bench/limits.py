@@ -12,6 +12,7 @@ keeps the higher value: the fractions it reports err on the low side.
 
 from __future__ import annotations
 
+import functools
 import statistics
 import time
 from collections.abc import Callable, Sequence
@@ -22,8 +23,15 @@ import torch
 
 from moeframe.numerics import DTYPES
 
-__all__ = ["GEMM_SHAPES", "MachineLimits", "measure_gemm_peak", "measure_read_bandwidth", "measure_limits", "median_time",
-           "LimitProbes"]
+__all__ = [
+    "GEMM_SHAPES",
+    "MachineLimits",
+    "measure_gemm_peak",
+    "measure_read_bandwidth",
+    "measure_limits",
+    "median_time",
+    "LimitProbes",
+]
 
 #: (M, N, K) of the dense matmuls ``[M, K] @ [K, N]`` whose best rate is the peak.
 GEMM_SHAPES: tuple[tuple[int, int, int], ...] = ((1024, 1024, 1024), (2048, 1024, 1024), (1024, 2048, 2048))
@@ -64,8 +72,10 @@ class MachineLimits:
                 detail[shape] = max(detail.get(shape, 0.0), rate)
             out.gemm_detail[dtype] = detail
         out.read_bytes_per_s = max(self.read_bytes_per_s, other.read_bytes_per_s)
-        out.read_detail = {k: max(self.read_detail.get(k, 0.0), other.read_detail.get(k, 0.0))
-                           for k in set(self.read_detail) | set(other.read_detail)}
+        out.read_detail = {
+            k: max(self.read_detail.get(k, 0.0), other.read_detail.get(k, 0.0))
+            for k in set(self.read_detail) | set(other.read_detail)
+        }
         return out
 
     def best_gemm(self, dtype: str) -> tuple[int, int, int, str]:
@@ -86,7 +96,9 @@ class MachineLimits:
         }
 
 
-def measure_gemm_peak(dtype: str, shapes: Sequence[tuple[int, int, int]] = GEMM_SHAPES, repeat: int = 3) -> dict[str, float]:
+def measure_gemm_peak(
+    dtype: str, shapes: Sequence[tuple[int, int, int]] = GEMM_SHAPES, repeat: int = 3
+) -> dict[str, float]:
     """Median FLOP/s of ``torch.matmul`` in ``dtype`` for each shape and operand layout
     (key ``"MxNxK a@b"``: both operands row-major; ``"MxNxK a@b.T"``: the second one
     stored ``[N, K]``, as ``nn.Linear`` weights are).  A layout whose first run takes over
@@ -98,7 +110,8 @@ def measure_gemm_peak(dtype: str, shapes: Sequence[tuple[int, int, int]] = GEMM_
         a = torch.randn(m, k, generator=g).to(torch_dtype)
         b = torch.randn(k, n, generator=g).to(torch_dtype)
         bt = torch.randn(n, k, generator=g).to(torch_dtype)
-        for layout, fn in (("a@b", lambda: torch.matmul(a, b)), ("a@b.T", lambda: torch.matmul(a, bt.T))):
+        layouts = (("a@b", functools.partial(torch.matmul, a, b)), ("a@b.T", functools.partial(torch.matmul, a, bt.T)))
+        for layout, fn in layouts:
             start = time.perf_counter()
             fn()
             first = time.perf_counter() - start
@@ -113,7 +126,7 @@ def measure_read_bandwidth(nbytes: int = READ_BYTES, repeat: int = 5) -> dict[st
     for name in ("float32", "bfloat16"):
         dtype = DTYPES[name]
         t = torch.ones(nbytes // torch.empty((), dtype=dtype).element_size(), dtype=dtype)
-        seconds = median_time(lambda: t.sum(), repeat)
+        seconds = median_time(t.sum, repeat)
         rates[name] = nbytes / seconds
         del t
     return rates
@@ -146,8 +159,12 @@ class LimitProbes:
             m, n, k, layout = limits.best_gemm(dtype)
             torch_dtype = DTYPES[dtype]
             a = torch.randn(m, k, generator=g).to(torch_dtype)
-            b = torch.randn(k, n, generator=g).to(torch_dtype) if layout == "a@b" else torch.randn(n, k, generator=g).to(torch_dtype).T
-            self._gemm[dtype] = ((lambda a=a, b=b: torch.matmul(a, b)), 2.0 * m * n * k)
+            b = (
+                torch.randn(k, n, generator=g).to(torch_dtype)
+                if layout == "a@b"
+                else torch.randn(n, k, generator=g).to(torch_dtype).T
+            )
+            self._gemm[dtype] = (functools.partial(torch.matmul, a, b), 2.0 * m * n * k)
         read_dtype = max(limits.read_detail, key=limits.read_detail.__getitem__)
         dt = DTYPES[read_dtype]
         self._tensor = torch.ones(READ_BYTES // torch.empty((), dtype=dt).element_size(), dtype=dt)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -26,14 +27,14 @@ from typing import Any
 import attrs
 import torch
 
-from moeframe_bench.limits import LimitProbes, MachineLimits, measure_limits
 from moeframe.config import Config
 from moeframe.errors import InputError
-from moeframe.kernels import ExpertWeights
+from moeframe.kernels import ExpertWeights, Kernel
 from moeframe.numerics import compare, tolerance_for
 from moeframe.runners.default import route
+from moeframe_bench.limits import LimitProbes, MachineLimits, measure_limits
 
-__all__ = ["BenchOptions", "Progress", "default_kernels", "run_benchmark"]
+__all__ = ["BenchOptions", "Progress", "BarProgress", "default_kernels", "run_benchmark"]
 
 #: bytes of expert weights the batches of one token count should touch together, so that
 #: each call finds its experts evicted from the last-level cache
@@ -68,6 +69,29 @@ class Progress:
 
     def close(self) -> None:  # pragma: no cover - interface
         pass
+
+
+class BarProgress(Progress):
+    """A progress bar: tqdm on stderr when installed (it stays silent off a terminal), else nothing."""
+
+    def __init__(self, total: int) -> None:
+        self.total = total
+        try:
+            from tqdm import tqdm
+        except ImportError:
+            self._bar: Any = None
+        else:
+            self._bar = tqdm(total=total, file=sys.stderr, unit="step", leave=False, dynamic_ncols=True, disable=None)
+
+    def step(self, n: int = 1, desc: str = "") -> None:
+        if self._bar is not None:
+            if desc:
+                self._bar.set_description(desc, refresh=False)
+            self._bar.update(n)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
 
 
 def default_kernels() -> list[str]:
@@ -118,31 +142,50 @@ def _time_rounds(impls: Sequence[_Impl], batches: int, rounds: int, budget_s: fl
     return times
 
 
-def _measure_dtype(config: Config, dtype: str, kernels: Sequence[str], options: BenchOptions,
-                   progress: Progress, peer_report: dict[str, Any], probes: LimitProbes,
-                   probe_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    from moeframe_bench.peers import BATCHED_MM_BUDGET, build_peers, full_block_comparable
+@attrs.define
+class _Layer:
+    """One dtype's layer and everything measured beside it."""
+
+    config: Config
+    layer: Any
+    reference_layer: Any
+    tensors: dict[str, torch.Tensor]
+    experts: ExpertWeights
+    kernels: dict[str, Any]
+    reference: Any
+    peers: list[Any]
+
+    @property
+    def model(self) -> Any:
+        return self.config.model
+
+
+def _prepare(
+    config: Config, dtype: str, kernels: Sequence[str], options: BenchOptions, peer_report: dict[str, Any]
+) -> _Layer:
+    """The layer in ``dtype``, the kernels built for it, and transformers' peers (whose whole
+    block, where comparable, is checked against the reference stack here)."""
     from moeframe.conformance import kernel_context
     from moeframe.kernels.torch_reference import TorchReferenceKernel
     from moeframe.layer import MoELayer
     from moeframe.plugins import get_registry
+    from moeframe_bench.peers import build_peers, full_block_comparable
 
     cfg = config.evolve({"model.dtype": dtype})
     model = cfg.model
     layer = MoELayer(cfg)
     reference_layer = layer.reference()
     tensors = dict(layer.tensors)
-    experts = ExpertWeights(tensors["experts.w13"], tensors["experts.w2"], tensors.get("experts.b13"), tensors.get("experts.b2"))
+    experts = ExpertWeights(
+        tensors["experts.w13"], tensors["experts.w2"], tensors.get("experts.b13"), tensors.get("experts.b2")
+    )
     context = kernel_context(model)
     registry = get_registry()
     kernel_objs: dict[str, Any] = {}
     for name in kernels:
-        entry = registry.get("kernel", name)
-        cls = entry.load()
+        cls = registry.get("kernel", name).load_as(Kernel)
         params = cfg.stack.kernel.params if name == cfg.stack.kernel.name else cls.Params()
         kernel_objs[name] = cls(context, params)
-    reference = TorchReferenceKernel(context, None)
-
     peers: list[Any] = []
     if options.peers:
         peers, why = build_peers(cfg, tensors)
@@ -156,85 +199,138 @@ def _measure_dtype(config: Config, dtype: str, kernels: Sequence[str], options: 
                     if peer.implementation == "eager":
                         cmp = compare(peer.forward(x), expected, tolerance_for(dtype))
                         peer_report.setdefault("full_block", {})[dtype] = cmp.as_dict()
+    reference = TorchReferenceKernel(context, None)
+    return _Layer(cfg, layer, reference_layer, tensors, experts, kernel_objs, reference, peers)
 
-    expert_bytes = _expert_bytes(tensors)
+
+def _inputs(setup: _Layer, T: int, g: torch.Generator, expert_bytes: int) -> list[torch.Tensor]:
+    """Seeded hidden states of ``T`` tokens in enough batches that together they touch
+    :data:`COLD_BYTES` of expert weights (2 to 16 batches)."""
+    model = setup.model
+    probe = torch.randn(T, model.hidden_size, generator=g).to(model.torch_dtype)
+    with torch.inference_mode():
+        _, _, probe_ids = _routing(setup.layer, probe)
+    touched = max(1, torch.unique(probe_ids).numel())
+    batches = max(2, min(16, math.ceil(COLD_BYTES / (touched * expert_bytes))))
+    return [probe] + [torch.randn(T, model.hidden_size, generator=g).to(model.torch_dtype) for _ in range(batches - 1)]
+
+
+def _implementations(
+    setup: _Layer, xs: list[torch.Tensor], routed: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]], dtype: str
+) -> list[_Impl]:
+    """Every kernel, the configured stack and each peer: how to run it on batch ``b`` and
+    how to check its output on the first batch against the reference."""
+    from moeframe_bench.peers import BATCHED_MM_BUDGET
+
+    experts, layer = setup.experts, setup.layer
+    tolerance = tolerance_for(dtype)
+    with torch.inference_mode():
+        expected_kernel = setup.reference(*routed[0], experts)
+        expected_stack = setup.reference_layer(xs[0])
+
+    def kernel(name: str, fn: Any) -> _Impl:
+        return _Impl(
+            name,
+            "kernel",
+            run=lambda b: fn(*routed[b], experts),
+            check=lambda: compare(fn(*routed[0], experts), expected_kernel, tolerance).as_dict(),
+        )
+
+    def peer(p: Any) -> _Impl:
+        def skip(t: int) -> str | None:
+            needed = p.memory_needed(t)
+            return f"needs {needed / 1024**3:.1f} GiB for gathered weights" if needed > BATCHED_MM_BUDGET else None
+
+        return _Impl(
+            p.name,
+            "peer",
+            run=lambda b: p.experts(*routed[b]),
+            check=lambda: compare(p.experts(*routed[0]), expected_kernel, tolerance).as_dict(),
+            skip=skip,
+        )
+
+    stack = _Impl(
+        "stack",
+        "stack",
+        run=lambda b: layer(xs[b]),
+        check=lambda: compare(layer(xs[0]), expected_stack, tolerance).as_dict(),
+    )
+    return [*(kernel(name, fn) for name, fn in setup.kernels.items()), stack, *(peer(p) for p in setup.peers)]
+
+
+def _check(impls: Sequence[_Impl], dtype: str, T: int) -> tuple[dict[str, dict[str, Any]], list[_Impl]]:
+    """Each implementation's row with its check against the reference (or why it was
+    skipped), and those that agree: only they are timed."""
+    results: dict[str, dict[str, Any]] = {}
+    timed: list[_Impl] = []
+    for impl in impls:
+        row: dict[str, Any] = {"dtype": dtype, "tokens": T, "impl": impl.name, "kind": impl.kind, "skipped": None}
+        reason = impl.skip(T)
+        if reason:
+            row.update(skipped=reason, ok=None)
+        else:
+            try:
+                row["error"] = impl.check()
+                row["ok"] = bool(row["error"]["ok"])
+            except Exception as exc:  # a peer or plugin kernel failing is a result
+                row.update(ok=False, failure=f"{type(exc).__name__}: {exc}")
+            if row["ok"]:
+                timed.append(impl)
+            elif "failure" not in row:
+                row["skipped"] = "disagrees with the reference: not timed"
+            else:
+                row["skipped"] = f"failed: {row['failure']}"
+        results[impl.name] = row
+    return results, timed
+
+
+def _limit_implementations(probes: LimitProbes, dtype: str) -> tuple[list[_Impl], float, float]:
+    """This machine's limits as implementations timed in the same rounds: the peak GEMM in
+    ``dtype`` (and in float32), the read bandwidth; with the FLOPs of one GEMM of each."""
+    gemm, gemm_flops = probes.gemm(dtype)
+    gemm32, gemm32_flops = probes.gemm("float32")
+    impls = [
+        _Impl("probe: peak GEMM", "probe", run=lambda b: gemm(), check=dict),
+        _Impl("probe: read bandwidth", "probe", run=lambda b: probes.read(), check=dict),
+    ]
+    if dtype != "float32":
+        impls.append(_Impl("probe: peak GEMM float32", "probe", run=lambda b: gemm32(), check=dict))
+    return impls, gemm_flops, gemm32_flops
+
+
+def _measure_dtype(
+    config: Config,
+    dtype: str,
+    kernels: Sequence[str],
+    options: BenchOptions,
+    progress: Progress,
+    peer_report: dict[str, Any],
+    probes: LimitProbes,
+    probe_rows: list[dict[str, Any]],
+) -> list[dict[str, Any]]:
+    """The rows of one dtype, every token count: check, time in rounds beside the limit
+    probes, derive the figures; the probes' own medians go to ``probe_rows``."""
+    setup = _prepare(config, dtype, kernels, options, peer_report)
+    model = setup.model
+    expert_bytes = _expert_bytes(setup.tensors)
     rows: list[dict[str, Any]] = []
-    g = torch.Generator().manual_seed(cfg.seed + 7)
+    g = torch.Generator().manual_seed(setup.config.seed + 7)
     for T in options.tokens:
-        probe = torch.randn(T, model.hidden_size, generator=g).to(model.torch_dtype)
+        xs = _inputs(setup, T, g, expert_bytes)
+        batches = len(xs)
         with torch.inference_mode():
-            _, _, probe_ids = _routing(layer, probe)
-        touched = max(1, torch.unique(probe_ids).numel())
-        batches = max(2, min(16, math.ceil(COLD_BYTES / (touched * expert_bytes))))
-        xs = [probe] + [torch.randn(T, model.hidden_size, generator=g).to(model.torch_dtype) for _ in range(batches - 1)]
-        with torch.inference_mode():
-            routed = [_routing(layer, x) for x in xs]
+            routed = [_routing(setup.layer, x) for x in xs]
         touched_per_batch = [torch.unique(ids).numel() for _, _, ids in routed]
-        with torch.inference_mode():
-            expected_kernel = reference(*routed[0], experts)
-            expected_stack = reference_layer(xs[0])
-
-        impls: list[_Impl] = []
-
-        def kernel_impl(name: str, fn: Any) -> _Impl:
-            return _Impl(
-                name, "kernel",
-                run=lambda b, fn=fn: fn(*routed[b], experts),
-                check=lambda fn=fn: compare(fn(*routed[0], experts), expected_kernel, tolerance_for(dtype)).as_dict(),
-            )
-
-        for name, fn in kernel_objs.items():
-            impls.append(kernel_impl(name, fn))
-        impls.append(_Impl(
-            "stack", "stack",
-            run=lambda b: layer(xs[b]),
-            check=lambda: compare(layer(xs[0]), expected_stack, tolerance_for(dtype)).as_dict(),
-        ))
-        for peer in peers:
-            impls.append(_Impl(
-                peer.name, "peer",
-                run=lambda b, p=peer: p.experts(*routed[b]),
-                check=lambda p=peer: compare(p.experts(*routed[0]), expected_kernel, tolerance_for(dtype)).as_dict(),
-                skip=lambda t, p=peer: (f"needs {p.memory_needed(t) / 1024**3:.1f} GiB for gathered weights"
-                                        if p.memory_needed(t) > BATCHED_MM_BUDGET else None),
-            ))
-
+        impls = _implementations(setup, xs, routed, dtype)
         progress.step(0, f"{dtype} T={T}")
-        timed: list[_Impl] = []
-        results: dict[str, dict[str, Any]] = {}
         with torch.inference_mode():
-            for impl in impls:
-                row: dict[str, Any] = {"dtype": dtype, "tokens": T, "impl": impl.name, "kind": impl.kind, "skipped": None}
-                reason = impl.skip(T)
-                if reason:
-                    row.update(skipped=reason, ok=None)
-                else:
-                    try:
-                        row["error"] = impl.check()
-                        row["ok"] = bool(row["error"]["ok"])
-                    except Exception as exc:  # a peer or plugin kernel failing is a result
-                        row.update(ok=False, failure=f"{type(exc).__name__}: {exc}")
-                    if row["ok"]:
-                        timed.append(impl)
-                    elif "failure" not in row:
-                        row["skipped"] = "disagrees with the reference: not timed"
-                    else:
-                        row["skipped"] = f"failed: {row['failure']}"
-                results[impl.name] = row
+            results, timed = _check(impls, dtype, T)
             # one warm-up call per batch for the cheap ones
             for impl in timed:
                 if T <= 64:
                     for b in range(1, batches):
                         impl.run(b)
-            # this machine's limits, timed in the same rounds
-            gemm, gemm_flops = probes.gemm(dtype)
-            gemm32, gemm32_flops = probes.gemm("float32")
-            limit_impls = [
-                _Impl("probe: peak GEMM", "probe", run=lambda b: gemm(), check=dict),
-                _Impl("probe: read bandwidth", "probe", run=lambda b: probes.read(), check=dict),
-            ]
-            if dtype != "float32":
-                limit_impls.append(_Impl("probe: peak GEMM float32", "probe", run=lambda b: gemm32(), check=dict))
+            limit_impls, gemm_flops, gemm32_flops = _limit_implementations(probes, dtype)
             for impl in limit_impls:
                 impl.run(0)
             times = _time_rounds(timed + limit_impls, batches, options.repeat, options.budget_s)
@@ -247,15 +343,20 @@ def _measure_dtype(config: Config, dtype: str, kernels: Sequence[str], options: 
                 used = [touched_per_batch[r % batches] for r in range(len(samples))]
                 read = statistics.mean(used) * expert_bytes
                 row.update(
-                    samples=len(samples), median_s=median, times_s=samples,
+                    samples=len(samples),
+                    median_s=median,
+                    times_s=samples,
                     tokens_per_s=T / median if median > 0 else None,
-                    flops_per_s=flops / median, bytes_per_s=read / median,
-                    experts_touched=statistics.mean(used), batches=batches,
+                    flops_per_s=flops / median,
+                    bytes_per_s=read / median,
+                    experts_touched=statistics.mean(used),
+                    batches=batches,
                 )
             rows.append(row)
         # the probes' medians over the very rounds of the rows: like against like
         probe = {
-            "dtype": dtype, "tokens": T,
+            "dtype": dtype,
+            "tokens": T,
             "gemm_flops_per_s": gemm_flops / statistics.median(times["probe: peak GEMM"]),
             "read_bytes_per_s": probes.read_bytes / statistics.median(times["probe: read bandwidth"]),
             "times_s": {name: times[name] for name in times if name.startswith("probe: ")},
@@ -281,7 +382,9 @@ def _attach_fractions(rows: list[dict[str, Any]], probe_rows: list[dict[str, Any
         row["bandwidth_fraction"] = row["bytes_per_s"] / probe["read_bytes_per_s"]
         best = limits.gemm_flops.get(row["dtype"])
         row["flops_fraction_of_best"] = row["flops_per_s"] / best if best else None
-        row["bandwidth_fraction_of_best"] = row["bytes_per_s"] / limits.read_bytes_per_s if limits.read_bytes_per_s else None
+        row["bandwidth_fraction_of_best"] = (
+            row["bytes_per_s"] / limits.read_bytes_per_s if limits.read_bytes_per_s else None
+        )
 
 
 def machine_info() -> dict[str, Any]:
@@ -300,10 +403,30 @@ def machine_info() -> dict[str, Any]:
 
 
 #: the CPU flags worth recording with a result (vector width, 16-bit arithmetic, matrix units)
-_ISA_FLAGS = frozenset({
-    "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16", "avx512_fp16",
-    "avx512_vnni", "avx_vnni", "amx_tile", "amx_bf16", "amx_int8", "amx_fp16", "asimd", "sve", "sve2", "bf16", "i8mm",
-})
+_ISA_FLAGS = frozenset(
+    {
+        "avx2",
+        "fma",
+        "f16c",
+        "avx512f",
+        "avx512bw",
+        "avx512vl",
+        "avx512dq",
+        "avx512_bf16",
+        "avx512_fp16",
+        "avx512_vnni",
+        "avx_vnni",
+        "amx_tile",
+        "amx_bf16",
+        "amx_int8",
+        "amx_fp16",
+        "asimd",
+        "sve",
+        "sve2",
+        "bf16",
+        "i8mm",
+    }
+)
 
 
 def _kernel_details(config: Config, kernels: Sequence[str], dtypes: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -317,7 +440,7 @@ def _kernel_details(config: Config, kernels: Sequence[str], dtypes: Sequence[str
     for dtype in dtypes:
         cfg = config.evolve({"model.dtype": dtype})
         for name in kernels:
-            cls = registry.get("kernel", name).load()
+            cls = registry.get("kernel", name).load_as(Kernel)
             params = cfg.stack.kernel.params if name == cfg.stack.kernel.name else cls.Params()
             try:
                 kernel = cls(kernel_context(cfg.model), params)
@@ -325,7 +448,9 @@ def _kernel_details(config: Config, kernels: Sequence[str], dtypes: Sequence[str
                 kernel.release()
             except Exception as exc:  # a kernel that cannot be built here is reported by the sweep
                 details = {"error": f"{type(exc).__name__}: {exc}"}
-            out.setdefault(name, {})[dtype] = {k: v for k, v in details.items() if isinstance(v, (str, int, float, bool, type(None), dict, list))}
+            out.setdefault(name, {})[dtype] = {
+                k: v for k, v in details.items() if isinstance(v, (str, int, float, bool, type(None), dict, list))
+            }
     return out
 
 
@@ -336,9 +461,9 @@ def run_benchmark(config: Config, options: BenchOptions, progress: Progress | No
     reference (peers that disagree are reported but do not fail the run).
     """
     from moeframe import __version__
+    from moeframe.plugins import get_registry
     from moeframe_bench import overhead as ov
     from moeframe_bench.peers import transformers_version
-    from moeframe.plugins import get_registry
 
     p = config.parallel
     if p.dp_size > 1 or p.tp_size > 1 or (p.ep_size or 1) > 1:
@@ -377,8 +502,14 @@ def run_benchmark(config: Config, options: BenchOptions, progress: Progress | No
         "source": config.source,
         "config": config.to_dict(),
         "kernels": kernels,
-        "stack": " > ".join([*(w.name for w in config.stack.wrappers), config.stack.runner.name,
-                             config.stack.dispatcher.name, config.stack.kernel.name]),
+        "stack": " > ".join(
+            [
+                *(w.name for w in config.stack.wrappers),
+                config.stack.runner.name,
+                config.stack.dispatcher.name,
+                config.stack.kernel.name,
+            ]
+        ),
         "tokens": list(options.tokens),
         "dtypes": dtypes,
         "repeat": options.repeat,
@@ -396,7 +527,8 @@ def run_benchmark(config: Config, options: BenchOptions, progress: Progress | No
         }
         progress.step(1, "overhead: runner")
         result["overhead"]["chunking"] = ov.chunking_overhead(
-            cfg, options.chunk, [1, options.chunk], rounds=lambda t: 300 if t <= 16 else max(5, options.repeat))
+            cfg, options.chunk, [1, options.chunk], rounds=lambda t: 300 if t <= 16 else max(5, options.repeat)
+        )
         progress.step(1, "overhead: chunking")
         result["overhead"]["import"] = ov.import_overhead()
         result["overhead"]["triton"] = ov.triton_laziness()
@@ -404,8 +536,9 @@ def run_benchmark(config: Config, options: BenchOptions, progress: Progress | No
     if options.memory:
         from moeframe_bench.memory import forward_memory
 
-        result["memory"] = [forward_memory(config.evolve({"model.dtype": d}), options.memory_tokens, options.chunk)
-                            for d in dtypes]
+        result["memory"] = [
+            forward_memory(config.evolve({"model.dtype": d}), options.memory_tokens, options.chunk) for d in dtypes
+        ]
         progress.step(1, "memory")
     from moeframe_bench.targets import evaluate_targets
 

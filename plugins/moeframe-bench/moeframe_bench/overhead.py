@@ -19,18 +19,20 @@ from typing import Any
 import torch
 
 from moeframe.config import Config
-from moeframe.runners.default import route
+from moeframe.runners.default import DefaultRunner, route
 
 __all__ = ["compare_alternating", "runner_overhead", "chunking_overhead", "import_overhead", "triton_laziness"]
 
 
-def compare_alternating(a: Callable[[int], Any], b: Callable[[int], Any], rounds: int, batches: int,
-                        warmup: int = 2) -> dict[str, Any]:
+def compare_alternating(
+    a: Callable[[int], Any], b: Callable[[int], Any], rounds: int, batches: int, warmup: int = 2
+) -> dict[str, Any]:
     """Time ``a(i)`` and ``b(i)`` alternately (``i`` cycles over ``batches`` inputs)."""
     for i in range(warmup * batches):
         a(i % batches)
         b(i % batches)
-    ta, tb = [], []
+    ta: list[float] = []
+    tb: list[float] = []
     for r in range(rounds):
         i = r % batches
         order = (a, b) if r % 2 == 0 else (b, a)
@@ -43,7 +45,7 @@ def compare_alternating(a: Callable[[int], Any], b: Callable[[int], Any], rounds
     return {
         "median_s": [ma, mb],
         "ratio": ma / mb,
-        "paired_ratio": statistics.median(x / y for x, y in zip(ta, tb)),
+        "paired_ratio": statistics.median(x / y for x, y in zip(ta, tb, strict=True)),
         "rounds": rounds,
     }
 
@@ -66,7 +68,9 @@ def runner_overhead(config: Config, num_tokens: int = 1, rounds: int = 400, batc
     layer = MoELayer(plain)
     tensors = layer.tensors
     router, kernel = layer.stack.router, layer.stack.kernel
-    experts = layer.stack.runner.experts()  # the default runner's, as it hands them to the kernel
+    runner = layer.stack.runner
+    assert isinstance(runner, DefaultRunner)  # stack.runner = "default" above
+    experts = runner.experts()  # the default runner's, as it hands them to the kernel
     xs = _seeded(num_tokens, plain.model.hidden_size, plain.model.torch_dtype, batches, plain.seed + 1)
     with torch.inference_mode():
         logits = [router.logits(x, tensors) for x in xs]
@@ -84,8 +88,9 @@ def runner_overhead(config: Config, num_tokens: int = 1, rounds: int = 400, batc
     return result
 
 
-def chunking_overhead(config: Config, chunk: int, tokens: Sequence[int], rounds: Callable[[int], int],
-                      batches: int = 4) -> dict[str, Any]:
+def chunking_overhead(
+    config: Config, chunk: int, tokens: Sequence[int], rounds: Callable[[int], int], batches: int = 4
+) -> dict[str, Any]:
     """``chunking`` with ``max_num_tokens = chunk`` (>= every T) against no wrapper."""
     from moeframe.layer import MoELayer
     from moeframe.plugins import get_registry
@@ -109,7 +114,13 @@ def chunking_overhead(config: Config, chunk: int, tokens: Sequence[int], rounds:
             xs = _seeded(t, plain.model.hidden_size, plain.model.torch_dtype, batches, plain.seed + 2)
             if not torch.equal(layer_chunked(xs[0]), layer_plain(xs[0])):
                 raise RuntimeError(f"chunking changes the output at T={t}")
-            point = compare_alternating(lambda i: layer_chunked(xs[i]), lambda i: layer_plain(xs[i]), rounds(t), batches, warmup=1)
+            point = compare_alternating(
+                lambda i, xs=xs: layer_chunked(xs[i]),  # type: ignore[misc]
+                lambda i, xs=xs: layer_plain(xs[i]),  # type: ignore[misc]
+                rounds(t),
+                batches,
+                warmup=1,
+            )
             point["tokens"] = t
             out["points"].append(point)
     return out
@@ -117,7 +128,9 @@ def chunking_overhead(config: Config, chunk: int, tokens: Sequence[int], rounds:
 
 def _time_python(code: str, env: dict[str, str]) -> float:
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-c", code], check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        [sys.executable, "-c", code], check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     return time.perf_counter() - start
 
 
@@ -165,7 +178,9 @@ print(json.dumps(report))
 def triton_laziness() -> dict[str, Any]:
     """Whether registering the ``triton`` kernel imports triton (it should not), and
     whether loading it does (it should), in a fresh interpreter."""
-    proc = subprocess.run([sys.executable, "-c", _TRITON_PROBE], capture_output=True, text=True, env=dict(os.environ))
+    proc = subprocess.run(
+        [sys.executable, "-c", _TRITON_PROBE], capture_output=True, text=True, env=dict(os.environ), check=False
+    )
     if proc.returncode != 0:
         return {"error": (proc.stderr.strip().splitlines() or ["failed"])[-1]}
     return json.loads(proc.stdout.strip().splitlines()[-1])

@@ -87,8 +87,9 @@ def full_block_comparable(config: Config) -> bool:
     return config.router.name == "softmax_topk"
 
 
-def build_peers(config: Config, tensors: Mapping[str, torch.Tensor],
-                implementations: Sequence[str] = IMPLEMENTATIONS) -> tuple[list[Peer], str | None]:
+def build_peers(
+    config: Config, tensors: Mapping[str, torch.Tensor], implementations: Sequence[str] = IMPLEMENTATIONS
+) -> tuple[list[Peer], str | None]:
     """Peers sharing ``tensors`` (our layer's), or ``([], why)`` when there can be none."""
     if transformers_version() is None:
         return [], "transformers is not installed (pip install 'moeframe[peers]')"
@@ -104,9 +105,13 @@ def build_peers(config: Config, tensors: Mapping[str, torch.Tensor],
     renormalize = bool(getattr(config.router.params, "renormalize", True))
     peers = []
     for implementation in implementations:
-        hf_config = Qwen3MoeConfig(
-            hidden_size=m.hidden_size, moe_intermediate_size=m.intermediate_size, num_experts=m.num_experts,
-            num_experts_per_tok=m.top_k, norm_topk_prob=renormalize, hidden_act=m.activation,
+        hf_config = Qwen3MoeConfig(  # type: ignore[call-arg]  # transformers types fewer fields than it takes
+            hidden_size=m.hidden_size,
+            moe_intermediate_size=m.intermediate_size,
+            num_experts=m.num_experts,
+            num_experts_per_tok=m.top_k,
+            norm_topk_prob=renormalize,
+            hidden_act=m.activation,
             experts_implementation=implementation,
         )
         with torch.device("meta"):

@@ -16,7 +16,15 @@ moeframe_plugin_api = 3
 
 @hookimpl
 def register_commands(register: Register) -> None:
-    register("bench", "moeframe_bench.cli:run", add_arguments="moeframe_bench.cli:add_arguments",
-             help="benchmark kernels, the stack and transformers' implementations against this machine's limits")
-    register("e2e", "moeframe_bench.e2e:run", add_arguments="moeframe_bench.e2e:add_arguments",
-             help="benchmark a whole transformers causal LM (prefill, decode) with transformers' experts and moeframe's")
+    register(
+        "bench",
+        "moeframe_bench.cli:run",
+        add_arguments="moeframe_bench.cli:add_arguments",
+        help="benchmark kernels, the stack and transformers' implementations against this machine's limits",
+    )
+    register(
+        "e2e",
+        "moeframe_bench.e2e:run",
+        add_arguments="moeframe_bench.e2e:add_arguments",
+        help="benchmark a whole transformers causal LM (prefill, decode) with transformers' experts and moeframe's",
+    )

@@ -36,8 +36,10 @@ def _machine_line(result: dict[str, Any]) -> str:
     if not machine:
         return "machine: not recorded"
     flags = ", ".join(machine["isa_flags"]) or "none recorded"
-    line = (f"machine: {machine['cpu']} ({machine['arch']}; {flags}; torch CPU capability "
-            f"{machine['torch_cpu_capability']}; native variants here: {', '.join(machine['native_variants']) or 'none'})")
+    line = (
+        f"machine: {machine['cpu']} ({machine['arch']}; {flags}; torch CPU capability "
+        f"{machine['torch_cpu_capability']}; native variants here: {', '.join(machine['native_variants']) or 'none'})"
+    )
     for name, per_dtype in result.get("kernel_details", {}).items():
         summaries = {d: details.get("summary") for d, details in per_dtype.items() if details.get("summary")}
         if summaries:
@@ -48,8 +50,10 @@ def _machine_line(result: dict[str, Any]) -> str:
 def _limits_line(result: dict[str, Any]) -> str:
     lim = result["limits"]
     peaks = ", ".join(f"{d} {v / 1e9:.1f} GFLOP/s" for d, v in lim["gemm_flops"].items())
-    return (f"machine limits ({result['threads']} threads), best of the measurements before and after the sweep: "
-            f"peak GEMM {peaks}; read bandwidth {lim['read_bytes_per_s'] / 1e9:.1f} GB/s")
+    return (
+        f"machine limits ({result['threads']} threads), best of the measurements before and after the sweep: "
+        f"peak GEMM {peaks}; read bandwidth {lim['read_bytes_per_s'] / 1e9:.1f} GB/s"
+    )
 
 
 def _results_rows(result: dict[str, Any], dtype: str) -> list[list[str]]:
@@ -59,17 +63,35 @@ def _results_rows(result: dict[str, Any], dtype: str) -> list[list[str]]:
             continue
         if r.get("median_s"):
             check = "ok" if r.get("ok") else "DISAGREES"
-            rows.append([
-                str(r["tokens"]), r["impl"], f"{r['median_s'] * 1e3:.3f}", f"{r['tokens_per_s']:,.0f}",
-                _fmt(r["flops_per_s"] / 1e9, ".1f"), _fmt(r["bytes_per_s"] / 1e9, ".1f"),
-                _fmt(r.get("flops_fraction"), ".2f"), _fmt(r.get("bandwidth_fraction"), ".2f"), check,
-            ])
+            rows.append(
+                [
+                    str(r["tokens"]),
+                    r["impl"],
+                    f"{r['median_s'] * 1e3:.3f}",
+                    f"{r['tokens_per_s']:,.0f}",
+                    _fmt(r["flops_per_s"] / 1e9, ".1f"),
+                    _fmt(r["bytes_per_s"] / 1e9, ".1f"),
+                    _fmt(r.get("flops_fraction"), ".2f"),
+                    _fmt(r.get("bandwidth_fraction"), ".2f"),
+                    check,
+                ]
+            )
         else:
             rows.append([str(r["tokens"]), r["impl"], "", "", "", "", "", "", r.get("skipped") or "not timed"])
     return rows
 
 
-_RESULT_HEADERS = ["T", "implementation", "median ms", "tokens/s", "GFLOP/s", "GB/s", "of peak GEMM", "of read BW", "check"]
+_RESULT_HEADERS = [
+    "T",
+    "implementation",
+    "median ms",
+    "tokens/s",
+    "GFLOP/s",
+    "GB/s",
+    "of peak GEMM",
+    "of read BW",
+    "check",
+]
 
 
 def _target_rows(result: dict[str, Any]) -> list[list[str]]:
@@ -84,8 +106,16 @@ def _memory_rows(result: dict[str, Any]) -> list[list[str]]:
     rows = []
     for m in result.get("memory", []):
         for v in m["variants"]:
-            rows.append([m["dtype"], str(m["tokens"]), v["stack"], f"{v['peak_extra_bytes'] / 2**20:,.1f}",
-                         f"{v['workspace_bytes'] / 2**20:,.1f}", f"{m['output_bytes'] / 2**20:,.1f}"])
+            rows.append(
+                [
+                    m["dtype"],
+                    str(m["tokens"]),
+                    v["stack"],
+                    f"{v['peak_extra_bytes'] / 2**20:,.1f}",
+                    f"{v['workspace_bytes'] / 2**20:,.1f}",
+                    f"{m['output_bytes'] / 2**20:,.1f}",
+                ]
+            )
     return rows
 
 
@@ -118,16 +148,19 @@ def _sections(result: dict[str, Any], markdown: bool) -> list[str]:
             fp32 = any("gemm_float32_flops_per_s" in p for p in probes)
             parts.append(
                 "limits measured in the same rounds (the fractions use these): "
-                + "; ".join(f"T={p['tokens']}: {p['gemm_flops_per_s'] / 1e9:.1f} GFLOP/s"
-                            + (f" ({p['gemm_float32_flops_per_s'] / 1e9:.1f} in float32)" if fp32 else "")
-                            + f", {p['read_bytes_per_s'] / 1e9:.1f} GB/s" for p in probes)
+                + "; ".join(
+                    f"T={p['tokens']}: {p['gemm_flops_per_s'] / 1e9:.1f} GFLOP/s"
+                    + (f" ({p['gemm_float32_flops_per_s'] / 1e9:.1f} in float32)" if fp32 else "")
+                    + f", {p['read_bytes_per_s'] / 1e9:.1f} GB/s"
+                    for p in probes
+                )
             )
         parts.append(_table(_results_rows(result, dtype), _RESULT_HEADERS, markdown))
     if result.get("targets"):
         parts.append(h("Targets"))
         parts.append(_table(_target_rows(result), ["target", "goal", "measured", "", "detail"], markdown))
     if result.get("memory"):
-        parts.append(h(f"Memory: peak extra bytes of one forward"))
+        parts.append(h("Memory: peak extra bytes of one forward"))
         parts.append(_table(_memory_rows(result), _MEMORY_HEADERS, markdown))
     return parts
 
@@ -200,27 +233,43 @@ def plot(result: dict[str, Any], path: Path) -> None:
     lim = result["limits"]
     for col, dtype in enumerate(dtypes):
         impls = list(dict.fromkeys(r["impl"] for r in result["results"] if r["dtype"] == dtype))
-        for row, (key, scale, label, limit, limit_label) in enumerate((
-            ("flops_per_s", 1e9, "GFLOP/s", lim["gemm_flops"].get(dtype), f"peak GEMM ({dtype})"),
-            ("bytes_per_s", 1e9, "GB/s of expert weights read", lim["read_bytes_per_s"], "read bandwidth"),
-        )):
+        for row, (key, scale, label, limit, limit_label) in enumerate(
+            (
+                ("flops_per_s", 1e9, "GFLOP/s", lim["gemm_flops"].get(dtype), f"peak GEMM ({dtype})"),
+                ("bytes_per_s", 1e9, "GB/s of expert weights read", lim["read_bytes_per_s"], "read bandwidth"),
+            )
+        ):
             ax = axes[row][col]
             for impl in impls:
-                pts = [(r["tokens"], r[key] / scale) for r in result["results"]
-                       if r["dtype"] == dtype and r["impl"] == impl and r.get(key) and r["tokens"] > 0]
+                pts = [
+                    (r["tokens"], r[key] / scale)
+                    for r in result["results"]
+                    if r["dtype"] == dtype and r["impl"] == impl and r.get(key) and r["tokens"] > 0
+                ]
                 if pts:
                     style = "-o" if not impl.startswith("hf-") else "--s"
                     ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=impl, markersize=4)
             if limit:
                 ax.axhline(limit / scale, color="black", linestyle=":", label=f"{limit_label}, best of the run")
             probe_key = "gemm_flops_per_s" if row == 0 else "read_bytes_per_s"
-            probe = [(p["tokens"], p[probe_key] / scale) for p in result.get("limit_probes", [])
-                     if p["dtype"] == dtype and p["tokens"] > 0]
+            probe = [
+                (p["tokens"], p[probe_key] / scale)
+                for p in result.get("limit_probes", [])
+                if p["dtype"] == dtype and p["tokens"] > 0
+            ]
             if probe:
-                ax.plot([p[0] for p in probe], [p[1] for p in probe], color="black", linewidth=0.8, linestyle="-.",
-                        label=f"{limit_label}, same rounds")
+                ax.plot(
+                    [p[0] for p in probe],
+                    [p[1] for p in probe],
+                    color="black",
+                    linewidth=0.8,
+                    linestyle="-.",
+                    label=f"{limit_label}, same rounds",
+                )
             if row == 0 and dtype != "float32" and lim["gemm_flops"].get("float32"):
-                ax.axhline(lim["gemm_flops"]["float32"] / scale, color="grey", linestyle=":", label="peak GEMM (float32)")
+                ax.axhline(
+                    lim["gemm_flops"]["float32"] / scale, color="grey", linestyle=":", label="peak GEMM (float32)"
+                )
             ax.set_xscale("log", base=2)
             ticks = [t for t in result["tokens"] if t > 0]
             if ticks:
@@ -233,8 +282,10 @@ def plot(result: dict[str, Any], path: Path) -> None:
             ax.grid(True, which="both", alpha=0.3)
             ax.legend(fontsize=7)
     m = result["config"]["model"]
-    fig.suptitle(f"moeframe bench: E={m['num_experts']} top_k={m['top_k']} H={m['hidden_size']} I={m['intermediate_size']}, "
-                 f"{result['threads']} threads")
+    fig.suptitle(
+        f"moeframe bench: E={m['num_experts']} top_k={m['top_k']} H={m['hidden_size']} I={m['intermediate_size']}, "
+        f"{result['threads']} threads"
+    )
     fig.tight_layout()
     path = Path(path)
     if not path.parent.is_dir():

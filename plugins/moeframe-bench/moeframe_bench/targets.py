@@ -31,9 +31,17 @@ def _target(name: str, goal: str, measured: str | None, met: bool | None, detail
     return {"name": name, "goal": goal, "measured": measured, "met": met, "detail": detail}
 
 
-def _fraction_target(name: str, goal: str, threshold: float, rows: dict[int, dict[str, Any]],
-                     counts: Callable[[int], bool], key: str, limit: str, missing: str,
-                     fp32_key: str | None = None) -> dict[str, Any]:
+def _fraction_target(
+    name: str,
+    goal: str,
+    threshold: float,
+    rows: dict[int, dict[str, Any]],
+    counts: Callable[[int], bool],
+    key: str,
+    limit: str,
+    missing: str,
+    fp32_key: str | None = None,
+) -> dict[str, Any]:
     """A "fraction of a machine limit" target: its worst token count among ``counts``
     (the row's ``key``, against limits measured in the same rounds), with every token
     count and the worst one against the run's best ``limit`` (``key + "_of_best"``) in
@@ -60,61 +68,135 @@ def evaluate_targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for dtype in result["dtypes"]:
         rows = {r["tokens"]: r for r in _rows(result, dtype=dtype, impl=kernel)}
-        out.append(_fraction_target(
-            f"{kernel} prefill {dtype}", f">= {PREFILL_GOAL} of peak GEMM (T >= {PREFILL_TOKENS}, same rounds)", PREFILL_GOAL,
-            rows, lambda t: t >= PREFILL_TOKENS, "flops_fraction", "peak", f"no token count >= {PREFILL_TOKENS} measured",
-            fp32_key="flops_fraction_fp32" if dtype != "float32" else None))
-        out.append(_fraction_target(
-            f"{kernel} decode {dtype}", f">= {DECODE_GOAL} of read bandwidth (T <= {DECODE_TOKENS}, same rounds)", DECODE_GOAL,
-            rows, lambda t: 1 <= t <= DECODE_TOKENS, "bandwidth_fraction", "bandwidth",
-            f"no token count in 1..{DECODE_TOKENS} measured"))
+        out.append(
+            _fraction_target(
+                f"{kernel} prefill {dtype}",
+                f">= {PREFILL_GOAL} of peak GEMM (T >= {PREFILL_TOKENS}, same rounds)",
+                PREFILL_GOAL,
+                rows,
+                lambda t: t >= PREFILL_TOKENS,
+                "flops_fraction",
+                "peak",
+                f"no token count >= {PREFILL_TOKENS} measured",
+                fp32_key="flops_fraction_fp32" if dtype != "float32" else None,
+            )
+        )
+        out.append(
+            _fraction_target(
+                f"{kernel} decode {dtype}",
+                f">= {DECODE_GOAL} of read bandwidth (T <= {DECODE_TOKENS}, same rounds)",
+                DECODE_GOAL,
+                rows,
+                lambda t: 1 <= t <= DECODE_TOKENS,
+                "bandwidth_fraction",
+                "bandwidth",
+                f"no token count in 1..{DECODE_TOKENS} measured",
+            )
+        )
         peers = [r for r in result["results"] if r["dtype"] == dtype and r["kind"] == "peer"]
         if peers:
             ratios = {}
             for t, row in rows.items():
-                best = min((p["median_s"] for p in peers if p["tokens"] == t and p.get("median_s") and p.get("ok")),
-                           default=None)
+                best = min(
+                    (p["median_s"] for p in peers if p["tokens"] == t and p.get("median_s") and p.get("ok")),
+                    default=None,
+                )
                 if best:
                     ratios[t] = row["median_s"] / best
             if ratios:
                 worst = max(ratios, key=ratios.__getitem__)
-                out.append(_target(f"{kernel} vs transformers {dtype}", "faster than the best peer at every T (time ratio < 1)",
-                                   f"{ratios[worst]:.2f}", ratios[worst] < 1.0,
-                                   ", ".join(f"T={t}: {r:.2f}" for t, r in sorted(ratios.items()))))
+                out.append(
+                    _target(
+                        f"{kernel} vs transformers {dtype}",
+                        "faster than the best peer at every T (time ratio < 1)",
+                        f"{ratios[worst]:.2f}",
+                        ratios[worst] < 1.0,
+                        ", ".join(f"T={t}: {r:.2f}" for t, r in sorted(ratios.items())),
+                    )
+                )
         else:
             why = result.get("peers", {}).get("skipped") or "no peers measured"
-            out.append(_target(f"{kernel} vs transformers {dtype}", "faster than the best peer at every T (time ratio < 1)",
-                               None, None, why))
+            out.append(
+                _target(
+                    f"{kernel} vs transformers {dtype}",
+                    "faster than the best peer at every T (time ratio < 1)",
+                    None,
+                    None,
+                    why,
+                )
+            )
 
     overhead = result.get("overhead")
     if overhead:
         runner = overhead["runner"]
-        out.append(_target("runner overhead (T=1)", f"default runner + local dispatcher <= {OVERHEAD_GOAL}x the kernel called directly",
-                           f"{runner['ratio']:.3f}", runner["ratio"] <= OVERHEAD_GOAL,
-                           f"{runner['median_s'][0] * 1e3:.3f} ms vs {runner['median_s'][1] * 1e3:.3f} ms, "
-                           f"paired {runner['paired_ratio']:.3f}"))
+        out.append(
+            _target(
+                "runner overhead (T=1)",
+                f"default runner + local dispatcher <= {OVERHEAD_GOAL}x the kernel called directly",
+                f"{runner['ratio']:.3f}",
+                runner["ratio"] <= OVERHEAD_GOAL,
+                f"{runner['median_s'][0] * 1e3:.3f} ms vs {runner['median_s'][1] * 1e3:.3f} ms, "
+                f"paired {runner['paired_ratio']:.3f}",
+            )
+        )
         chunking = overhead["chunking"]
         if chunking.get("points"):
             worst = max(chunking["points"], key=lambda p: p["ratio"])
-            out.append(_target(f"chunking ({chunking['chunk']}) overhead", f"<= {OVERHEAD_GOAL}x no wrapper (chunk >= T)",
-                               f"{worst['ratio']:.3f}", worst["ratio"] <= OVERHEAD_GOAL,
-                               ", ".join(f"T={p['tokens']}: {p['ratio']:.3f}" for p in chunking["points"])))
+            out.append(
+                _target(
+                    f"chunking ({chunking['chunk']}) overhead",
+                    f"<= {OVERHEAD_GOAL}x no wrapper (chunk >= T)",
+                    f"{worst['ratio']:.3f}",
+                    worst["ratio"] <= OVERHEAD_GOAL,
+                    ", ".join(f"T={p['tokens']}: {p['ratio']:.3f}" for p in chunking["points"]),
+                )
+            )
         else:
-            out.append(_target("chunking overhead", f"<= {OVERHEAD_GOAL}x no wrapper (chunk >= T)", None, None,
-                               chunking.get("skipped", "not measured")))
+            out.append(
+                _target(
+                    "chunking overhead",
+                    f"<= {OVERHEAD_GOAL}x no wrapper (chunk >= T)",
+                    None,
+                    None,
+                    chunking.get("skipped", "not measured"),
+                )
+            )
         imp = overhead["import"]
-        out.append(_target("import time", f"`import moeframe` <= {IMPORT_GOAL}x `import torch`", f"{imp['ratio']:.3f}",
-                           imp["ratio"] <= IMPORT_GOAL,
-                           f"{imp['median_s']['import moeframe'] * 1e3:.0f} ms vs {imp['median_s']['import torch'] * 1e3:.0f} ms; "
-                           f"with the registry loaded: {imp['registry_ratio']:.3f}"))
+        out.append(
+            _target(
+                "import time",
+                f"`import moeframe` <= {IMPORT_GOAL}x `import torch`",
+                f"{imp['ratio']:.3f}",
+                imp["ratio"] <= IMPORT_GOAL,
+                f"{imp['median_s']['import moeframe'] * 1e3:.0f} ms vs {imp['median_s']['import torch'] * 1e3:.0f} ms; "
+                f"with the registry loaded: {imp['registry_ratio']:.3f}",
+            )
+        )
         triton = overhead["triton"]
         if triton.get("registered"):
             lazy = not triton["imported_on_register"]
-            detail = "first use imports triton" if triton.get("imported_on_first_use") else \
-                f"first use: {triton.get('load_error') or 'does not import triton'}"
-            out.append(_target("triton plugin registration", "does not import triton", "imports triton" if not lazy else "lazy",
-                               lazy, detail))
+            detail = (
+                "first use imports triton"
+                if triton.get("imported_on_first_use")
+                else f"first use: {triton.get('load_error') or 'does not import triton'}"
+            )
+            out.append(
+                _target(
+                    "triton plugin registration",
+                    "does not import triton",
+                    "imports triton" if not lazy else "lazy",
+                    lazy,
+                    detail,
+                )
+            )
         else:
-            out.append(_target("triton plugin registration", "does not import triton", None, None,
-                               triton.get("error", "the triton plugin is not installed")))
+            out.append(
+                _target(
+                    "triton plugin registration",
+                    "does not import triton",
+                    None,
+                    None,
+                    triton.get("error", "the triton plugin is not installed"),
+                )
+            )
     return out

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from moeframe_bench.limits import MachineLimits
 from moeframe.cli.main import main
+from moeframe_bench.limits import MachineLimits
 
 TINY = """
 seed = 0
@@ -51,10 +51,12 @@ def tiny(tmp_path: Path) -> Path:
 @pytest.fixture
 def fixed_limits(monkeypatch: pytest.MonkeyPatch) -> None:
     """Skip the limit measurements (seconds each) where a test does not look at them."""
+
     def fake(dtypes, repeat=3):
         names = ["float32", *dtypes]
-        return MachineLimits({d: 1e11 for d in names}, {d: {"256x256x256 a@b": 1e11} for d in names}, 2e10,
-                             {"float32": 2e10}, 1)
+        return MachineLimits(
+            dict.fromkeys(names, 1e11), {d: {"256x256x256 a@b": 1e11} for d in names}, 2e10, {"float32": 2e10}, 1
+        )
 
     monkeypatch.setattr("moeframe_bench.measure.measure_limits", fake)
 
@@ -73,15 +75,30 @@ def one_line_error(err: str) -> str:
 
 def test_bench_smoke_json_shape(capsys, tiny, tmp_path):
     out_json = tmp_path / "bench.json"
-    code, out, _ = run(capsys, str(tiny), "--tokens", "1,4", "--repeat", "2", "--dtype", "float32",
-                       "--kernels", "fused_cpu,torch", "--no-peers", "--json", str(out_json))
+    code, out, _ = run(
+        capsys,
+        str(tiny),
+        "--tokens",
+        "1,4",
+        "--repeat",
+        "2",
+        "--dtype",
+        "float32",
+        "--kernels",
+        "fused_cpu,torch",
+        "--no-peers",
+        "--json",
+        str(out_json),
+    )
     assert code == 0, out
     assert "Results, float32" in out and "Targets" in out
     data = json.loads(out_json.read_text())
     assert data["ok"] is True and data["dtypes"] == ["float32"] and data["tokens"] == [1, 4]
     assert set(data["limits"]["gemm_flops"]) == {"float32"} and data["limits"]["read_bytes_per_s"] > 0
     probes = {p["tokens"]: p for p in data["limit_probes"]}
-    assert set(probes) == {1, 4} and all(p["gemm_flops_per_s"] > 0 and p["read_bytes_per_s"] > 0 for p in probes.values())
+    assert set(probes) == {1, 4} and all(
+        p["gemm_flops_per_s"] > 0 and p["read_bytes_per_s"] > 0 for p in probes.values()
+    )
     rows = {(r["tokens"], r["impl"]): r for r in data["results"]}
     assert set(rows) == {(t, i) for t in (1, 4) for i in ("fused_cpu", "torch", "stack")}
     for row in rows.values():
@@ -90,7 +107,9 @@ def test_bench_smoke_json_shape(capsys, tiny, tmp_path):
         probe = probes[row["tokens"]]
         assert row["flops_fraction"] == pytest.approx(row["flops_per_s"] / probe["gemm_flops_per_s"])
         assert row["bandwidth_fraction"] == pytest.approx(row["bytes_per_s"] / probe["read_bytes_per_s"])
-        assert row["flops_fraction_of_best"] == pytest.approx(row["flops_per_s"] / data["limits"]["gemm_flops"]["float32"])
+        assert row["flops_fraction_of_best"] == pytest.approx(
+            row["flops_per_s"] / data["limits"]["gemm_flops"]["float32"]
+        )
         assert row["flops_per_s"] == pytest.approx(2 * row["tokens"] * 2 * 3 * 32 * 16 / row["median_s"])
     names = [t["name"] for t in data["targets"]]
     assert "fused_cpu decode float32" in names and "fused_cpu prefill float32" in names
@@ -114,8 +133,19 @@ def test_bench_smoke_json_shape(capsys, tiny, tmp_path):
 def test_bench_refuses_a_kernel_that_disagrees(capsys, tiny, tmp_path, fake_dists, fixed_limits):
     fake_dists.add("moeframe-half", "0.1", {"half_kernel": WRONG_KERNEL}, {"half": "half_kernel"})
     out_json = tmp_path / "bench.json"
-    code, out, err = run(capsys, str(tiny), "--tokens", "2", "--repeat", "1", "--kernels", "half,fused_cpu",
-                         "--no-peers", "--json", str(out_json))
+    code, out, err = run(
+        capsys,
+        str(tiny),
+        "--tokens",
+        "2",
+        "--repeat",
+        "1",
+        "--kernels",
+        "half,fused_cpu",
+        "--no-peers",
+        "--json",
+        str(out_json),
+    )
     assert code == 1
     assert "disagrees" in err and "DISAGREES" not in out  # not timed, so no timed row claims a check
     data = json.loads(out_json.read_text())
@@ -125,26 +155,29 @@ def test_bench_refuses_a_kernel_that_disagrees(capsys, tiny, tmp_path, fake_dist
     assert next(r for r in data["results"] if r["impl"] == "fused_cpu")["ok"] is True
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["--tokens", "abc"], "--tokens expects comma-separated integers"),
-    (["--tokens", "1,-4"], "--tokens must be >= 0"),
-    (["--tokens", ","], "--tokens expects comma-separated integers"),
-    (["--tokens", "1,16,1"], "--tokens lists a value twice"),
-    (["--kernels", ","], "--kernels expects comma-separated names"),
-    (["--dtype", ","], "--dtype expects comma-separated names"),
-    (["--budget", "-1"], "--budget must be a positive number of seconds"),
-    (["--budget", "nan"], "--budget must be a positive number of seconds"),
-    (["--chunk", "0"], "--chunk must be >= 1, got 0"),
-    (["--memory-tokens", "0"], "--memory-tokens must be >= 1, got 0"),
-    (["--json", "."], "--json: '.' is a directory"),
-    (["--plot", "."], "--plot: '.' is a directory"),
-    (["--plot", "/nonexistent/dir/x.png"], "--plot: folder '/nonexistent/dir' does not exist"),
-    (["--kernels", "nosuch"], "unknown kernel 'nosuch'"),
-    (["--dtype", "float64"], "--dtype: unknown dtype 'float64'"),
-    (["--repeat", "0"], "--repeat must be >= 1"),
-    (["--json", "/nonexistent/dir/x.json"], "--json: folder '/nonexistent/dir' does not exist"),
-    (["--markdown", "/nonexistent.md"], "--markdown: file"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--tokens", "abc"], "--tokens expects comma-separated integers"),
+        (["--tokens", "1,-4"], "--tokens must be >= 0"),
+        (["--tokens", ","], "--tokens expects comma-separated integers"),
+        (["--tokens", "1,16,1"], "--tokens lists a value twice"),
+        (["--kernels", ","], "--kernels expects comma-separated names"),
+        (["--dtype", ","], "--dtype expects comma-separated names"),
+        (["--budget", "-1"], "--budget must be a positive number of seconds"),
+        (["--budget", "nan"], "--budget must be a positive number of seconds"),
+        (["--chunk", "0"], "--chunk must be >= 1, got 0"),
+        (["--memory-tokens", "0"], "--memory-tokens must be >= 1, got 0"),
+        (["--json", "."], "--json: '.' is a directory"),
+        (["--plot", "."], "--plot: '.' is a directory"),
+        (["--plot", "/nonexistent/dir/x.png"], "--plot: folder '/nonexistent/dir' does not exist"),
+        (["--kernels", "nosuch"], "unknown kernel 'nosuch'"),
+        (["--dtype", "float64"], "--dtype: unknown dtype 'float64'"),
+        (["--repeat", "0"], "--repeat must be >= 1"),
+        (["--json", "/nonexistent/dir/x.json"], "--json: folder '/nonexistent/dir' does not exist"),
+        (["--markdown", "/nonexistent.md"], "--markdown: file"),
+    ],
+)
 def test_bench_bad_input_is_one_line_and_status_2(capsys, tiny, argv, message):
     code, out, err = run(capsys, str(tiny), *argv)
     assert code == 2
@@ -160,12 +193,19 @@ def test_bench_unknown_config_is_status_2(capsys):
 def test_interpreter_kernels_are_left_out_by_default(fake_dists):
     from moeframe_bench.measure import default_kernels
 
-    fake_dists.add("moeframe-slow", "0.1", {"slow_kernel": """
+    fake_dists.add(
+        "moeframe-slow",
+        "0.1",
+        {
+            "slow_kernel": """
 from moeframe import hookimpl, Strategy
 @hookimpl
 def register_kernels():
     return [Strategy("slowpoke", "moeframe.kernels.torch_reference:TorchReferenceKernel", "", variant="interpreter")]
-"""}, {"slow": "slow_kernel"})
+"""
+        },
+        {"slow": "slow_kernel"},
+    )
     names = default_kernels()
     assert "fused_cpu" in names and "torch" in names and "slowpoke" not in names
 
@@ -198,11 +238,11 @@ def test_peak_extra_bytes_integrates_allocations_and_frees():
         a = torch.empty(1000, 1000)  # 4 MB
         b = torch.empty(2000, 1000)  # 8 MB: 12 MB held here, the peak
         del a
-        c = torch.empty(500, 1000)   # 2 MB: 10 MB held
+        c = torch.empty(500, 1000)  # 2 MB: 10 MB held
         return b, c
 
     work()
-    peak, net, (b, c) = peak_extra_bytes(work)
+    peak, net, _ = peak_extra_bytes(work)
     assert peak == 12_000_000 and net == 10_000_000
 
 
@@ -217,10 +257,12 @@ def test_targets_met_and_not_met():
     from moeframe_bench.targets import evaluate_targets
 
     result = _result(
-        [{"tokens": 1, "median_s": 1.0, "bandwidth_fraction": 0.7, "flops_fraction": 0.01},
-         {"tokens": 16, "median_s": 2.0, "bandwidth_fraction": 0.6, "flops_fraction": 0.1},
-         {"tokens": 512, "median_s": 3.0, "bandwidth_fraction": 0.1, "flops_fraction": 0.9},
-         {"tokens": 1024, "median_s": 4.0, "bandwidth_fraction": 0.1, "flops_fraction": 0.84}],
+        [
+            {"tokens": 1, "median_s": 1.0, "bandwidth_fraction": 0.7, "flops_fraction": 0.01},
+            {"tokens": 16, "median_s": 2.0, "bandwidth_fraction": 0.6, "flops_fraction": 0.1},
+            {"tokens": 512, "median_s": 3.0, "bandwidth_fraction": 0.1, "flops_fraction": 0.9},
+            {"tokens": 1024, "median_s": 4.0, "bandwidth_fraction": 0.1, "flops_fraction": 0.84},
+        ],
         [{"tokens": t, "median_s": s} for t, s in ((1, 2.0), (16, 2.5), (512, 2.9), (1024, 9.0))],
     )
     targets = {t["name"]: t for t in evaluate_targets(result)}
@@ -245,7 +287,10 @@ def test_overhead_targets():
     }
     targets = {t["name"]: t for t in evaluate_targets(_result([], overhead=overhead))}
     assert targets["runner overhead (T=1)"]["met"] is True
-    assert targets["chunking (1024) overhead"]["met"] is False and targets["chunking (1024) overhead"]["measured"] == "1.040"
+    assert (
+        targets["chunking (1024) overhead"]["met"] is False
+        and targets["chunking (1024) overhead"]["measured"] == "1.040"
+    )
     assert targets["import time"]["met"] is True
     assert targets["triton plugin registration"]["met"] is True
 
@@ -254,14 +299,16 @@ def test_compare_alternating_reports_both_sides():
     from moeframe_bench.overhead import compare_alternating
 
     calls = []
-    result = compare_alternating(lambda i: calls.append(("a", i)), lambda i: calls.append(("b", i)), rounds=6, batches=3, warmup=1)
+    result = compare_alternating(
+        lambda i: calls.append(("a", i)), lambda i: calls.append(("b", i)), rounds=6, batches=3, warmup=1
+    )
     assert result["rounds"] == 6 and len(result["median_s"]) == 2 and result["ratio"] > 0
     assert calls[6:8] == [("a", 0), ("b", 0)] and calls[8:10] == [("b", 1), ("a", 1)]
 
 
 def test_runner_overhead_checks_equality_and_reports(tmp_path):
-    from moeframe_bench.overhead import runner_overhead
     from moeframe.config import load_config
+    from moeframe_bench.overhead import runner_overhead
 
     path = tmp_path / "tiny.toml"
     path.write_text(TINY)
@@ -270,8 +317,8 @@ def test_runner_overhead_checks_equality_and_reports(tmp_path):
 
 
 def test_chunking_memory_is_measured_with_and_without_wrapper(tmp_path):
-    from moeframe_bench.memory import forward_memory
     from moeframe.config import load_config
+    from moeframe_bench.memory import forward_memory
 
     path = tmp_path / "tiny.toml"
     path.write_text(TINY)
@@ -290,9 +337,9 @@ class TestPeers:
 
     @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
     def test_peers_agree_with_the_reference(self, dtype):
-        from moeframe_bench.peers import build_peers
         from moeframe.layer import MoELayer
         from moeframe.numerics import compare, tolerance_for
+        from moeframe_bench.peers import build_peers
 
         layer = MoELayer(TINY_CONFIG(dtype))
         peers, why = build_peers(layer.config, layer.tensors)
@@ -309,8 +356,8 @@ class TestPeers:
                 assert compare(peer.experts(x, w, ids), expected, tolerance_for(dtype)).ok, peer.name
 
     def test_unsupported_configs_say_why(self):
-        from moeframe_bench.peers import build_peers
         from moeframe.config import load_config
+        from moeframe_bench.peers import build_peers
 
         config = load_config("gpt-oss")
         peers, why = build_peers(config, {})

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, cast
 
 from moeframe.cli.common import add_config_arguments, add_json_argument, load_from_args, parse_int_list, print_json
-from moeframe.errors import InputError, UserError
+from moeframe.errors import UserError
 
 if TYPE_CHECKING:
     from moeframe.kernels import Kernel
@@ -28,10 +28,19 @@ if TYPE_CHECKING:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     """The arguments of `moeframe tune`."""
     add_config_arguments(p)
-    p.add_argument("--batch-sizes", metavar="M,M,...", default=None,
-                   help="comma-separated token counts to tune for (default: the kernel's list)")
-    p.add_argument("--output", type=Path, default=Path("."), metavar="DIR",
-                   help="folder to write the tuned file into (default: the current folder)")
+    p.add_argument(
+        "--batch-sizes",
+        metavar="M,M,...",
+        default=None,
+        help="comma-separated token counts to tune for (default: the kernel's list)",
+    )
+    p.add_argument(
+        "--output",
+        type=Path,
+        default=Path("."),
+        metavar="DIR",
+        help="folder to write the tuned file into (default: the current folder)",
+    )
     p.add_argument("--device", default="cuda", metavar="D", help="device to tune on (default cuda)")
     add_json_argument(p)
 
@@ -49,12 +58,17 @@ def run(args: argparse.Namespace) -> int:
     registry = get_registry()
     cls = cast("type[Kernel]", registry.get("kernel", name).load())
     if not cls.tunable():
-        tunable = [e.name for e in registry.entries("kernel") if e.name != name and cast("type[Kernel]", e.load()).tunable()]
+        tunable = [
+            e.name for e in registry.entries("kernel") if e.name != name and cast("type[Kernel]", e.load()).tunable()
+        ]
         hint = f"; kernels that can: {', '.join(tunable)} (--set stack.kernel=NAME)" if tunable else ""
         raise UserError(f"kernel {name!r} has nothing to tune{hint}")
     log = (lambda msg: None) if args.json else (lambda msg: print(f"  {msg}", flush=True))
     if not args.json:
-        print(f"moeframe tune: {config.source or '(dict)'} · kernel {name} · {config.model.dtype} · {args.device}", flush=True)
+        print(
+            f"moeframe tune: {config.source or '(dict)'} · kernel {name} · {config.model.dtype} · {args.device}",
+            flush=True,
+        )
     written = cls.tune(config, batch_sizes=sizes, output_dir=args.output, device=args.device, log=log)
     paths = [str(p) for p in written]
     if args.json:

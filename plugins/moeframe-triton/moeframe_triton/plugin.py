@@ -48,13 +48,22 @@ def register_kernels() -> list[Strategy]:
         biases=True,
     )
     return [
-        Strategy("triton", "moeframe_triton.kernel:TritonKernel", _DESCRIPTION, capabilities,
-                 variant="interpreter" if interpreter else None),
+        Strategy(
+            "triton",
+            "moeframe_triton.kernel:TritonKernel",
+            _DESCRIPTION,
+            capabilities,
+            variant="interpreter" if interpreter else None,
+        ),
     ]
 
 
 @hookimpl
 def register_commands(register: Register) -> None:
     """``moeframe tune CONFIG``: search the configured kernel's block sizes on this GPU."""
-    register("tune", "moeframe_triton.cli:run", add_arguments="moeframe_triton.cli:add_arguments",
-             help="search the configured kernel's block sizes on this GPU and write a tuned file")
+    register(
+        "tune",
+        "moeframe_triton.cli:run",
+        add_arguments="moeframe_triton.cli:add_arguments",
+        help="search the configured kernel's block sizes on this GPU and write a tuned file",
+    )

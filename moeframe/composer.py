@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 from collections.abc import Mapping, Sequence
 from types import TracebackType
-from typing import Any, cast
+from typing import Any
 
 import attrs
 import torch
@@ -305,18 +305,14 @@ def build_stack(context: BuildContext, registry: Registry | None = None) -> Stac
     check_stack(config, context.device, registry, context.parallel.ep_size)
     stack_cfg = config.stack
 
-    def entry_and_class(kind: str, chosen: StrategyConfig) -> tuple[Entry, Any]:
-        entry = registry.get(kind, chosen.name)
-        return entry, entry.load()
-
-    router_entry, router_cls = entry_and_class("router", config.router)
-    router = context.router = cast(Router, router_cls(context, config.router.params))
-    kernel_entry, kernel_cls = entry_and_class("kernel", stack_cfg.kernel)
-    kernel = context.kernel = cast(Kernel, kernel_cls(context, stack_cfg.kernel.params))
-    dispatcher_entry, dispatcher_cls = entry_and_class("dispatcher", stack_cfg.dispatcher)
-    dispatcher = context.dispatcher = cast(Dispatcher, dispatcher_cls(context, stack_cfg.dispatcher.params))
-    runner_entry, runner_cls = entry_and_class("runner", stack_cfg.runner)
-    runner = cast(Runner, runner_cls(context, stack_cfg.runner.params))
+    router_entry = registry.get("router", config.router.name)
+    router = context.router = router_entry.load_as(Router)(context, config.router.params)
+    kernel_entry = registry.get("kernel", stack_cfg.kernel.name)
+    kernel = context.kernel = kernel_entry.load_as(Kernel)(context, stack_cfg.kernel.params)
+    dispatcher_entry = registry.get("dispatcher", stack_cfg.dispatcher.name)
+    dispatcher = context.dispatcher = dispatcher_entry.load_as(Dispatcher)(context, stack_cfg.dispatcher.params)
+    runner_entry = registry.get("runner", stack_cfg.runner.name)
+    runner = runner_entry.load_as(Runner)(context, stack_cfg.runner.params)
 
     inner_parts = [
         Part("runner", runner_entry, stack_cfg.runner.params, runner),
@@ -325,10 +321,10 @@ def build_stack(context: BuildContext, registry: Registry | None = None) -> Stac
         Part("kernel", kernel_entry, stack_cfg.kernel.params, kernel),
     ]
     wrapper_parts: list[Part] = []
-    outer = runner
+    outer: Runner = runner
     for wrapper_cfg in reversed(stack_cfg.wrappers):
-        entry, wrapper_cls = entry_and_class("wrapper", wrapper_cfg)
-        outer = cast(Wrapper, wrapper_cls(outer, context, wrapper_cfg.params))
+        entry = registry.get("wrapper", wrapper_cfg.name)
+        outer = entry.load_as(Wrapper)(outer, context, wrapper_cfg.params)
         wrapper_parts.insert(0, Part("wrapper", entry, wrapper_cfg.params, outer))
     parts = wrapper_parts + inner_parts
     for part in parts:
@@ -356,4 +352,4 @@ def reference_config(config: Config, registry: Registry | None = None) -> Config
 
 
 def _wrapper_class(registry: Registry, name: str) -> type[Wrapper]:
-    return cast("type[Wrapper]", registry.get("wrapper", name).load())
+    return registry.get("wrapper", name).load_as(Wrapper)

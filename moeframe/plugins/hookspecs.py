@@ -7,11 +7,13 @@ A plugin is a module (or any object) exposed through the ``moeframe`` entry-poin
     my_plugin = "my_package.plugin"
 
 and implements one or more of the hooks below, marked with :data:`moeframe.hookimpl`.
-Each ``register_*`` hook returns an iterable of :class:`moeframe.Strategy` records; the
-registry adds the kind and the provider (the distribution's name and version).
+Each strategy hook (``register_routers`` ... ``register_wrappers``) returns an iterable of
+:class:`moeframe.Strategy` records; the registry adds the kind and the provider (the
+distribution's name and version).  ``register_commands(register)`` adds commands to the
+``moeframe`` command line by calling ``register``.
 
 moeframe's own strategies are registered through these same hooks, by the builtin plugin
-:mod:`moeframe.builtin`.
+:mod:`moeframe.builtin`, and its own commands by :mod:`moeframe.cli.commands`.
 
 **Growing and versioning.**  Each implementation is called with the arguments it names
 (pluggy's argument selection), so a hook can gain an argument without breaking the

@@ -6,10 +6,13 @@
  * - bf16 is widened to fp32 by a 16-bit left shift (vshll), which keeps the elements in
  *   order: the "dot order" is the identity here;
  * - fp16 is widened by vcvt_f32_f16 (FCVTL, part of ARMv8-A) and scalars go through __fp16;
- * - the panel kernel is 16 tokens (four vectors) by up to 6 weight rows: 24 accumulators,
+ * - the panel kernel is 16 tokens (four vectors) by up to 4 weight rows: 16 accumulators,
  *   each weight element broadcast from memory (LD1R) into four fused multiply-adds;
  * - min/max are FMIN/FMAX, which return NaN when either operand is NaN, so NaN propagates
- *   through the activations as it does on x86.
+ *   through the activations as it does on x86;
+ * - register use was checked in GCC 12's and clang's -O3 output for aarch64: no accumulator
+ *   of the panel or dot kernels is kept on the stack (what sets UK_ROWS = 4 and the dot
+ *   kernel's 8-element steps).
  * No SVE: see "CPU variants" in docs/performance.md for why.
  */
 #ifndef MOEFRAME_UKERNEL_NEON_H
@@ -18,8 +21,10 @@
 #include <arm_neon.h>
 
 #define AI UK_INLINE
+/* loops over the registers of a micro-kernel, unrolled so that arrays of vectors become registers */
+#define UNROLL _Pragma("GCC unroll 16")
 
-enum { UK_PANEL = 16, UK_ROWS = 6, UK_DOT_MAX_M = 6, UK_DOT_ROWS_MAX = 8 };
+enum { UK_PANEL = 16, UK_ROWS = 4, UK_DOT_MAX_M = 6, UK_DOT_ROWS_MAX = 8 };
 
 UK_INLINE float uk_f16_to_float(uint16_t h) {
     __fp16 v;
@@ -125,10 +130,13 @@ static inline void uk_act(float *h, const float *g, const float *u, long n, act_
 }
 
 /* ------------------------------------------------------------------ the panel kernel */
-/* out[r][j] = sum_k w[r * rs + k * ks] * xp[k][j] for R <= 6 rows and a [K][16] panel: the
+/* out[r][j] = sum_k w[r * rs + k * ks] * xp[k][j] for R <= 4 rows and a [K][16] panel: the
    16 tokens are four vectors, each weight element is broadcast from memory (LD1R) into four
-   fused multiply-adds, 6 x 4 = 24 accumulators (named variables, so that they stay in
-   registers).  The sum over k runs in order: fixed by K alone. */
+   fused multiply-adds, 4 x 4 = 16 accumulators (named variables, so that they stay in
+   registers): 16 independent chains, enough for 4 FMA pipes of latency 4.  Not 6 rows as on
+   x86: 24 accumulators, 4 token vectors and the broadcast weights exceed the 32 registers,
+   and GCC then keeps accumulators on the stack inside the loop (seen in its -O3 output).
+   The sum over k runs in order: fixed by K alone. */
 #define PK_STEP(r)                                                   \
     if (R > r) {                                                     \
         const float32x4_t b = vld1q_dup_f32(wp + r * rs + k * ks);   \
@@ -151,7 +159,6 @@ static inline void uk_act(float *h, const float *g, const float *u, long n, act_
         const float32x4_t z = vdupq_n_f32(0.0f);                                                                \
         float32x4_t a00 = z, a01 = z, a02 = z, a03 = z, a10 = z, a11 = z, a12 = z, a13 = z;                     \
         float32x4_t a20 = z, a21 = z, a22 = z, a23 = z, a30 = z, a31 = z, a32 = z, a33 = z;                     \
-        float32x4_t a40 = z, a41 = z, a42 = z, a43 = z, a50 = z, a51 = z, a52 = z, a53 = z;                     \
         for (long k0 = 0; k0 < K; k0 += 16) {                                                                   \
             if (pf) { /* the next tile's weight rows: one line of each per 16 steps */                          \
                 const long off = k0 * pf_bytes / K;                                                             \
@@ -162,18 +169,17 @@ static inline void uk_act(float *h, const float *g, const float *u, long n, act_
                 const float *xk = xp + UK_PANEL * k;                                                            \
                 const float32x4_t x0 = vld1q_f32(xk), x1 = vld1q_f32(xk + 4), x2 = vld1q_f32(xk + 8);           \
                 const float32x4_t x3 = vld1q_f32(xk + 12);                                                      \
-                PK_STEP(0) PK_STEP(1) PK_STEP(2) PK_STEP(3) PK_STEP(4) PK_STEP(5)                               \
+                PK_STEP(0) PK_STEP(1) PK_STEP(2) PK_STEP(3)                                                     \
             }                                                                                                   \
         }                                                                                                       \
-        PK_OUT(0) PK_OUT(1) PK_OUT(2) PK_OUT(3) PK_OUT(4) PK_OUT(5)                                             \
+        PK_OUT(0) PK_OUT(1) PK_OUT(2) PK_OUT(3)                                                                 \
         (void)a00, (void)a01, (void)a02, (void)a03, (void)a10, (void)a11, (void)a12, (void)a13;                 \
         (void)a20, (void)a21, (void)a22, (void)a23, (void)a30, (void)a31, (void)a32, (void)a33;                 \
-        (void)a40, (void)a41, (void)a42, (void)a43, (void)a50, (void)a51, (void)a52, (void)a53;                 \
     }
 typedef void (*panel_fn)(const float *wp, long rs, long ks, const float *xp, long K, float *out, const char *const *pf,
                          long pf_bytes);
-PANEL_DEF(1) PANEL_DEF(2) PANEL_DEF(3) PANEL_DEF(4) PANEL_DEF(5) PANEL_DEF(6)
-static const panel_fn PANELS[7] = {0, panel_1, panel_2, panel_3, panel_4, panel_5, panel_6};
+PANEL_DEF(1) PANEL_DEF(2) PANEL_DEF(3) PANEL_DEF(4)
+static const panel_fn PANELS[UK_ROWS + 1] = {0, panel_1, panel_2, panel_3, panel_4};
 
 UK_INLINE void uk_panel(int R, const float *w, long rs, long ks, const float *xp, long K, float *out,
                         const char *const *pf, long pf_bytes) {
@@ -187,45 +193,36 @@ AI long uk_dot_order(long i, long K) {
     return i;
 }
 
-/* res[r*M + m] += sum over k in [k, k+16) of w[r][k] * x[m][k], into R*M accumulators; each
-   weight element is loaded once */
-AI void dot_block(const int R, const int M, const void *const *w, const int dt, const float *x, long K, long k,
-                  float32x4_t *acc) {
-    for (int r = 0; r < R; r++) {
-        float32x4_t w0, w1, w2, w3;
+/* acc[r*M + m] += w[r][k .. k+8) . x[m][k .. k+8): each weight element is loaded once, as two
+   vectors, into the M tokens' accumulators.  Eight elements a step keeps the live registers
+   (R*M <= 12 accumulators, 2*M token vectors, 2 weight vectors) within the 32 there are;
+   a 16-element step spills accumulators to the stack with GCC (seen in its -O3 output). */
+AI void dot_step(const int R, const int M, const void *const *w, const int dt, const float *x, long K, long k,
+                 float32x4_t *acc) {
+    UNROLL for (int r = 0; r < R; r++) {
+        float32x4_t w0, w1;
         load8(w[r], k, dt, &w0, &w1);
-        load8(w[r], k + 8, dt, &w2, &w3);
-        for (int m = 0; m < M; m++) {
+        UNROLL for (int m = 0; m < M; m++) {
             const float *xm = x + m * K + k;
-            float32x4_t a = acc[r * M + m];
-            a = vfmaq_f32(a, w0, vld1q_f32(xm));
-            a = vfmaq_f32(a, w1, vld1q_f32(xm + 4));
-            a = vfmaq_f32(a, w2, vld1q_f32(xm + 8));
-            a = vfmaq_f32(a, w3, vld1q_f32(xm + 12));
-            acc[r * M + m] = a;
+            acc[r * M + m] = vfmaq_f32(vfmaq_f32(acc[r * M + m], w0, vld1q_f32(xm)), w1, vld1q_f32(xm + 4));
         }
     }
 }
 
-/* res[r*M + m] = sum_k w[r][k] * x[m][k] for R weight rows (dtype dt) and M fp32 rows;
-   16-bit rows go 32 elements (a 64-byte line) per step, fp32 rows 16 */
+/* res[r*M + m] = sum_k w[r][k] * x[m][k] for R weight rows (dtype dt) and M fp32 rows, in
+   order (the dot order is the identity) */
 AI void dot_kernel(const int R, const int M, const void *const *w, const int dt, const float *x, long K, float *res) {
     float32x4_t acc[12];
-    for (int i = 0; i < R * M; i++) acc[i] = vdupq_n_f32(0.0f);
+    UNROLL for (int i = 0; i < R * M; i++) acc[i] = vdupq_n_f32(0.0f);
     long k = 0;
-    if (dt != DT_F32)
-        for (; k + 32 <= K; k += 32) {
-            dot_block(R, M, w, dt, x, K, k, acc);
-            dot_block(R, M, w, dt, x, K, k + 16, acc);
-        }
-    for (; k + 16 <= K; k += 16) dot_block(R, M, w, dt, x, K, k, acc);
+    for (; k + 8 <= K; k += 8) dot_step(R, M, w, dt, x, K, k, acc);
     for (; k + 4 <= K; k += 4)
-        for (int r = 0; r < R; r++) {
+        UNROLL for (int r = 0; r < R; r++) {
             const float32x4_t wa = load4(w[r], k, dt);
-            for (int m = 0; m < M; m++) acc[r * M + m] = vfmaq_f32(acc[r * M + m], wa, vld1q_f32(x + m * K + k));
+            UNROLL for (int m = 0; m < M; m++) acc[r * M + m] = vfmaq_f32(acc[r * M + m], wa, vld1q_f32(x + m * K + k));
         }
-    for (int r = 0; r < R; r++)
-        for (int m = 0; m < M; m++) {
+    UNROLL for (int r = 0; r < R; r++)
+        UNROLL for (int m = 0; m < M; m++) {
             float s = vaddvq_f32(acc[r * M + m]);
             for (long kk = k; kk < K; kk++) s += uk_load1(w[r], kk, dt) * x[m * K + kk];
             res[r * M + m] = s;
@@ -329,33 +326,26 @@ AI void uk_pack_rows(const void *x, const int dt, long K, const int32_t *tok, in
     }
 }
 
-/* wp[k][r] = w[r][k] as fp32, for R <= 6 rows of length K (the panel kernel's operand):
-   rows 0-3 by 4x4 transposes, the others by lanes.  Writes nothing past wp[K * R]. */
+/* wp[k][r] = w[r][k] as fp32, for R <= UK_ROWS rows of length K (the panel kernel's operand):
+   4 rows by 4x4 transposes, fewer element by element.  Writes nothing past wp[K * R]. */
 AI void uk_pack_w(const void *const *w, const int R, const int dt, long K, float *wp) {
     long k = 0;
-    if (R >= 4)
+    if (R == 4)
         for (; k + 4 <= K; k += 4) {
             float32x4_t r0 = load4(w[0], k, dt), r1 = load4(w[1], k, dt), r2 = load4(w[2], k, dt);
             float32x4_t r3 = load4(w[3], k, dt);
             transpose4(&r0, &r1, &r2, &r3);
-            float *d = wp + k * R;
-            vst1q_f32(d, r0);
-            vst1q_f32(d + R, r1);
-            vst1q_f32(d + 2 * R, r2);
-            vst1q_f32(d + 3 * R, r3);
-            for (int r = 4; r < R; r++) {
-                const float32x4_t v = load4(w[r], k, dt);
-                d[r] = vgetq_lane_f32(v, 0);
-                d[R + r] = vgetq_lane_f32(v, 1);
-                d[2 * R + r] = vgetq_lane_f32(v, 2);
-                d[3 * R + r] = vgetq_lane_f32(v, 3);
-            }
+            vst1q_f32(wp + k * 4, r0);
+            vst1q_f32(wp + k * 4 + 4, r1);
+            vst1q_f32(wp + k * 4 + 8, r2);
+            vst1q_f32(wp + k * 4 + 12, r3);
         }
     for (; k < K; k++)
         for (int r = 0; r < R; r++) wp[k * R + r] = uk_load1(w[r], k, dt);
 }
 
 #undef AI
+#undef UNROLL
 #undef PK_STEP
 #undef PK_OUT
 #undef PANEL_DEF

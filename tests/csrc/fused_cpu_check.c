@@ -415,8 +415,9 @@ int main(int argc, char **argv) {
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i], *v = i + 1 < argc ? argv[i + 1] : NULL;
         if (!strcmp(a, "--threads") && v) {
-            o.threads = atoi(v), i++;
-            if (o.threads < 1) return usage("--threads needs a number >= 1");
+            char *end;
+            o.threads = (int)strtol(v, &end, 10), i++;
+            if (*end || o.threads < 1) return usage("--threads needs a number >= 1");
         } else if (!strcmp(a, "--break") && v) {
             broken = -1;
             for (int b = 0; BREAKS[b]; b++)
@@ -426,7 +427,9 @@ int main(int argc, char **argv) {
         } else if (!strcmp(a, "--dump") && v) {
             o.dump = v, i++;
         } else if (!strcmp(a, "--case") && v) {
-            only = atoi(v), i++;
+            char *end;
+            only = (int)strtol(v, &end, 10), i++;
+            if (*end || only < 0) return usage("--case needs a case number (see --list)");
         } else if (!strcmp(a, "--list")) {
             list = 1;
         } else if (!strcmp(a, "-v")) {

@@ -23,6 +23,7 @@ result; ``moeframe explain`` shows which backend is in use.
 
 from __future__ import annotations
 
+import collections
 import itertools
 import threading
 import warnings
@@ -106,7 +107,8 @@ class FusedCpuParams:
     matmul_tokens: int = option(
         0,
         help="an expert given at least this many tokens in one call has its two GEMMs done by torch's "
-        "matmul (oneDNN/MKL, which use AVX-512 and AMX where the CPU has them) instead of the native core; "
+        "matmul (oneDNN/MKL, which use AVX-512 and AMX where the CPU has them) instead of the native core "
+        "(bf16 on the amx_bf16 and avx512_bf16 variants: by their own AMX / vdpbf16ps kernel over repacked weights); "
         "0: the threshold measured for this CPU and dtype, -1: never (native backend only)",
         min=-1,
     )
@@ -310,6 +312,13 @@ class FusedCpuKernel(Kernel):
         flat = ids.view(-1)
         if threshold is None or flat.numel() < threshold:
             return None
+        if flat.numel() <= 64:  # decode: count in Python, microseconds instead of a few torch ops
+            values = flat.tolist()
+            if expert_map is not None:
+                local_ids = expert_map.tolist()
+                values = [local_ids[v] for v in values if 0 <= v < len(local_ids)]
+            if max(collections.Counter(values).values(), default=0) < threshold:
+                return None  # (ids outside the range are the native core's to report)
         if int(flat.min()) < 0 or int(flat.max()) >= num_experts:
             raise ValueError(f"topk_ids holds an expert id outside [0, {num_experts})")
         if expert_map is None:

@@ -78,6 +78,7 @@ def forward_memory(config: Any, num_tokens: int, chunk: int) -> dict[str, Any]:
             "stack": label, "peak_extra_bytes": peak, "net_bytes": net,
             "workspace_bytes": layer.stack.workspace_bytes,
             "weight_bytes": sum(t.nbytes for t in layer.tensors.values()),
+            "packed_weight_bytes": getattr(layer.stack.kernel, "packed_weight_bytes", 0),
         })
         del layer
     return out

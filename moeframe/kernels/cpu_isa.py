@@ -100,7 +100,17 @@ VARIANTS: dict[str, Variant] = {
         Variant(
             name="avx512",
             source="fused_cpu.c",
-            cflags=("-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx2", "-mfma", "-mf16c", *_COMMON[1:]),
+            cflags=(
+                "-O3",
+                "-mavx512f",
+                "-mavx512bw",
+                "-mavx512vl",
+                "-mavx512dq",
+                "-mavx2",
+                "-mfma",
+                "-mf16c",
+                *_COMMON[1:],
+            ),
             cpu_flags=frozenset({"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx2", "fma", "f16c"}),
             arch="x86_64",
             description="AVX-512 (F/BW/VL/DQ), 16 fp32 lanes in the prefill panel kernel",
@@ -148,7 +158,7 @@ def _cpuinfo() -> str:
 
 def _sysctl(*names: str) -> str:
     try:
-        proc = subprocess.run(["sysctl", "-n", *names], capture_output=True, text=True, timeout=10)
+        proc = subprocess.run(["sysctl", "-n", *names], check=False, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
         return ""
     return proc.stdout if proc.returncode == 0 else ""
@@ -244,7 +254,9 @@ def detect(flags: frozenset[str] | None = None) -> str:
         return variant.name
     if not usable:
         wanted = "; ".join(
-            f"{v.name} needs {', '.join(missing_flags(v, flags))}" for v in VARIANTS.values() if v.arch == machine_arch()
+            f"{v.name} needs {', '.join(missing_flags(v, flags))}"
+            for v in VARIANTS.values()
+            if v.arch == machine_arch()
         )
         raise CpuIsaError(
             f"no native variant runs on this CPU ({cpu_model()}, {machine_arch()})" + (f": {wanted}" if wanted else "")
@@ -287,7 +299,7 @@ _BF16_KERNEL_VARIANTS = ("amx_bf16", "avx512_bf16")
 #: per-core crossovers measured on an Intel Xeon (Sapphire Rapids class: AVX-512, AMX-BF16),
 #: torch 2.13, the benchmark's shape (H=1024, I=512); avx512_bf16 without AMX (AMD Zen 4)
 #: was not available: a guess from the AMX figures, between the crossovers measured here
-_MATMUL_MIN: dict[str, int] = {
+_MATMUL_MIN: dict[str, int | None] = {
     # the amx_bf16 variant's AMX kernel (bf16_experts.c) against the native core: 0.9x at 3
     # tokens, 1.25x at 4, 1.8x at 6, 3.1x at 8, 4.3x at 64, 5.3x at 256 (1.6x torch's matmul there)
     "amx_bf16": 4,
@@ -297,6 +309,9 @@ _MATMUL_MIN: dict[str, int] = {
     "avx512_bf16": 8,
     "amx_bf16_torch": 32,  # oneDNN on AMX: 1.3x the native core at 32 tokens, 1.6x at 64, 2.9x at 256
     "avx512_bf16_torch": 64,
-    "avx512_f32": 256,  # MKL on AVX-512 against the AVX-512 core: 0.67x at 64 tokens, 0.86x at 128, 1.0x at 256
+    # MKL on AVX-512 against the AVX-512 core (32-token panels, 24 accumulators), through the
+    # kernel's hand-over (gather, two GEMMs, scatter): 0.83x at 128 tokens, 0.90x at 256 and 512,
+    # 0.91x at 1024: never
+    "avx512_f32": None,
     "avx512_f32_avx2_core": 128,  # against the AVX2 core forced on an AVX-512 CPU: 1.08x at 128, 1.2x at 256
 }

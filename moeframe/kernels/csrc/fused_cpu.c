@@ -45,8 +45,11 @@
 #define AI UK_INLINE
 
 /* Work items: an expert's pairs are cut into items of ITEM tokens, the last one taking up
-   to ITEM_MAX (so that no item is left with a handful of tokens). */
-enum { PANEL = UK_PANEL, ITEM = 4 * PANEL, ITEM_MAX = ITEM + PANEL, TROWS = UK_ROWS };
+   to ITEM_MAX (so that no item is left with a handful of tokens).  Tiles: phase 1 takes NT
+   neurons (their gate and up rows) at a time, phase 2 TROWS rows of W2. */
+enum { PANEL = UK_PANEL, ITEM = UK_ITEM, ITEM_MAX = ITEM + PANEL, TROWS = UK_ROWS, NT = UK_TILE_NEURONS };
+/* the slots (rows of h) of the largest item: its partial panel is padded */
+enum { ITEM_MAX_SLOTS = (ITEM_MAX + PANEL - 1) / PANEL * PANEL };
 
 /* ------------------------------------------------------------------ one call */
 typedef struct {
@@ -65,29 +68,41 @@ typedef struct {
 } ctx_t;
 
 /* How an item is computed.  Tile mode (m >= TILE_MIN tokens): for each tile of weight rows
-   (read from memory once), the full panels go through the panel kernel and the tail tokens
-   (m % PANEL) through the dot kernel, in chunks of at most TAIL_CHUNK, while the tile is
-   still in cache.  Stream mode (fewer tokens, decode): the dot kernel over long contiguous
+   (read from memory once), the full panels go through the panel kernel, and so do the last
+   tokens (m % PANEL) as a zero-padded partial panel when there are at least UK_PANEL_MIN of
+   them; fewer take the dot kernel, in chunks of at most TAIL_CHUNK, while the tile is still
+   in cache.  Stream mode (fewer tokens, decode): the dot kernel over long contiguous
    runs of rows. */
 enum { TILE_MIN = 7, TAIL_CHUNK = UK_DOT_MAX_M };
 /* neurons of a phase-1 work unit in prefill: a multiple of 16 (decode splits and bf16 order's blocks) and of the tile rows */
 enum { UNIT = 96 };
-_Static_assert(UNIT % 16 == 0 && UNIT % UK_ROWS == 0, "UNIT: a multiple of 16 and of the tile rows");
+_Static_assert(UNIT % 16 == 0 && UNIT % NT == 0, "UNIT: a multiple of 16 and of the tile's neurons");
 
-/* Layout of an item's rows of h: the full panels ([I][PANEL] each), then the tail tokens' rows
-   ([I] each, in dot order for bf16 weights). */
-AI int item_panels(int m) { return m >= TILE_MIN ? m / PANEL : 0; }
-AI long item_slots(int m) { return m; }
+/* Layout of an item's rows of h: its panels ([I][PANEL] each; the last one may be partial,
+   padded to PANEL), then the tail tokens' rows ([I] each, in dot order for bf16 weights). */
+AI int item_panels(int m) {
+    if (m < TILE_MIN) return 0;
+    return m / PANEL + ((int)UK_PANEL_MIN < (int)PANEL && m % PANEL >= UK_PANEL_MIN);
+}
+AI int item_tail(int m) { return m - item_panels(m) * PANEL > 0 ? m - item_panels(m) * PANEL : 0; }
+AI int panel_tokens(int m, int p) { return m - p * PANEL < PANEL ? m - p * PANEL : PANEL; }
+AI long item_slots(int m) { return (long)item_panels(m) * PANEL + item_tail(m); }
 
 /* Phase 1 of one item for neurons [n0, n1): h = act(x W_gate^T + b) * (x W_up^T + b). */
 /* The item's tokens, as fp32, into this thread's scratch: full panels [H][PANEL], then the
    tail tokens' rows. */
 AI void pack_item(const ctx_t *c, const int dt, const item_t *it, float *scr) {
     const long H = c->H;
-    const int m = it->m, npan = item_panels(m), tail = m - npan * PANEL;
+    const int m = it->m, npan = item_panels(m), tail = item_tail(m);
     int32_t tok[ITEM_MAX];
     for (int j = 0; j < m; j++) tok[j] = c->pairs[it->start + j] / (int32_t)c->topk;
-    for (int p = 0; p < npan; p++) uk_pack_panel(c->x, dt, H, tok + p * PANEL, scr + (long)p * H * PANEL);
+    for (int p = 0; p < npan; p++) {
+        const int n = panel_tokens(m, p);
+        if (n == PANEL)
+            uk_pack_panel(c->x, dt, H, tok + p * PANEL, scr + (long)p * H * PANEL);
+        else
+            uk_pack_panel_part(c->x, dt, H, tok + p * PANEL, n, scr + (long)p * H * PANEL);
+    }
     if (tail) uk_pack_rows(c->x, dt, H, tok + npan * PANEL, tail, scr + (long)npan * PANEL * H);
 }
 
@@ -95,42 +110,52 @@ AI void pack_item(const ctx_t *c, const int dt, const item_t *it, float *scr) {
 AI void phase1(const ctx_t *c, const int dt, const item_t *it, float *h, long n0, long n1, const float *scr,
                float *wsc, float *usc) {
     const long H = c->H, I = c->I;
-    const int m = it->m, npan = item_panels(m), tail = m - npan * PANEL;
+    const int m = it->m, npan = item_panels(m), tail = item_tail(m);
     const long esz = dt == DT_F32 ? 4 : 2;
     const char *w13 = (const char *)c->w13 + (long)it->expert * 2 * I * H * esz;
     const void *b13 = c->b13 ? (const char *)c->b13 + (long)it->expert * 2 * I * esz : NULL;
     const float *xr = scr + (long)npan * PANEL * H; /* the tail tokens' rows */
     float *hr = h + (long)npan * PANEL * I;
     if (m >= TILE_MIN) {
-        /* tiles of TROWS neurons: their gate rows, then their up rows */
-        for (long n = n0; n < n1; n += TROWS) {
-            const int nn = (int)(n1 - n < TROWS ? n1 - n : TROWS);
+        /* tiles of nt neurons: their gate rows and their up rows */
+        const int nt = NT;
+        for (long n = n0; n < n1; n += nt) {
+            const int nn = (int)(n1 - n < nt ? n1 - n : nt);
             const char *gate = w13 + n * H * esz, *up = w13 + (I + n) * H * esz;
-            const int more = n + 2 * TROWS <= n1;
-            const char *next[TROWS], *next_up[TROWS];
-            for (int j = 0; more && j < TROWS; j++) {
-                next[j] = gate + (TROWS + j) * H * esz;
-                next_up[j] = up + (TROWS + j) * H * esz;
+            const int more = n + 2 * nt <= n1;
+            const char *next[2 * NT];
+            for (int j = 0; more && j < nt; j++) {
+                next[j] = gate + (nt + j) * H * esz;
+                next[nt + j] = up + (nt + j) * H * esz;
             }
             if (npan) {
-                const float *wg, *wu;
-                long rs, ks;
+                const float *rows[2 * NT];
+                long ks;
                 if (dt == DT_F32) { /* broadcast straight from the rows */
-                    wg = (const float *)gate, wu = (const float *)up, rs = H, ks = 1;
-                } else { /* widened to fp32, packed [K][nn] */
-                    const void *src[TROWS];
+                    for (int j = 0; j < nn; j++) {
+                        rows[j] = (const float *)(gate + j * H * esz);
+                        rows[nn + j] = (const float *)(up + j * H * esz);
+                    }
+                    ks = 1;
+                } else { /* widened to fp32, packed [K][nn] (gate) and [K][nn] (up) */
+                    const void *src[NT];
+                    float *wu = wsc + nt * H + 8;
                     for (int j = 0; j < nn; j++) src[j] = gate + j * H * esz;
                     uk_pack_w(src, nn, dt, H, wsc);
                     for (int j = 0; j < nn; j++) src[j] = up + j * H * esz;
-                    uk_pack_w(src, nn, dt, H, wsc + TROWS * H + 8);
-                    wg = wsc, wu = wsc + TROWS * H + 8, rs = 1, ks = nn;
+                    uk_pack_w(src, nn, dt, H, wu);
+                    for (int j = 0; j < nn; j++) {
+                        rows[j] = wsc + j;
+                        rows[nn + j] = wu + j;
+                    }
+                    ks = nn;
                 }
                 for (int p = 0; p < npan; p++) {
-                    float ga[TROWS * PANEL], ua[TROWS * PANEL];
+                    float gu[2 * NT * PANEL];
                     const float *xp = scr + (long)p * H * PANEL;
                     /* while the first panel computes, prefetch the next tile's rows */
-                    uk_panel(nn, wg, rs, ks, xp, H, ga, p == 0 && more ? next : NULL, H * esz);
-                    uk_panel(nn, wu, rs, ks, xp, H, ua, p == 0 && more ? next_up : NULL, H * esz);
+                    uk_panel_rows(2 * nn, rows, ks, xp, H, panel_tokens(m, p), gu, p == 0 && more ? next : NULL, H * esz);
+                    float *ga = gu, *ua = gu + (long)nn * PANEL;
                     if (b13)
                         for (int j = 0; j < nn; j++) {
                             const float bg = uk_load1(b13, n + j, dt), bu = uk_load1(b13, I + n + j, dt);
@@ -143,16 +168,16 @@ AI void phase1(const ctx_t *c, const int dt, const item_t *it, float *h, long n0
                     uk_act(h + (long)p * I * PANEL + n * PANEL, ga, ua, (long)nn * PANEL, c->act);
                 }
             }
-            /* the tail tokens against the same 2 * TROWS rows, still in cache */
+            /* the tail tokens against the same 2 * NT rows, still in cache */
             for (int t0 = 0; t0 < tail; t0 += TAIL_CHUNK) {
                 const int mm = tail - t0 < TAIL_CHUNK ? tail - t0 : TAIL_CHUNK;
                 const int rows = uk_dot_rows[mm];
-                const void *src[2 * TROWS];
+                const void *src[2 * NT];
                 for (int j = 0; j < nn; j++) {
                     src[j] = gate + j * H * esz;
                     src[nn + j] = up + j * H * esz;
                 }
-                float res[2 * TROWS * TAIL_CHUNK];
+                float res[2 * NT * TAIL_CHUNK];
                 for (int r = 0; r < 2 * nn; r += rows)
                     uk_dot(dt, 2 * nn - r < rows ? 2 * nn - r : rows, mm, src + r, xr + (long)t0 * H, H, res + r * mm);
                 for (int j = 0; j < nn; j++) {
@@ -202,7 +227,7 @@ AI void phase1(const ctx_t *c, const int dt, const item_t *it, float *h, long n0
 AI void phase2(const ctx_t *c, const int dt, const item_t *it, const float *h, long r0, long r1, float *wsc,
                float *ybuf) {
     const long H = c->H, I = c->I;
-    const int m = it->m, npan = item_panels(m), tail = m - npan * PANEL;
+    const int m = it->m, npan = item_panels(m), tail = item_tail(m);
     const long esz = dt == DT_F32 ? 4 : 2;
     const char *w2 = (const char *)c->w2 + (long)it->expert * H * I * esz;
     const void *b2 = c->b2 ? (const char *)c->b2 + (long)it->expert * H * esz : NULL;
@@ -217,29 +242,33 @@ AI void phase2(const ctx_t *c, const int dt, const item_t *it, const float *h, l
     const float *ttw = tw + npan * PANEL;
     const long ld = r1 - r0 + 8; /* ybuf: this thread's results of the item, [m][ld] */
     if (m >= TILE_MIN) {
-        for (long r = r0; r < r1; r += TROWS) {
-            const int nr = (int)(r1 - r < TROWS ? r1 - r : TROWS);
+        const int tr = TROWS;
+        for (long r = r0; r < r1; r += tr) {
+            const int nr = (int)(r1 - r < tr ? r1 - r : tr);
             const char *rows = w2 + r * I * esz;
             const char *next[TROWS];
-            const int more = r + 2 * TROWS <= r1;
-            for (int j = 0; more && j < TROWS; j++) next[j] = w2 + (r + TROWS + j) * I * esz;
+            const int more = r + 2 * tr <= r1;
+            for (int j = 0; more && j < tr; j++) next[j] = w2 + (r + tr + j) * I * esz;
             if (npan) {
-                const float *wr;
-                long rs, ks;
+                const float *wr[TROWS];
+                long ks;
                 if (dt == DT_F32) {
-                    wr = (const float *)rows, rs = I, ks = 1;
+                    for (int j = 0; j < nr; j++) wr[j] = (const float *)(rows + j * I * esz);
+                    ks = 1;
                 } else {
                     const void *src[TROWS];
                     for (int j = 0; j < nr; j++) src[j] = rows + j * I * esz;
                     uk_pack_w(src, nr, dt, I, wsc);
-                    wr = wsc, rs = 1, ks = nr;
+                    for (int j = 0; j < nr; j++) wr[j] = wsc + j;
+                    ks = nr;
                 }
                 for (int p = 0; p < npan; p++) {
+                    const int np = panel_tokens(m, p);
                     float acc[TROWS * PANEL], b[TROWS];
-                    uk_panel(nr, wr, rs, ks, h + (long)p * I * PANEL, I, acc, p == 0 && more ? next : NULL, I * esz);
+                    uk_panel_rows(nr, wr, ks, h + (long)p * I * PANEL, I, np, acc, p == 0 && more ? next : NULL, I * esz);
                     for (int j = 0; j < nr; j++) b[j] = b2 ? uk_load1(b2, r + j, dt) : 0.0f;
                     /* rows x tokens -> tokens x rows */
-                    for (int q = 0; q < PANEL; q++) {
+                    for (int q = 0; q < np; q++) {
                         const float w = tw[p * PANEL + q];
                         float *y = ybuf + (long)(p * PANEL + q) * ld + (r - r0);
                         for (int j = 0; j < nr; j++) y[j] = (acc[j * PANEL + q] + b[j]) * w;
@@ -311,10 +340,13 @@ AI int run(const int dt, const void *x, long T, long H, const int64_t *ids, cons
         if (l >= 0) counts[l + 1]++;
     }
     for (long e = 0; e < local_experts; e++) counts[e + 1] += counts[e];
+    /* a call of fewer than TILE_MIN tokens has the scratch of stream mode only: its items
+       stay below TILE_MIN pairs even where a token names an expert twice */
+    const long item_cut = T < TILE_MIN ? TILE_MIN - 1 : ITEM, item_max = T < TILE_MIN ? TILE_MIN - 1 : ITEM_MAX;
     long nitems = 0;
     for (long e = 0; e < local_experts; e++)
         for (long s = counts[e]; s < counts[e + 1];) {
-            const long left = counts[e + 1] - s, m = left <= ITEM_MAX ? left : ITEM;
+            const long left = counts[e + 1] - s, m = left <= item_max ? left : item_cut;
             items[nitems].expert = (int32_t)e;
             items[nitems].start = (int32_t)s;
             items[nitems].m = (int32_t)m;
@@ -333,7 +365,7 @@ AI int run(const int dt, const void *x, long T, long H, const int64_t *ids, cons
         const int nth = omp_get_num_threads(), tid = omp_get_thread_num();
         float *scr = scratch + (long)tid * scratch_floats;
         /* the layout moe_scratch_floats sized (decode calls: packed tokens and up values only) */
-        float *wsc = T < TILE_MIN ? NULL : scr + (long)ITEM_MAX * H;
+        float *wsc = T < TILE_MIN ? NULL : scr + (long)ITEM_MAX_SLOTS * H;
         float *usc = T < TILE_MIN ? scr + (long)TILE_MIN * H : wsc + wsc_floats;
         float *ybuf = T < TILE_MIN ? NULL : usc + (long)PANEL * I;
         long n0, n1, r0, r1;
@@ -410,16 +442,17 @@ int moe_abi_version(void) { return MOE_ABI_VERSION; }
 /* Sizes the caller allocates. */
 /* int32 elements of the `ints` buffer for a call with `pairs` (token, k) pairs */
 long moe_ints_needed(long pairs, long local_experts) {
-    const long items = local_experts + pairs / ITEM + 1;
+    const long items = local_experts + pairs / (TILE_MIN - 1) + 1; /* items of ITEM, or TILE_MIN - 1 in decode */
     return local_experts + 1 + pairs + items * (long)(sizeof(item_t) / sizeof(int32_t));
 }
 /* hbuf slots of the largest item */
-long moe_item_max_slots(void) { return ITEM_MAX; }
+long moe_item_max_slots(void) { return ITEM_MAX_SLOTS; }
 /* floats of scratch per thread for a call of T tokens: calls of fewer than TILE_MIN tokens
    (decode) only take stream mode, which needs much less (and small allocations are served
    without fresh pages, which matters at a millisecond per call) */
 long moe_scratch_floats(long H, long I, long T) {
     const long n = T < TILE_MIN ? (long)TILE_MIN * H + (long)PANEL * I + 64
-                                : (long)ITEM_MAX * H + 2 * TROWS * (H > I ? H : I) + 32 + (long)PANEL * I + (long)ITEM_MAX * (H + 8);
+                                : (long)ITEM_MAX_SLOTS * H + 2 * TROWS * (H > I ? H : I) + 32 + (long)PANEL * I +
+                                      (long)ITEM_MAX * (H + 8);
     return (n + 15) / 16 * 16;
 }

@@ -9,7 +9,13 @@
 
 #define AI UK_INLINE
 
-enum { UK_PANEL = 16, UK_ROWS = 6, UK_DOT_MAX_M = 6, UK_DOT_ROWS_MAX = 8 };
+#if defined(__AVX512F__)
+/* a partial panel from 4 tokens on (fewer take the dot kernel) */
+enum { UK_PANEL = 32, UK_ROWS = 12, UK_PANEL_MIN = 9, UK_ITEM = 128 };
+#else
+enum { UK_PANEL = 16, UK_ROWS = 6 };
+#endif
+enum { UK_DOT_MAX_M = 6, UK_DOT_ROWS_MAX = 8 };
 
 UK_INLINE float uk_f16_to_float(uint16_t h) { return _cvtsh_ss(h); }
 UK_INLINE uint16_t uk_float_to_f16(float f) { return (uint16_t)_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT); }
@@ -76,9 +82,68 @@ AI __m256 act8(__m256 g, __m256 u, act_t act) {
     return _mm256_mul_ps(_mm256_add_ps(u, _mm256_set1_ps(1.0f)), _mm256_mul_ps(g, s));
 }
 
+#if defined(__AVX512F__)
+/* the same functions, 16 lanes wide (the same operations lane by lane: equal results) */
+AI __m512 exp16(__m512 x) {
+    x = _mm512_min_ps(_mm512_set1_ps(88.3762626647949f), x);
+    x = _mm512_max_ps(_mm512_set1_ps(-88.3762626647949f), x);
+    __m512 fx = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f), _mm512_set1_ps(0.5f)),
+                                     _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(0.693359375f), x);
+    x = _mm512_fnmadd_ps(fx, _mm512_set1_ps(-2.12194440e-4f), x);
+    __m512 y = _mm512_set1_ps(1.9875691500E-4f);
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.3981999507E-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(8.3334519073E-3f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(4.1665795894E-2f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(1.6666665459E-1f));
+    y = _mm512_fmadd_ps(y, x, _mm512_set1_ps(5.0000001201E-1f));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(x, x), x);
+    y = _mm512_add_ps(y, _mm512_set1_ps(1.0f));
+    __m512i e = _mm512_slli_epi32(_mm512_add_epi32(_mm512_cvttps_epi32(fx), _mm512_set1_epi32(127)), 23);
+    return _mm512_mul_ps(y, _mm512_castsi512_ps(e));
+}
+
+AI __m512 sigmoid16(__m512 x) {
+    const __m512 one = _mm512_set1_ps(1.0f);
+    return _mm512_div_ps(one, _mm512_add_ps(one, exp16(_mm512_sub_ps(_mm512_setzero_ps(), x))));
+}
+
+AI __m512 erf16(__m512 x) {
+    const __m512 sign = _mm512_and_ps(x, _mm512_set1_ps(-0.0f));
+    const __m512 a = _mm512_xor_ps(x, sign);
+    const __m512 one = _mm512_set1_ps(1.0f);
+    const __m512 t = _mm512_div_ps(one, _mm512_fmadd_ps(_mm512_set1_ps(0.3275911f), a, one));
+    __m512 r = _mm512_set1_ps(1.061405429f);
+    r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(-1.453152027f));
+    r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(1.421413741f));
+    r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(-0.284496736f));
+    r = _mm512_fmadd_ps(r, t, _mm512_set1_ps(0.254829592f));
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), _mm512_mul_ps(a, a)));
+    const __m512 y = _mm512_fnmadd_ps(_mm512_mul_ps(r, t), e, one);
+    return _mm512_xor_ps(y, sign);
+}
+
+AI __m512 act16(__m512 g, __m512 u, act_t act) {
+    if (act.kind == ACT_SILU) return _mm512_mul_ps(_mm512_mul_ps(g, sigmoid16(g)), u);
+    if (act.kind == ACT_GELU) {
+        const __m512 half = _mm512_set1_ps(0.5f);
+        __m512 c = _mm512_add_ps(_mm512_set1_ps(1.0f), erf16(_mm512_mul_ps(g, _mm512_set1_ps(0.70710678118654752f))));
+        return _mm512_mul_ps(_mm512_mul_ps(_mm512_mul_ps(g, half), c), u);
+    }
+    const __m512 lim = _mm512_set1_ps(act.limit);
+    g = _mm512_min_ps(lim, g);
+    u = _mm512_max_ps(_mm512_sub_ps(_mm512_setzero_ps(), lim), _mm512_min_ps(lim, u));
+    __m512 s = sigmoid16(_mm512_mul_ps(_mm512_set1_ps(act.alpha), g));
+    return _mm512_mul_ps(_mm512_add_ps(u, _mm512_set1_ps(1.0f)), _mm512_mul_ps(g, s));
+}
+#endif
+
 /* Activation of n values: h[i] = act(g[i], u[i]); h may alias g. */
 static inline void uk_act(float *h, const float *g, const float *u, long n, act_t act) {
     long i = 0;
+#if defined(__AVX512F__)
+    for (; i + 16 <= n; i += 16) _mm512_storeu_ps(h + i, act16(_mm512_loadu_ps(g + i), _mm512_loadu_ps(u + i), act));
+#endif
     for (; i + 8 <= n; i += 8) _mm256_storeu_ps(h + i, act8(_mm256_loadu_ps(g + i), _mm256_loadu_ps(u + i), act));
     if (i < n) {
         float gb[8] = {0}, ub[8] = {0}, hb[8];
@@ -91,48 +156,60 @@ static inline void uk_act(float *h, const float *g, const float *u, long n, act_
 
 /* ------------------------------------------------------------------ micro-kernels */
 #if defined(__AVX512F__)
-/* AVX-512 panel kernel: the 16 tokens of a panel are one 16-lane vector; each weight element
-   is broadcast (an embedded-broadcast memory operand) into one fused multiply-add per row.
-   The reduction dimension is taken two steps at a time into two sets of accumulators
-   (R <= 6 rows: up to 12 independent chains, enough to hide the FMA latency), added at the
-   end: the same fixed order for any number of threads. */
-#define PK_STEP(r)                                                                   \
-    if (R > r) {                                                                     \
-        a##r##0 = _mm512_fmadd_ps(_mm512_set1_ps(wp[r * rs + k * ks]), x0, a##r##0);       \
-        a##r##1 = _mm512_fmadd_ps(_mm512_set1_ps(wp[r * rs + (k + 1) * ks]), x1, a##r##1); \
+/* AVX-512 panel kernel: a 32-token panel is two 16-lane vectors; each weight element is
+   broadcast (an embedded-broadcast memory operand) into one fused multiply-add per vector,
+   R <= 12 rows x 2 vectors = 24 accumulators.  Per reduction step: 2 panel loads and R
+   broadcasts for 2R multiply-adds, so the two FMA ports, not the load ports, set the pace
+   (the 16-token, 6-row kernel before it loaded 7 times per 6 multiply-adds).  A panel of
+   at most 16 tokens takes one vector (R accumulators).  The rows are given as pointers
+   (the gate and up rows of a tile lie in two places), each summed in k order. */
+#define UK_PANEL_ROWS 1
+#define PANEL_DEF(RR, NV)                                                                                          \
+    static __attribute__((noinline)) void panel_##RR##_##NV(const float *const *w, long ks, const float *xp, long K, \
+                                                           float *out, const char *const *pf, long pf_bytes) {     \
+        enum { R = RR };                                                                                           \
+        const float *p[R];                                                                                         \
+        __m512 a[R][NV];                                                                                           \
+        for (int r = 0; r < R; r++) {                                                                              \
+            p[r] = w[r];                                                                                           \
+            for (int v = 0; v < NV; v++) a[r][v] = _mm512_setzero_ps();                                            \
+        }                                                                                                          \
+        for (long k0 = 0; k0 < K; k0 += 16) {                                                                      \
+            if (pf) { /* the next tile's weight rows: one line of each per 16 steps */                             \
+                const long off = k0 * pf_bytes / K;                                                                \
+                for (int r = 0; r < R; r++) _mm_prefetch(pf[r] + off, _MM_HINT_T1);                                \
+            }                                                                                                      \
+            const long k1 = k0 + 16 < K ? k0 + 16 : K;                                                             \
+            for (long k = k0; k < k1; k++) {                                                                       \
+                __m512 x[NV];                                                                                      \
+                for (int v = 0; v < NV; v++) x[v] = _mm512_loadu_ps(xp + UK_PANEL * k + 16 * v);                   \
+                for (int r = 0; r < R; r++) {                                                                      \
+                    const __m512 b = _mm512_set1_ps(p[r][k * ks]);                                                 \
+                    for (int v = 0; v < NV; v++) a[r][v] = _mm512_fmadd_ps(b, x[v], a[r][v]);                      \
+                }                                                                                                  \
+            }                                                                                                      \
+        }                                                                                                          \
+        for (int r = 0; r < R; r++) { /* lanes past the vectors computed: zero (no garbage, no denormals) */   \
+            for (int v = 0; v < NV; v++) _mm512_storeu_ps(out + r * UK_PANEL + 16 * v, a[r][v]);                  \
+            for (int v = NV; v < 2; v++) _mm512_storeu_ps(out + r * UK_PANEL + 16 * v, _mm512_setzero_ps());      \
+        }                                                                                                          \
     }
-#define PK_STEP1(r)                                                                  \
-    if (R > r) a##r##0 = _mm512_fmadd_ps(_mm512_set1_ps(wp[r * rs + k * ks]), x0, a##r##0);
-#define PK_OUT(r)                                                      \
-    if (R > r) {                                                       \
-        const __m512 s = _mm512_add_ps(a##r##0, a##r##1);              \
-        _mm512_storeu_ps(out + r * UK_PANEL, s);                       \
-    }
-#define PANEL_DEF(RR)                                                                                          \
-    static __attribute__((noinline)) void panel_##RR(const float *wp, long rs, long ks, const float *xp, long K, \
-                                                     float *out, const char *const *pf, long pf_bytes) {     \
-        enum { R = RR };                                                                                      \
-        const __m512 z = _mm512_setzero_ps();                                                                 \
-        __m512 a00 = z, a01 = z, a10 = z, a11 = z, a20 = z, a21 = z, a30 = z, a31 = z, a40 = z, a41 = z;       \
-        __m512 a50 = z, a51 = z;                                                                              \
-        long k = 0;                                                                                           \
-        for (long k0 = 0; k0 < K; k0 += 16) {                                                                 \
-            if (pf) { /* the next tile's weight rows: one line of each per 16 steps */                        \
-                const long off = k0 * pf_bytes / K;                                                           \
-                for (int r = 0; r < R; r++) _mm_prefetch(pf[r] + off, _MM_HINT_T0);                           \
-            }                                                                                                 \
-            const long k1 = k0 + 16 < K ? k0 + 16 : K;                                                        \
-            for (k = k0; k + 2 <= k1; k += 2) {                                                               \
-                const __m512 x0 = _mm512_loadu_ps(xp + UK_PANEL * k), x1 = _mm512_loadu_ps(xp + UK_PANEL * (k + 1)); \
-                PK_STEP(0) PK_STEP(1) PK_STEP(2) PK_STEP(3) PK_STEP(4) PK_STEP(5)                             \
-            }                                                                                                 \
-            for (; k < k1; k++) {                                                                             \
-                const __m512 x0 = _mm512_loadu_ps(xp + UK_PANEL * k);                                            \
-                PK_STEP1(0) PK_STEP1(1) PK_STEP1(2) PK_STEP1(3) PK_STEP1(4) PK_STEP1(5)                       \
-            }                                                                                                 \
-        }                                                                                                     \
-        PK_OUT(0) PK_OUT(1) PK_OUT(2) PK_OUT(3) PK_OUT(4) PK_OUT(5)                                           \
-    }
+#define PANEL_DEF2(RR) PANEL_DEF(RR, 1) PANEL_DEF(RR, 2)
+PANEL_DEF2(1) PANEL_DEF2(2) PANEL_DEF2(3) PANEL_DEF2(4) PANEL_DEF2(5) PANEL_DEF2(6)
+PANEL_DEF2(7) PANEL_DEF2(8) PANEL_DEF2(9) PANEL_DEF2(10) PANEL_DEF2(11) PANEL_DEF2(12)
+typedef void (*panel_fn)(const float *const *w, long ks, const float *xp, long K, float *out, const char *const *pf,
+                         long pf_bytes);
+static const panel_fn PANELS[2][13] = {
+    {0, panel_1_1, panel_2_1, panel_3_1, panel_4_1, panel_5_1, panel_6_1, panel_7_1, panel_8_1, panel_9_1, panel_10_1,
+     panel_11_1, panel_12_1},
+    {0, panel_1_2, panel_2_2, panel_3_2, panel_4_2, panel_5_2, panel_6_2, panel_7_2, panel_8_2, panel_9_2, panel_10_2,
+     panel_11_2, panel_12_2}};
+
+UK_INLINE void uk_panel_rows(int R, const float *const *w, long ks, const float *xp, long K, int n, float *out,
+                             const char *const *pf, long pf_bytes) {
+    PANELS[n > 16][R](w, ks, xp, K, out, pf, pf_bytes);
+}
+#undef PANEL_DEF2
 #else /* AVX2: 8 lanes, two vectors per 16-token panel */
 /* panel: out[r][8i .. 8i+8) = sum_k wp[k][r] * xp[k][8i .. 8i+8) for R <= 6 weight rows packed as
    [K][R] (fp32) and a [K][16] token panel.  The 12 accumulators are named variables (an
@@ -168,7 +245,6 @@ static inline void uk_act(float *h, const float *g, const float *u, long n, act_
         }                                                                                                 \
         PK_OUT(0) PK_OUT(1) PK_OUT(2) PK_OUT(3) PK_OUT(4) PK_OUT(5)                                       \
     }
-#endif
 typedef void (*panel_fn)(const float *wp, long rs, long ks, const float *xp, long K, float *out, const char *const *pf,
                          long pf_bytes);
 PANEL_DEF(1) PANEL_DEF(2) PANEL_DEF(3) PANEL_DEF(4) PANEL_DEF(5) PANEL_DEF(6)
@@ -178,6 +254,7 @@ UK_INLINE void uk_panel(int R, const float *w, long rs, long ks, const float *xp
                         const char *const *pf, long pf_bytes) {
     PANELS[R](w, rs, ks, xp, K, out, pf, pf_bytes);
 }
+#endif
 
 
 AI float hsum8(__m256 v) {
@@ -293,11 +370,17 @@ static inline void uk_dot(int dt, int R, int M, const void *const *w, const floa
 }
 
 /* ------------------------------------------------------------------ packing */
-/* xp[k][j] = x[tok[j]][k] for j < 16 (a [K][16] panel, fp32) */
-AI void uk_pack_panel(const void *x, const int dt, long K, const int32_t *tok, float *xp) {
+#define UK_PACK_PANEL_PART 1
+/* xp[k][j] = x[tok[j]][k] for j < n, 0 for n <= j < UK_PANEL (a [K][UK_PANEL] panel, fp32) */
+AI void uk_pack_panel_part(const void *x, const int dt, long K, const int32_t *tok, int n, float *xp) {
     long k = 0;
     for (; k + 8 <= K; k += 8) {
         for (int j0 = 0; j0 < UK_PANEL; j0 += 8) {
+            if (j0 + 8 > n) { /* the last tokens of a partial panel, and its zero padding */
+                for (long kk = k; kk < k + 8; kk++)
+                    for (int j = j0; j < j0 + 8; j++) xp[kk * UK_PANEL + j] = j < n ? uk_load1(x, (long)tok[j] * K + kk, dt) : 0.0f;
+                continue;
+            }
             __m256 r0 = load8(x, (long)tok[j0 + 0] * K + k, dt), r1 = load8(x, (long)tok[j0 + 1] * K + k, dt);
             __m256 r2 = load8(x, (long)tok[j0 + 2] * K + k, dt), r3 = load8(x, (long)tok[j0 + 3] * K + k, dt);
             __m256 r4 = load8(x, (long)tok[j0 + 4] * K + k, dt), r5 = load8(x, (long)tok[j0 + 5] * K + k, dt);
@@ -323,7 +406,11 @@ AI void uk_pack_panel(const void *x, const int dt, long K, const int32_t *tok, f
         }
     }
     for (; k < K; k++)
-        for (int j = 0; j < UK_PANEL; j++) xp[k * UK_PANEL + j] = uk_load1(x, (long)tok[j] * K + k, dt);
+        for (int j = 0; j < UK_PANEL; j++) xp[k * UK_PANEL + j] = j < n ? uk_load1(x, (long)tok[j] * K + k, dt) : 0.0f;
+}
+
+AI void uk_pack_panel(const void *x, const int dt, long K, const int32_t *tok, float *xp) {
+    uk_pack_panel_part(x, dt, K, tok, UK_PANEL, xp);
 }
 
 /* dst[j][k] = x[tok[j]][k] (fp32 rows, in bf16 order when dt is bf16) */
@@ -346,33 +433,48 @@ AI void uk_pack_rows(const void *x, const int dt, long K, const int32_t *tok, in
     }
 }
 
-/* wp[k][r] = w[r][k] as fp32, for R <= 6 rows of length K (the panel kernel's operand).
-   Writes up to 2 floats past wp[K * R] (the caller leaves room). */
+/* in-place transpose of an 8x8 block held in 8 vectors */
+AI void transpose8(__m256 *v) {
+    const __m256 t0 = _mm256_unpacklo_ps(v[0], v[1]), t1 = _mm256_unpackhi_ps(v[0], v[1]);
+    const __m256 t2 = _mm256_unpacklo_ps(v[2], v[3]), t3 = _mm256_unpackhi_ps(v[2], v[3]);
+    const __m256 t4 = _mm256_unpacklo_ps(v[4], v[5]), t5 = _mm256_unpackhi_ps(v[4], v[5]);
+    const __m256 t6 = _mm256_unpacklo_ps(v[6], v[7]), t7 = _mm256_unpackhi_ps(v[6], v[7]);
+    const __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    const __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    const __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    const __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    v[0] = _mm256_permute2f128_ps(s0, s4, 0x20);
+    v[1] = _mm256_permute2f128_ps(s1, s5, 0x20);
+    v[2] = _mm256_permute2f128_ps(s2, s6, 0x20);
+    v[3] = _mm256_permute2f128_ps(s3, s7, 0x20);
+    v[4] = _mm256_permute2f128_ps(s0, s4, 0x31);
+    v[5] = _mm256_permute2f128_ps(s1, s5, 0x31);
+    v[6] = _mm256_permute2f128_ps(s2, s6, 0x31);
+    v[7] = _mm256_permute2f128_ps(s3, s7, 0x31);
+}
+
+/* wp[k][r] = w[r][k] as fp32, for R <= UK_ROWS rows of length K (the panel kernel's operand).
+   8 columns at a time: rows 0..7 (zero rows past R) transposed into 8-float stores at stride
+   R, rows 8..11 into 4-float stores after them, in k order, so that what a store writes past
+   its column is written again by the next one.  Writes up to 7 floats past wp[K * R] (the
+   caller leaves room). */
 AI void uk_pack_w(const void *const *w, const int R, const int dt, long K, float *wp) {
     long k = 0;
-    if (R == 6) {
+    if (R <= 12) {
         const __m256 z = _mm256_setzero_ps();
         for (; k + 8 <= K; k += 8) {
-            const __m256 r0 = load8(w[0], k, dt), r1 = load8(w[1], k, dt), r2 = load8(w[2], k, dt);
-            const __m256 r3 = load8(w[3], k, dt), r4 = load8(w[4], k, dt), r5 = load8(w[5], k, dt);
-            /* 8x8 transpose of rows r0..r5 and two zero rows; column q = (w0..w5)[k+q], 0, 0 */
-            __m256 t0 = _mm256_unpacklo_ps(r0, r1), t1 = _mm256_unpackhi_ps(r0, r1);
-            __m256 t2 = _mm256_unpacklo_ps(r2, r3), t3 = _mm256_unpackhi_ps(r2, r3);
-            __m256 t4 = _mm256_unpacklo_ps(r4, r5), t5 = _mm256_unpackhi_ps(r4, r5);
-            __m256 t6 = _mm256_unpacklo_ps(z, z), t7 = t6;
-            __m256 s0 = _mm256_shuffle_ps(t0, t2, 0x44), s1 = _mm256_shuffle_ps(t0, t2, 0xEE);
-            __m256 s2 = _mm256_shuffle_ps(t1, t3, 0x44), s3 = _mm256_shuffle_ps(t1, t3, 0xEE);
-            __m256 s4 = _mm256_shuffle_ps(t4, t6, 0x44), s5 = _mm256_shuffle_ps(t4, t6, 0xEE);
-            __m256 s6 = _mm256_shuffle_ps(t5, t7, 0x44), s7 = _mm256_shuffle_ps(t5, t7, 0xEE);
-            float *d = wp + k * 6;
-            _mm256_storeu_ps(d + 0 * 6, _mm256_permute2f128_ps(s0, s4, 0x20));
-            _mm256_storeu_ps(d + 1 * 6, _mm256_permute2f128_ps(s1, s5, 0x20));
-            _mm256_storeu_ps(d + 2 * 6, _mm256_permute2f128_ps(s2, s6, 0x20));
-            _mm256_storeu_ps(d + 3 * 6, _mm256_permute2f128_ps(s3, s7, 0x20));
-            _mm256_storeu_ps(d + 4 * 6, _mm256_permute2f128_ps(s0, s4, 0x31));
-            _mm256_storeu_ps(d + 5 * 6, _mm256_permute2f128_ps(s1, s5, 0x31));
-            _mm256_storeu_ps(d + 6 * 6, _mm256_permute2f128_ps(s2, s6, 0x31));
-            _mm256_storeu_ps(d + 7 * 6, _mm256_permute2f128_ps(s3, s7, 0x31));
+            __m256 a[8], b[8];
+            for (int r = 0; r < 8; r++) a[r] = r < R ? load8(w[r], k, dt) : z;
+            transpose8(a);
+            if (R > 8) {
+                for (int r = 0; r < 8; r++) b[r] = 8 + r < R ? load8(w[8 + r], k, dt) : z;
+                transpose8(b);
+            }
+            float *d = wp + k * R;
+            for (int q = 0; q < 8; q++) {
+                _mm256_storeu_ps(d + q * R, a[q]);
+                if (R > 8) _mm_storeu_ps(d + q * R + 8, _mm256_castps256_ps128(b[q]));
+            }
         }
     }
     for (; k < K; k++)

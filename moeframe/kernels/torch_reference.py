@@ -58,8 +58,18 @@ def reference_experts(
 
 @reference_experts.register_fake
 def _reference_experts_fake(
-    hidden_states, topk_weights, topk_ids, w13, w2, b13, b2, expert_map, activation, alpha, limit
-):
+    hidden_states: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    b13: torch.Tensor | None,
+    b2: torch.Tensor | None,
+    expert_map: torch.Tensor | None,
+    activation: str,
+    alpha: float,
+    limit: float,
+) -> torch.Tensor:
     return hidden_states.new_empty(hidden_states.shape)
 
 

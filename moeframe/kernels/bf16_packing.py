@@ -220,10 +220,13 @@ class Bf16Experts:
         activation: Any,
         acc: torch.Tensor,
         max_rows: int = 8192,
+        take: Any = None,
     ) -> None:
         """``acc[tok[r]] += tw[r] * f_e(x[tok[r]])`` for the rows of each expert in turn
         (rows grouped by expert, ``counts`` of each), ``acc [T, H]`` fp32; at most about
-        ``max_rows`` rows per native call (bounds the call's gathered copies)."""
+        ``max_rows`` rows per native call (bounds the call's gathered copies).  ``take(name,
+        numel, dtype)`` lends the call's buffers (e.g. fused_cpu's scratch pool, kept between
+        calls: fresh pages cost); default: new tensors."""
         H, I = packed.hidden, packed.intermediate
         hp, ip = packed.hidden_padded, packed.intermediate_padded
         nthreads = torch.get_num_threads()
@@ -240,8 +243,10 @@ class Bf16Experts:
             tok_g = tok[r0 : r0 + n].to(torch.int32).contiguous()
             tw_g = tw[r0 : r0 + n].to(torch.float32).contiguous()
             ex = torch.tensor(experts[g0:g1], dtype=torch.int32)
-            xg = _aligned_empty((rows, hp))
-            hbuf = _aligned_empty((rows, ip))
+            if take is None:
+                xg, hbuf = _aligned_empty((rows, hp)), _aligned_empty((rows, ip))
+            else:  # (the kernels need no alignment of these two)
+                xg, hbuf = take("bf16_x", rows * hp, torch.bfloat16), take("bf16_h", rows * ip, torch.bfloat16)
             status = self._lib.moe_bf16_experts(
                 int(self.amx), x.data_ptr(), H, hp, tok_g.data_ptr(), tw_g.data_ptr(), ex.data_ptr(),
                 row_off.data_ptr(), hrow_off.data_ptr(), g1 - g0, packed.w13.data_ptr(), packed.w2.data_ptr(),

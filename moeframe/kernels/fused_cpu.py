@@ -390,7 +390,8 @@ class FusedCpuKernel(Kernel):
         packed = PACKED.get(experts.w13, experts.w2)
         K = weights.shape[1]
         tw = weights.view(-1)[big.pairs]
-        bf16.run(x, big.pairs // K, tw, big.experts, big.counts, packed, experts.b13, experts.b2, self.activation, acc)
+        bf16.run(x, big.pairs // K, tw, big.experts, big.counts, packed, experts.b13, experts.b2, self.activation, acc,
+                 take=_SCRATCH.take)  # fmt: skip
 
     def _matmul_experts(
         self, x: torch.Tensor, weights: torch.Tensor, big: _MatmulExperts, experts: ExpertWeights, acc: torch.Tensor

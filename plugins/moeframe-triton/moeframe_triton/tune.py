@@ -10,6 +10,7 @@ bug, not a result.
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -60,7 +61,9 @@ class SearchSpace:
         useful = [b for b in self.block_m if b <= max(16, 2 * mean)]
         return useful or [min(self.block_m)]
 
-    def gemms(self, block_m: int, N: int, K: int, dtype: str, b_tiles: int, a_bytes: int | None = None) -> list[GemmConfig]:
+    def gemms(
+        self, block_m: int, N: int, K: int, dtype: str, b_tiles: int, a_bytes: int | None = None
+    ) -> list[GemmConfig]:
         """Tilings for a GEMM of N output columns over K, holding ``b_tiles`` weight tiles
         (and an A tile of ``a_bytes`` per element, default the dtype's)."""
         out = []
@@ -75,8 +78,14 @@ class SearchSpace:
         return out
 
 
-def reference_moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, w13: torch.Tensor,
-                  w2: torch.Tensor, activation: Activation) -> torch.Tensor:
+def reference_moe(
+    x: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    activation: Activation,
+) -> torch.Tensor:
     """The ``torch`` reference kernel's result (fp32 loop over experts), for checking."""
     from moeframe.kernels import ExpertWeights
     from moeframe.kernels.torch_reference import reference_moe as torch_reference
@@ -84,15 +93,18 @@ def reference_moe(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.T
     return torch_reference(x, topk_weights, topk_ids, ExpertWeights(w13, w2), activation)
 
 
-def _random_layer(E: int, N: int, K: int, dtype: torch.dtype, device: torch.device, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _random_layer(
+    E: int, N: int, K: int, dtype: torch.dtype, device: torch.device, seed: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator(device=device).manual_seed(seed)
     w13 = (torch.randn(E, 2 * N, K, generator=g, device=device) * K**-0.5).to(dtype)
     w2 = (torch.randn(E, K, N, generator=g, device=device) * N**-0.5).to(dtype)
     return w13, w2
 
 
-def _random_routing(M: int, E: int, top_k: int, H: int, dtype: torch.dtype, device: torch.device,
-                    seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _random_routing(
+    M: int, E: int, top_k: int, H: int, dtype: torch.dtype, device: torch.device, seed: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     g = torch.Generator(device=device).manual_seed(seed)
     x = torch.randn(M, H, generator=g, device=device).to(dtype)
     logits = torch.randn(M, E, generator=g, device=device)
@@ -136,10 +148,17 @@ def tune_layer(
         for block_m in space.block_ms(M * top_k, E):
             routed = route_blocks(weights, ids, block_m, E)
             h = run_up(x, w13, None, routed, GemmConfig(32, 32), activation)  # an input for the down GEMM
-            up = _fastest(space.gemms(block_m, N, K, dtype, 2), measure,
-                          lambda g, x=x, routed=routed: run_up(x, w13, None, routed, g, activation))
-            down = _fastest(space.gemms(block_m, K, N, dtype, 1, H_BYTES), measure,
-                            lambda g, h=h, routed=routed: run_down(h, w2, None, routed, g))
+            # partial binds this block size's tensors; the tiling comes last, from _fastest
+            up = _fastest(
+                space.gemms(block_m, N, K, dtype, 2),
+                measure,
+                functools.partial(run_up, x, w13, None, routed, activation=activation),
+            )
+            down = _fastest(
+                space.gemms(block_m, K, N, dtype, 1, H_BYTES),
+                measure,
+                functools.partial(run_down, h, w2, None, routed),
+            )
             if up is None or down is None:
                 continue
             t = up[0] + down[0]
@@ -151,19 +170,22 @@ def tune_layer(
         out = fused_moe(x, weights, ids, w13, w2, activation=activation, config=config)
         cmp = compare(out, reference_moe(x, weights, ids, w13, w2, activation), tolerance_for(dtype))
         if not cmp.ok:
-            raise RuntimeError(f"the tuned config {config.to_json()} gives max abs error {cmp.max_abs_error:.3e} at M={M}")
+            raise RuntimeError(
+                f"the tuned config {config.to_json()} gives max abs error {cmp.max_abs_error:.3e} at M={M}"
+            )
         say(f"M={M}: {best[0] * 1e6:.1f} us with {config.to_json()}")
         chosen[M] = config
     return chosen
 
 
-def _fastest(candidates: Sequence[GemmConfig], measure: Callable[[Callable[[], Any]], float],
-             run: Callable[[GemmConfig], Any]) -> tuple[float, GemmConfig] | None:
+def _fastest(
+    candidates: Sequence[GemmConfig], measure: Callable[[Callable[[], Any]], float], run: Callable[[GemmConfig], Any]
+) -> tuple[float, GemmConfig] | None:
     best: tuple[float, GemmConfig] | None = None
     for gemm in candidates:
         try:
-            t = measure(lambda gemm=gemm: run(gemm))
-        except Exception as exc:  # noqa: BLE001 - out of resources etc.: not a candidate
+            t = measure(functools.partial(run, gemm))
+        except Exception as exc:  # out of resources etc.: not a candidate
             if "out of resource" in str(exc).lower() or "OutOfResources" in type(exc).__name__:
                 continue
             raise
@@ -198,8 +220,9 @@ def tune_model(
         raise UserError(f"--device {device}: kernel 'triton' tunes on a CUDA device (e.g. --device cuda)")
     if model.num_experts % expert_parallel or model.intermediate_size % tensor_parallel:
         raise UserError(
-            f"model.num_experts ({model.num_experts}) and model.intermediate_size ({model.intermediate_size}) must divide "
-            f"by parallel.ep_size ({expert_parallel}) and parallel.tp_size ({tensor_parallel}) to tune one rank's shape"
+            f"model.num_experts ({model.num_experts}) and model.intermediate_size ({model.intermediate_size}) "
+            f"must divide by parallel.ep_size ({expert_parallel}) and parallel.tp_size ({tensor_parallel}) "
+            "to tune one rank's shape"
         )
     sizes = list(batch_sizes or DEFAULT_BATCH_SIZES)
     if any(m < 1 for m in sizes):
@@ -217,9 +240,27 @@ def tune_model(
         raise UserError(f"--output: cannot create the folder {str(path.parent)!r}: {exc.strerror}") from None
     if path.exists():
         read_config_file(path)  # a broken file already there: its error now, before the search
-    configs = tune_layer(E=E, N=N, K=K, top_k=min(model.top_k, E), dtype=model.dtype,
-                         activation=Activation.from_model(model), batch_sizes=sizes, device=dev, space=space, log=log)
+    configs = tune_layer(
+        E=E,
+        N=N,
+        K=K,
+        top_k=min(model.top_k, E),
+        dtype=model.dtype,
+        activation=Activation.from_model(model),
+        batch_sizes=sizes,
+        device=dev,
+        space=space,
+        log=log,
+    )
     import triton
 
-    return write_config_file(path, configs, E=E, N=N, K=K, dtype=model.dtype, device_name=device_name,
-                             extra={"top_k": model.top_k, "triton": triton.__version__, "torch": torch.__version__})
+    return write_config_file(
+        path,
+        configs,
+        E=E,
+        N=N,
+        K=K,
+        dtype=model.dtype,
+        device_name=device_name,
+        extra={"top_k": model.top_k, "triton": triton.__version__, "torch": torch.__version__},
+    )

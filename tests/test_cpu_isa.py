@@ -236,6 +236,41 @@ def test_variant_with_empty_experts_and_repeated_ids(path):
     assert torch.count_nonzero(native_kernel(case, matmul_tokens=path)(**inputs)) == 0
 
 
+#: tokens given to one expert, around every boundary of every variant: the decode/prefill
+#: switch (7), the partial-panel threshold (9 on avx512), the 16- and 32-token panels, the
+#: work items (64 + 16 tokens on avx2, 128 + 32 on avx512) and several items
+BOUNDARY_COUNTS = [6, 7, 8, 9, 16, 17, 32, 33, 41, 65, 81, 129, 161]
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
+def test_variant_token_counts_around_every_boundary(path, dtype):
+    """One expert gets ``count`` tokens, the others a few each; H and I are not multiples of
+    8 or 16 and the tiles of weight rows do not divide them."""
+    if path != MATMUL["native"]:
+        pytest.skip("the boundaries are the native core's (torch's matmul takes this expert whole)")
+    case = KernelCase("gelu", True, False, dtype, 170, num_experts=5, top_k=2, hidden_size=61, intermediate_size=35)
+    g = torch.Generator().manual_seed(7)
+    for count in BOUNDARY_COUNTS:
+        inputs = make_case_inputs(case, seed=count)
+        ids = inputs["topk_ids"]
+        for t in range(case.num_tokens):  # expert 0 for the first `count` tokens, never twice
+            ids[t] = torch.randperm(case.num_experts - 1, generator=g)[: case.top_k] + 1
+            if t < count:
+                ids[t, 0] = 0
+        check(case, inputs, matmul_tokens=path)
+
+
+@pytest.mark.parametrize("T", [1, 3, 6])
+def test_variant_decode_call_naming_one_expert_several_times_per_token(path, T):
+    """A call of fewer than 7 tokens (decode) where every token names the same expert in
+    all of its 4 slots: up to 24 pairs for one expert, more than decode's scratch is sized
+    for in one work item."""
+    case = KernelCase("silu", True, False, "float32", T, num_experts=4, top_k=4, hidden_size=61, intermediate_size=35)
+    inputs = make_case_inputs(case, seed=T)
+    inputs["topk_ids"][:] = 0
+    check(case, inputs, matmul_tokens=path)
+
+
 def test_variant_with_no_local_experts(path):
     case = KernelCase("silu", False, True, "float32", 5, num_experts=4, top_k=2, hidden_size=32, intermediate_size=16)
     inputs = make_case_inputs(case)

@@ -16,6 +16,7 @@ not seen: moeframe's kernels allocate every buffer with torch for that reason.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -59,12 +60,19 @@ def forward_memory(config: Any, num_tokens: int, chunk: int) -> dict[str, Any]:
     model = config.model
     variants: list[tuple[str, Any]] = [("no wrappers", config.evolve({"stack.wrappers": []}))]
     if "chunking" in get_registry().names("wrapper"):
-        variants.append((f"chunking ({chunk})", config.evolve(
-            {"stack.wrappers": [{"name": "chunking", "params": {"max_num_tokens": chunk}}]})))
+        variants.append(
+            (
+                f"chunking ({chunk})",
+                config.evolve({"stack.wrappers": [{"name": "chunking", "params": {"max_num_tokens": chunk}}]}),
+            )
+        )
     x = torch.randn(num_tokens, model.hidden_size, generator=torch.Generator().manual_seed(11)).to(model.torch_dtype)
     out: dict[str, Any] = {
-        "dtype": model.dtype, "tokens": num_tokens, "input_bytes": x.nbytes,
-        "output_bytes": x.nbytes, "variants": [],
+        "dtype": model.dtype,
+        "tokens": num_tokens,
+        "input_bytes": x.nbytes,
+        "output_bytes": x.nbytes,
+        "variants": [],
     }
     if len(variants) == 1:
         out["skipped_chunking"] = "wrapper 'chunking' is not registered (see `moeframe list wrapper`)"
@@ -73,12 +81,16 @@ def forward_memory(config: Any, num_tokens: int, chunk: int) -> dict[str, Any]:
         layer.stack.release()  # buffers kept from an earlier variant would not be counted
         with torch.inference_mode():
             layer(x[:1])  # allocates the workspace: held memory, not extra
-            peak, net, _ = peak_extra_bytes(lambda: layer(x))
-        out["variants"].append({
-            "stack": label, "peak_extra_bytes": peak, "net_bytes": net,
-            "workspace_bytes": layer.stack.workspace_bytes,
-            "weight_bytes": sum(t.nbytes for t in layer.tensors.values()),
-            "packed_weight_bytes": getattr(layer.stack.kernel, "packed_weight_bytes", 0),
-        })
+            peak, net, _ = peak_extra_bytes(functools.partial(layer, x))
+        out["variants"].append(
+            {
+                "stack": label,
+                "peak_extra_bytes": peak,
+                "net_bytes": net,
+                "workspace_bytes": layer.stack.workspace_bytes,
+                "weight_bytes": sum(t.nbytes for t in layer.tensors.values()),
+                "packed_weight_bytes": getattr(layer.stack.kernel, "packed_weight_bytes", 0),
+            }
+        )
         del layer
     return out

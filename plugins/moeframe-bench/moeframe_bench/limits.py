@@ -16,6 +16,7 @@ import functools
 import statistics
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import attrs
@@ -31,13 +32,32 @@ __all__ = [
     "measure_limits",
     "median_time",
     "LimitProbes",
+    "last_level_cache_bytes",
 ]
 
 #: (M, N, K) of the dense matmuls ``[M, K] @ [K, N]`` whose best rate is the peak.
 GEMM_SHAPES: tuple[tuple[int, int, int], ...] = ((1024, 1024, 1024), (2048, 1024, 1024), (1024, 2048, 2048))
 
-#: bytes of the tensor whose reduction measures read bandwidth (far above any L3)
-READ_BYTES = 512 * 1024 * 1024
+
+def last_level_cache_bytes(cache_dir: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> int | None:
+    """The size of the largest CPU cache the kernel reports for CPU 0 (``sysfs``), or None
+    where it reports none (not Linux, or a virtual machine that hides its caches)."""
+    units = {"K": 1024, "M": 1024**2, "G": 1024**3}
+    best = 0
+    for index in cache_dir.glob("index*"):
+        try:
+            text = (index / "size").read_text().strip()
+        except OSError:
+            continue
+        digits, unit = text.rstrip("KMG"), text[len(text.rstrip("KMG")) :]
+        if digits.isdigit():
+            best = max(best, int(digits) * units.get(unit, 1))
+    return best or None
+
+
+#: bytes of the tensor whose reduction measures read bandwidth: at least twice the
+#: last-level cache (some virtual machines report several hundred MiB), and 512 MiB at least
+READ_BYTES = max(512 * 1024**2, 2 * (last_level_cache_bytes() or 0)) // 64 * 64
 
 
 def median_time(fn: Callable[[], Any], repeat: int, warmup: int = 1) -> float:
@@ -175,4 +195,5 @@ class LimitProbes:
         return self._gemm[dtype]
 
     def read(self) -> Any:
+        """Reduce the large tensor (which also evicts everything else from the caches)."""
         return self._tensor.sum()

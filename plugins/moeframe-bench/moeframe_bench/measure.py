@@ -9,7 +9,10 @@ For each dtype and token count T:
    (the ``torch`` kernel, or the reference stack for the stack); one that disagrees is
    reported and not timed;
 3. timed rounds: in each round every implementation runs once on the same batch, so that
-   noise from other processes falls on all of them; the median is reported;
+   noise from other processes falls on all of them, each call after an untimed read of a
+   tensor twice the size of the last-level cache (otherwise an implementation would find
+   the experts the one before it read still cached: some virtual machines report an L3
+   larger than all the experts of a layer); the median is reported;
 4. derived figures: tokens/s, GFLOP/s (the three expert GEMMs: ``2 * T * K * 3 * H * I``),
    GB/s of expert weights actually read (the distinct local experts a batch touches, times
    one expert's bytes), and their fractions of this machine's limits.
@@ -126,7 +129,16 @@ def _routing(layer: Any, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, t
     return route(router, x, router.logits(x, tensors), tensors)
 
 
-def _time_rounds(impls: Sequence[_Impl], batches: int, rounds: int, budget_s: float) -> dict[str, list[float]]:
+def _time_rounds(
+    impls: Sequence[_Impl],
+    batches: int,
+    rounds: int,
+    budget_s: float,
+    flush: Callable[[], Any] | None = None,
+) -> dict[str, list[float]]:
+    """Each implementation's wall times over ``rounds`` rounds (batch ``round % batches``);
+    ``flush()``, untimed, before every call, so that no call finds the weights the previous
+    one read still in the last-level cache."""
     times: dict[str, list[float]] = {i.name: [] for i in impls}
     spent = {i.name: 0.0 for i in impls}
     for r in range(rounds):
@@ -134,6 +146,8 @@ def _time_rounds(impls: Sequence[_Impl], batches: int, rounds: int, budget_s: fl
         for impl in impls:
             if impl.kind != "probe" and spent[impl.name] > budget_s and len(times[impl.name]) >= 3:
                 continue
+            if flush is not None:
+                flush()
             start = time.perf_counter()
             impl.run(b)
             elapsed = time.perf_counter() - start
@@ -333,7 +347,7 @@ def _measure_dtype(
             limit_impls, gemm_flops, gemm32_flops = _limit_implementations(probes, dtype)
             for impl in limit_impls:
                 impl.run(0)
-            times = _time_rounds(timed + limit_impls, batches, options.repeat, options.budget_s)
+            times = _time_rounds(timed + limit_impls, batches, options.repeat, options.budget_s, flush=probes.read)
         flops = 2.0 * T * model.top_k * 3 * model.hidden_size * model.intermediate_size
         for impl in impls:
             row = results[impl.name]

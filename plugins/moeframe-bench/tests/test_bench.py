@@ -59,6 +59,8 @@ def fixed_limits(monkeypatch: pytest.MonkeyPatch) -> None:
         )
 
     monkeypatch.setattr("moeframe_bench.measure.measure_limits", fake)
+    # the read probe (also the cache flush before every timed call): small in tests
+    monkeypatch.setattr("moeframe_bench.limits.READ_BYTES", 1024 * 1024)
 
 
 def run(capsys, *argv: str) -> tuple[int, str, str]:
@@ -381,3 +383,26 @@ def test_bench_without_transformers_says_so(capsys, tiny, monkeypatch, fixed_lim
     code, out, _ = run(capsys, str(tiny), "--tokens", "1", "--repeat", "1")
     assert code == 0 and "peers skipped: transformers is not installed" in out
     assert not any(line.split()[1:2] == ["hf-eager"] for line in out.splitlines() if line.strip())
+
+
+def test_last_level_cache_is_read_from_sysfs(tmp_path):
+    from moeframe_bench.limits import last_level_cache_bytes
+
+    for name, size in (("index0", "48K"), ("index2", "2048K"), ("index3", "491520K"), ("index9", "junk")):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "size").write_text(size + "\n")
+    (tmp_path / "index4").mkdir()  # no size file: skipped
+    assert last_level_cache_bytes(tmp_path) == 491520 * 1024
+    assert last_level_cache_bytes(tmp_path / "missing") is None
+
+
+def test_every_timed_call_follows_a_cache_flush():
+    from moeframe_bench.measure import _Impl, _time_rounds
+
+    events: list[str] = []
+    impls = [
+        _Impl(name, "kernel", run=lambda b, name=name: events.append(f"{name}{b}"), check=dict) for name in ("a", "b")
+    ]
+    times = _time_rounds(impls, batches=2, rounds=3, budget_s=1e9, flush=lambda: events.append("flush"))
+    assert events == ["flush", "a0", "flush", "b0", "flush", "a1", "flush", "b1", "flush", "a0", "flush", "b0"]
+    assert [len(v) for v in times.values()] == [3, 3]

@@ -32,7 +32,15 @@ from moeframe.kernels.native_build import (
     find_compiler,
 )
 
-__all__ = ["ABI_VERSION", "NativeUnavailable", "NativeLibrary", "load_native", "build_native", "library_spec", "cache_dir"]
+__all__ = [
+    "ABI_VERSION",
+    "NativeUnavailable",
+    "NativeLibrary",
+    "load_native",
+    "build_native",
+    "library_spec",
+    "cache_dir",
+]
 
 #: the ``MOE_ABI_VERSION`` of ``csrc/fused_cpu_abi.h`` this binding speaks
 ABI_VERSION = 1
@@ -144,7 +152,7 @@ def _compiler() -> tuple[str, str]:
     return _compiler_cached(os.environ.get("CC"), os.environ.get("PATH"))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load(isa: str) -> NativeLibrary | str:
     from moeframe.kernels.cpu_isa import VARIANTS, machine_arch, missing_flags
 

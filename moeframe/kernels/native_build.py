@@ -91,7 +91,15 @@ class LibrarySpec:
     def key(self, compiler: str, compiler_version: str) -> str:
         """The hash every input of the build goes into (the cache file's name holds it)."""
         h = hashlib.sha256()
-        for part in (BUILDER_VERSION, self.name, *self.cflags, compiler, compiler_version, sys.platform, os.uname().machine):
+        for part in (
+            BUILDER_VERSION,
+            self.name,
+            *self.cflags,
+            compiler,
+            compiler_version,
+            sys.platform,
+            os.uname().machine,
+        ):
             h.update(part.encode() + b"\0")
         for name in sorted(self.sources):
             h.update(name.encode() + b"\0" + self.sources[name].encode() + b"\0")
@@ -202,7 +210,7 @@ def find_compiler() -> tuple[str, str]:
     if not cc:
         raise NativeUnavailable("no C compiler found (install gcc, or set CC)")
     try:
-        proc = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60)
+        proc = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=60, check=False)
     except (OSError, subprocess.SubprocessError) as exc:
         raise NativeUnavailable(f"C compiler {cc!r} does not run: {exc}") from None
     if proc.returncode != 0:
@@ -345,14 +353,21 @@ def _compile(spec: LibrarySpec, compiler: str, staging: Path) -> Path:
     units = [str(staging / name) for name in spec.sources if name == main or name.endswith(".c")]
     try:
         proc = subprocess.run(
-            [compiler, *spec.cflags, *units, "-o", str(out)], capture_output=True, text=True, timeout=900, cwd=staging
+            [compiler, *spec.cflags, *units, "-o", str(out)],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            cwd=staging,
+            check=False,  # the return code is read below: the first error line becomes the message
         )
     except (OSError, subprocess.SubprocessError) as exc:
         raise NativeUnavailable(f"compiling {spec.name} with {compiler!r} failed: {exc}") from None
     if proc.returncode != 0:
         stderr = proc.stderr.replace(f"{staging}{os.sep}", "")  # the staging directory is gone afterwards
         lines = [line for line in stderr.splitlines() if " error:" in line] or stderr.strip().splitlines()
-        raise NativeUnavailable(f"compiling {spec.name} with {compiler!r} failed: {(lines or ['(no output)'])[0].strip()}")
+        raise NativeUnavailable(
+            f"compiling {spec.name} with {compiler!r} failed: {(lines or ['(no output)'])[0].strip()}"
+        )
     st = os.lstat(out)
     if not stat.S_ISREG(st.st_mode):
         raise NativeUnavailable(f"compiling {spec.name} with {compiler!r} produced no library")

@@ -2,7 +2,8 @@
 
 Importing this package is cheap: it imports neither torch nor triton.  The modules:
 
-``plugin``      the ``register_kernels`` and ``register_commands`` hooks (what ``moeframe list`` and ``moeframe --help`` see)
+``plugin``      the ``register_kernels`` and ``register_commands`` hooks (what ``moeframe list``
+                and ``moeframe --help`` see)
 ``kernel``      :class:`~moeframe_triton.kernel.TritonKernel`, the strategy
 ``align``       groups (token, k) pairs by expert, padded to blocks (a Triton kernel)
 ``fused_moe``   the fused grouped GEMMs and the top-k sum (Triton kernels) and their launcher

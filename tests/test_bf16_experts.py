@@ -98,6 +98,29 @@ def test_the_cache_packs_once_and_again_when_weights_change():
     assert cache.nbytes == 0
 
 
+def test_the_cache_follows_the_weights_not_the_tensor_objects():
+    """A new tensor object over the same weights (patch_model rebuilt after unpatch_model, a
+    view made per call) finds the packed copy; the copy lives while any of them does."""
+    cache = bf16_packing.PackCache()
+    w13, w2 = torch.randn(2, 64, 32).bfloat16(), torch.randn(2, 32, 32).bfloat16()
+    first = cache.get(w13, w2)
+    a13, a2 = w13.detach(), w2[:]  # new objects, same memory and version counters
+    assert cache.get(a13, a2) is first and cache.packs == 1
+    assert cache.bytes_for(a13, a2) == first.nbytes
+    del w13, w2
+    gc.collect()
+    assert cache.get(a13, a2) is first and cache.packs == 1  # still alive through a13, a2
+    with torch.no_grad():
+        a13.mul_(2)  # an in-place write through a view: packed again
+    assert cache.get(a13, a2) is not first and cache.packs == 2
+    other = a13.clone()  # the same values in other memory: its own copy
+    cache.get(other, a2)
+    assert cache.packs == 3
+    del a13, a2, other
+    gc.collect()
+    assert cache.nbytes == 0
+
+
 # -- the kernels against the reference ---------------------------------------------------
 def _routed(case: KernelCase, counts: list[int], seed: int = 0) -> dict:
     """Inputs where local expert e receives exactly counts[e] tokens (top_k = 1)."""

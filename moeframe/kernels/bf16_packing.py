@@ -10,12 +10,12 @@ dimension interleaved, 16 columns of 32 bf16 per 64-byte row, one 1 KiB tile con
 
 with ``Hp``, ``Ip`` = ``H``, ``I`` rounded up to multiples of 32 (zeros in the padding).
 The canonical tensors stay what users load and save; the packed copy is derived from them
-once and kept in :data:`PACKED` (a cache keyed on the weight tensors, their data pointers,
-shapes and version counters: a weight changed in place or replaced is packed anew; the
-copy is dropped with its weights).  Its memory (about the size of the bf16 weights again)
-is :attr:`PackCache.nbytes`, which ``moeframe explain`` shows and the memory estimate counts
-(``FusedCpuKernel.packed_weight_bytes``).  Nothing here is used for fp32 or fp16 weights,
-or on variants without the bf16 kernels.
+once and kept in :data:`PACKED` (a cache keyed on the memory the weights view and their
+version counters: a weight changed in place or replaced is packed anew, a new tensor object
+over the same weights finds the copy; the copy is dropped with its weights). Its memory
+(about the size of the bf16 weights again) is :attr:`PackCache.nbytes`, which ``moeframe
+explain`` shows and the memory estimate counts (``FusedCpuKernel.packed_weight_bytes``).
+Nothing here is used for fp32 or fp16 weights, or on variants without the bf16 kernels.
 """
 
 from __future__ import annotations
@@ -109,48 +109,66 @@ def _version(t: torch.Tensor) -> int | None:
         return None
 
 
+def _where(t: torch.Tensor) -> tuple[Any, ...]:
+    """Which elements of which memory ``t`` views: a new tensor object over the same weights
+    (``detach()``, a view made again by an integration's forward) gives the same answer."""
+    return (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), tuple(t.stride()), t.dtype, t.device)
+
+
 @attrs.define
 class _Entry:
-    refs: tuple[weakref.ref[torch.Tensor], weakref.ref[torch.Tensor]]
-    stamp: tuple[Any, ...]
+    refs: tuple[list[weakref.ref[torch.Tensor]], list[weakref.ref[torch.Tensor]]]  # w13's, w2's
+    versions: tuple[int | None, int | None]
     packed: PackedExperts
 
 
 class PackCache:
-    """Packed copies of expert weights, one per live pair of weight tensors.
+    """Packed copies of expert weights, one per pair of weights in memory.
 
     :meth:`get` returns the copy of ``(w13, w2)``, packing it on first use and again when
-    either tensor was written in place (its ``_version`` moved; inference tensors have no
-    version counter, so an in-place write to one is not seen) or its storage, shape or
-    strides changed.  The copy is dropped when either tensor is freed.
+    either was written in place (its ``_version`` moved: views and ``detach()``-ed tensors
+    share their base's counter; inference tensors have none, so an in-place write to one is
+    not seen).  Entries are keyed on the memory the tensors view (storage, offset, shape,
+    strides, dtype), not on the tensor objects, so that a new tensor object over the same
+    weights (``patch_model`` rebuilt after ``unpatch_model``, a view made per call) finds the
+    copy; it is dropped when the tensor objects it was asked for are freed (all those of
+    ``w13`` or all those of ``w2``).
     """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._entries: dict[tuple[int, int], _Entry] = {}
+        self._entries: dict[tuple[Any, ...], _Entry] = {}
         self.packs = 0  # how many times something was packed (for tests and explain)
 
     @staticmethod
-    def _stamp(w13: torch.Tensor, w2: torch.Tensor) -> tuple[Any, ...]:
-        return tuple((t.data_ptr(), tuple(t.shape), tuple(t.stride()), t.dtype, _version(t)) for t in (w13, w2))
+    def _key(w13: torch.Tensor, w2: torch.Tensor) -> tuple[Any, ...]:
+        return (_where(w13), _where(w2))
 
     def get(self, w13: torch.Tensor, w2: torch.Tensor) -> PackedExperts:
-        key = (id(w13), id(w2))
-        stamp = self._stamp(w13, w2)
+        key = self._key(w13, w2)
+        versions = (_version(w13), _version(w2))
         with self._lock:
             entry = self._entries.get(key)
-            if entry is not None and entry.refs[0]() is w13 and entry.refs[1]() is w2 and entry.stamp == stamp:
-                return entry.packed
-            packed = pack_experts(w13, w2)
-            self.packs += 1
-            drop = self._drop
-            refs = (weakref.ref(w13, lambda _r: drop(key)), weakref.ref(w2, lambda _r: drop(key)))
-            self._entries[key] = _Entry(refs, stamp, packed)
-            return packed
+            if entry is None or entry.versions != versions:
+                entry = self._entries[key] = _Entry(([], []), versions, pack_experts(w13, w2))
+                self.packs += 1
+            for refs, t in zip(entry.refs, (w13, w2), strict=True):
+                if not any(ref() is t for ref in refs):
+                    refs.append(weakref.ref(t, lambda ref, key=key: self._forget(key, ref)))
+            return entry.packed
 
-    def _drop(self, key: tuple[int, int]) -> None:
+    def _forget(self, key: tuple[Any, ...], ref: weakref.ref[torch.Tensor]) -> None:
+        """``ref``'s tensor was freed: drop the copy once no tensor object it was asked for
+        remains on either side (the memory of that side may then be freed and reused, so
+        its address could name other weights)."""
         with self._lock:
-            self._entries.pop(key, None)
+            entry = self._entries.get(key)
+            if entry is None:
+                return
+            for refs in entry.refs:
+                refs[:] = [r for r in refs if r is not ref and r() is not None]
+            if not all(entry.refs):
+                del self._entries[key]
 
     def clear(self) -> None:
         """Drop every packed copy (they are packed again on next use)."""
@@ -160,8 +178,8 @@ class PackCache:
     def bytes_for(self, w13: torch.Tensor, w2: torch.Tensor) -> int:
         """Bytes of the packed copy held for ``(w13, w2)`` (0 if none is held)."""
         with self._lock:
-            entry = self._entries.get((id(w13), id(w2)))
-            return entry.packed.nbytes if entry is not None and entry.refs[0]() is w13 else 0
+            entry = self._entries.get(self._key(w13, w2))
+            return entry.packed.nbytes if entry is not None else 0
 
     @property
     def nbytes(self) -> int:

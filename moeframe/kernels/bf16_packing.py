@@ -21,6 +21,7 @@ Nothing here is used for fp32 or fp16 weights, or on variants without the bf16 k
 from __future__ import annotations
 
 import ctypes
+import functools
 import threading
 import weakref
 from typing import Any
@@ -152,9 +153,10 @@ class PackCache:
             if entry is None or entry.versions != versions:
                 entry = self._entries[key] = _Entry(([], []), versions, pack_experts(w13, w2))
                 self.packs += 1
+            forget = functools.partial(self._forget, key)
             for refs, t in zip(entry.refs, (w13, w2), strict=True):
                 if not any(ref() is t for ref in refs):
-                    refs.append(weakref.ref(t, lambda ref, key=key: self._forget(key, ref)))
+                    refs.append(weakref.ref(t, forget))
             return entry.packed
 
     def _forget(self, key: tuple[Any, ...], ref: weakref.ref[torch.Tensor]) -> None:

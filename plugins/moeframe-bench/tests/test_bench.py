@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -363,7 +364,7 @@ class TestPeers:
 
         config = load_config("gpt-oss")
         peers, why = build_peers(config, {})
-        assert peers == [] and "swigluoai" in why
+        assert peers == [] and why is not None and "swigluoai" in why
 
 
 def TINY_CONFIG(dtype: str):
@@ -400,9 +401,15 @@ def test_every_timed_call_follows_a_cache_flush():
     from moeframe_bench.measure import _Impl, _time_rounds
 
     events: list[str] = []
-    impls = [
-        _Impl(name, "kernel", run=lambda b, name=name: events.append(f"{name}{b}"), check=dict) for name in ("a", "b")
-    ]
+
+    def runner(name: str) -> Callable[[int], torch.Tensor]:
+        def run(b: int) -> torch.Tensor:
+            events.append(f"{name}{b}")
+            return torch.zeros(())
+
+        return run
+
+    impls = [_Impl(name, "kernel", run=runner(name), check=dict) for name in ("a", "b")]
     times = _time_rounds(impls, batches=2, rounds=3, budget_s=1e9, flush=lambda: events.append("flush"))
     assert events == ["flush", "a0", "flush", "b0", "flush", "a1", "flush", "b1", "flush", "a0", "flush", "b0"]
     assert [len(v) for v in times.values()] == [3, 3]

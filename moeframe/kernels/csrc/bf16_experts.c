@@ -158,9 +158,10 @@ static void amx_configure(void) {
     _tile_loadconfig(&cfg);
 }
 
-/* as gemm_dp, rows 16 or 32 */
+/* as gemm_dp, rows 16 or 32; meanwhile pfl cache lines from pf per k block are prefetched
+   into L2 (the next B panel: weights stream from memory under the tile work) */
 static void gemm_amx(const uint16_t *A, long lda, int rows, const uint16_t *B0, const uint16_t *B1, long kb,
-                     float *C) {
+                     float *C, const char *pf, int pfl) {
     const long sa = lda * 2;
     if (rows > TR) {
         _tile_zero(0);
@@ -172,6 +173,7 @@ static void gemm_amx(const uint16_t *A, long lda, int rows, const uint16_t *B0, 
             _tile_loadd(5, A + TR * lda + k * TK, sa);
             _tile_loadd(6, B0 + k * TR * TK, 64);
             _tile_loadd(7, B1 + k * TR * TK, 64);
+            for (int i = 0; i < pfl; i++) _mm_prefetch(pf + (k * pfl + i) * 64, _MM_HINT_T1);
             _tile_dpbf16ps(0, 4, 6);
             _tile_dpbf16ps(1, 4, 7);
             _tile_dpbf16ps(2, 5, 6);
@@ -188,6 +190,7 @@ static void gemm_amx(const uint16_t *A, long lda, int rows, const uint16_t *B0, 
             _tile_loadd(4, A + k * TK, sa);
             _tile_loadd(6, B0 + k * TR * TK, 64);
             _tile_loadd(7, B1 + k * TR * TK, 64);
+            for (int i = 0; i < pfl; i++) _mm_prefetch(pf + (k * pfl + i) * 64, _MM_HINT_T1);
             _tile_dpbf16ps(0, 4, 6);
             _tile_dpbf16ps(1, 4, 7);
         }
@@ -221,6 +224,7 @@ typedef struct {
     const uint16_t *x;
     long H, Hp, I, Ip;
     const int32_t *tok, *experts, *rows, *hrows;
+    long G;
     const float *tw;
     const uint16_t *w13p, *w2p, *b13, *b2;
     act_t act;
@@ -229,15 +233,17 @@ typedef struct {
 } call_t;
 
 AI void tile_step(const int amx, const uint16_t *A, long lda, int rows, const uint16_t *B0, const uint16_t *B1,
-                  long kb, float *C) {
+                  long kb, float *C, const char *pf, int pfl) {
 #if HAVE_AMX
     if (amx) {
-        gemm_amx(A, lda, rows, B0, B1, kb, C);
+        gemm_amx(A, lda, rows, B0, B1, kb, C, pf, pfl);
         return;
     }
 #else
     (void)amx;
 #endif
+    (void)pf;
+    (void)pfl;
     gemm_dp(A, lda, rows, B0, B1, kb, C);
 }
 
@@ -250,15 +256,27 @@ static void gemm1(const call_t *c, const int amx, long g, long nb0, long nb1) {
     const uint16_t *w = c->w13p + e * 2 * Ip * Hp;
     const uint16_t *b = c->b13 ? c->b13 + e * 2 * I : NULL;
     float C[32 * 32] __attribute__((aligned(64)));
+    /* the next panel's weights (this expert's next 16 neurons, or the next group's first)
+       are prefetched into L2 while this panel's row blocks run: 64 lines per k block
+       spread over all of them */
+    const long panel = 2 * 16 * Hp * 2; /* bytes */
+    const long rblocks = (m16 + 31) / 32, steps = rblocks * (Hp / TK);
+    const int pfl = (int)((panel / 64 + steps - 1) / steps);
     for (long nb = nb0; nb < nb1; nb++) {
         const long n = nb * 16;
+        const char *next = nb + 1 < Ip / 16 ? (const char *)(w + (nb + 1) * 32 * Hp)
+                           : g + 1 < c->G   ? (const char *)(c->w13p + (long)c->experts[g + 1] * 2 * Ip * Hp)
+                                            : (const char *)w;
+        const long per_rb = (long)pfl * (Hp / TK) * 64;
         const uint16_t *bg = w + (nb * 2) * 16 * Hp, *bu = bg + 16 * Hp;
         const int valid = n >= I ? 0 : (int)(I - n < 16 ? I - n : 16);
         const __m512 biasg = b && valid ? load_bf16(b + n, valid) : _mm512_setzero_ps();
         const __m512 biasu = b && valid ? load_bf16(b + I + n, valid) : _mm512_setzero_ps();
         for (long r0 = 0; r0 < m16; r0 += 32) {
             const int rows = m16 - r0 < 32 ? (int)(m16 - r0) : 32;
-            tile_step(amx, xa + r0 * Hp, Hp, rows, bg, bu, Hp / TK, C);
+            const long done = (r0 / 32) * per_rb;
+            const int pl = done >= panel ? 0 : pfl;
+            tile_step(amx, xa + r0 * Hp, Hp, rows, bg, bu, Hp / TK, C, next + (done < panel ? done : 0), pl);
             for (int r = 0; r < rows; r++) {
                 const __m512 gv = _mm512_add_ps(_mm512_load_ps(C + r * 32), biasg);
                 const __m512 uv = _mm512_add_ps(_mm512_load_ps(C + r * 32 + 16), biasu);
@@ -292,7 +310,7 @@ static void gemm2(const call_t *c, const int amx, long G, long cb0, long cb1) {
                 const uint16_t *b = c->b2 ? c->b2 + e * H + col : NULL;
                 const __m512 bias0 = b ? load_bf16(b, n0) : _mm512_setzero_ps();
                 const __m512 bias1 = b && n1 ? load_bf16(b + 16, n1) : _mm512_setzero_ps();
-                tile_step(amx, ha + r0 * Ip, Ip, rows, B0, B1, Ip / TK, C);
+                tile_step(amx, ha + r0 * Ip, Ip, rows, B0, B1, Ip / TK, C, NULL, 0);
                 for (long r = 0; r < live; r++) {
                     const long row = c->rows[g] + r0 + r;
                     const __m512 wv = _mm512_set1_ps(c->tw[row]);
@@ -314,7 +332,7 @@ int moe_bf16_experts(int use_amx, const uint16_t *x, long H, long Hp, const int3
                      const uint16_t *w2p, const uint16_t *b13, const uint16_t *b2, long I, long Ip, int act_kind,
                      float alpha, float limit, float *acc, uint16_t *xg, uint16_t *hbuf, int nthreads) {
     if (use_amx && amx_state != 1) return -3;
-    const call_t c = {x,  H,   Hp,  I,   Ip,  tok, experts, rows, hrows, tw, w13p, w2p, b13, b2,
+    const call_t c = {x,  H,   Hp,  I,   Ip,  tok, experts, rows, hrows, G, tw, w13p, w2p, b13, b2,
                       {act_kind, alpha, limit}, acc, xg, hbuf};
     const long nblocks = Ip / 16, per = (nblocks + UNIT_BLOCKS - 1) / UNIT_BLOCKS;
     const long cbs = Hp / 32, per2 = (cbs + 2 * nthreads - 1) / (2 * nthreads), units2 = (cbs + per2 - 1) / per2;

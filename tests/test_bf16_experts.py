@@ -138,6 +138,16 @@ def test_tile_boundaries(variant, counts):
     check(case, _routed(case, counts, seed=len(counts)))
 
 
+def test_k_chunks_and_row_chunks(variant):
+    """AMX GEMM 1 runs k in chunks of 8 tile blocks (256 bf16) and rows in chunks of 128,
+    C kept in fp32 between chunks: H = 300 gives 10 k blocks (a chunk and a part), experts
+    of 129 and 200 tokens a row chunk and a part, 16 and 0 none."""
+    counts = [129, 16, 0, 200]
+    case = KernelCase("silu", True, False, "bfloat16", sum(counts), num_experts=4, top_k=1, hidden_size=300,
+                      intermediate_size=48)  # fmt: skip
+    check(case, _routed(case, counts, seed=5))
+
+
 @pytest.mark.parametrize("activation", ["silu", "gelu", "swigluoai"])
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("H, I", [(61, 35), (130, 17), (32, 96)])

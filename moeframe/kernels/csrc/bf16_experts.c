@@ -161,13 +161,20 @@ static void amx_configure(void) {
 /* as gemm_dp, rows 16 or 32; meanwhile pfl cache lines from pf per k block are prefetched
    into L2 (the next B panel: weights stream from memory under the tile work) */
 static void gemm_amx(const uint16_t *A, long lda, int rows, const uint16_t *B0, const uint16_t *B1, long kb,
-                     float *C, const char *pf, int pfl) {
+                     float *C, const char *pf, int pfl, int load_c) {
     const long sa = lda * 2;
     if (rows > TR) {
-        _tile_zero(0);
-        _tile_zero(1);
-        _tile_zero(2);
-        _tile_zero(3);
+        if (load_c) {
+            _tile_loadd(0, C, 128);
+            _tile_loadd(1, C + 16, 128);
+            _tile_loadd(2, C + TR * 32, 128);
+            _tile_loadd(3, C + TR * 32 + 16, 128);
+        } else {
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+        }
         for (long k = 0; k < kb; k++) {
             _tile_loadd(4, A + k * TK, sa);
             _tile_loadd(5, A + TR * lda + k * TK, sa);
@@ -184,8 +191,13 @@ static void gemm_amx(const uint16_t *A, long lda, int rows, const uint16_t *B0, 
         _tile_stored(2, C + TR * 32, 128);
         _tile_stored(3, C + TR * 32 + 16, 128);
     } else {
-        _tile_zero(0);
-        _tile_zero(1);
+        if (load_c) {
+            _tile_loadd(0, C, 128);
+            _tile_loadd(1, C + 16, 128);
+        } else {
+            _tile_zero(0);
+            _tile_zero(1);
+        }
         for (long k = 0; k < kb; k++) {
             _tile_loadd(4, A + k * TK, sa);
             _tile_loadd(6, B0 + k * TR * TK, 64);
@@ -233,10 +245,10 @@ typedef struct {
 } call_t;
 
 AI void tile_step(const int amx, const uint16_t *A, long lda, int rows, const uint16_t *B0, const uint16_t *B1,
-                  long kb, float *C, const char *pf, int pfl) {
+                  long kb, float *C, const char *pf, int pfl, int load_c) {
 #if HAVE_AMX
     if (amx) {
-        gemm_amx(A, lda, rows, B0, B1, kb, C, pf, pfl);
+        gemm_amx(A, lda, rows, B0, B1, kb, C, pf, pfl, load_c);
         return;
     }
 #else
@@ -244,6 +256,7 @@ AI void tile_step(const int amx, const uint16_t *A, long lda, int rows, const ui
 #endif
     (void)pf;
     (void)pfl;
+    (void)load_c; /* the dot-product kernel is always given the whole k range */
     gemm_dp(A, lda, rows, B0, B1, kb, C);
 }
 
@@ -255,33 +268,45 @@ static void gemm1(const call_t *c, const int amx, long g, long nb0, long nb1) {
     uint16_t *h = c->hbuf + c->hrows[g] * Ip;
     const uint16_t *w = c->w13p + e * 2 * Ip * Hp;
     const uint16_t *b = c->b13 ? c->b13 + e * 2 * I : NULL;
-    float C[32 * 32] __attribute__((aligned(64)));
+    /* AMX: k in chunks of KC tile blocks (the panel's B tiles for one chunk, 2 x 8 KiB, stay
+       in L1 while up to CH rows of A stream from L2), C kept in Cb between chunks (exact:
+       fp32 stored and loaded back) */
+    enum { KC = 8, CH = 128 };
+    float Cb[CH * 32] __attribute__((aligned(64)));
+    const long kb = Hp / TK, kc = amx ? KC : kb;
     /* the next panel's weights (this expert's next 16 neurons, or the next group's first)
        are prefetched into L2 while this panel's row blocks run: 64 lines per k block
        spread over all of them */
     const long panel = 2 * 16 * Hp * 2; /* bytes */
-    const long rblocks = (m16 + 31) / 32, steps = rblocks * (Hp / TK);
+    const long rblocks = (m16 + 31) / 32, steps = rblocks * kb;
     const int pfl = (int)((panel / 64 + steps - 1) / steps);
     for (long nb = nb0; nb < nb1; nb++) {
         const long n = nb * 16;
         const char *next = nb + 1 < Ip / 16 ? (const char *)(w + (nb + 1) * 32 * Hp)
                            : g + 1 < c->G   ? (const char *)(c->w13p + (long)c->experts[g + 1] * 2 * Ip * Hp)
                                             : (const char *)w;
-        const long per_rb = (long)pfl * (Hp / TK) * 64;
         const uint16_t *bg = w + (nb * 2) * 16 * Hp, *bu = bg + 16 * Hp;
         const int valid = n >= I ? 0 : (int)(I - n < 16 ? I - n : 16);
         const __m512 biasg = b && valid ? load_bf16(b + n, valid) : _mm512_setzero_ps();
         const __m512 biasu = b && valid ? load_bf16(b + I + n, valid) : _mm512_setzero_ps();
-        for (long r0 = 0; r0 < m16; r0 += 32) {
-            const int rows = m16 - r0 < 32 ? (int)(m16 - r0) : 32;
-            const long done = (r0 / 32) * per_rb;
-            const int pl = done >= panel ? 0 : pfl;
-            tile_step(amx, xa + r0 * Hp, Hp, rows, bg, bu, Hp / TK, C, next + (done < panel ? done : 0), pl);
-            for (int r = 0; r < rows; r++) {
-                const __m512 gv = _mm512_add_ps(_mm512_load_ps(C + r * 32), biasg);
-                const __m512 uv = _mm512_add_ps(_mm512_load_ps(C + r * 32 + 16), biasu);
+        long kdone = 0; /* k blocks run so far on this panel: where the prefetch stands */
+        for (long ch0 = 0; ch0 < m16; ch0 += CH) {
+            const long chr = m16 - ch0 < CH ? m16 - ch0 : CH;
+            for (long k0 = 0; k0 < kb; k0 += kc) {
+                const long kn = kb - k0 < kc ? kb - k0 : kc;
+                for (long r0 = ch0; r0 < ch0 + chr; r0 += 32) {
+                    const int rows = m16 - r0 < 32 ? (int)(m16 - r0) : 32;
+                    const long done = kdone * pfl * 64;
+                    kdone += kn;
+                    tile_step(amx, xa + r0 * Hp + k0 * TK, Hp, rows, bg + k0 * TR * TK, bu + k0 * TR * TK, kn,
+                              Cb + (r0 - ch0) * 32, next + (done < panel ? done : 0), done < panel ? pfl : 0, k0 > 0);
+                }
+            }
+            for (long r = 0; r < chr; r++) {
+                const __m512 gv = _mm512_add_ps(_mm512_load_ps(Cb + r * 32), biasg);
+                const __m512 uv = _mm512_add_ps(_mm512_load_ps(Cb + r * 32 + 16), biasu);
                 /* padded neurons have zero weights and biases: act(0, 0) = 0 */
-                _mm256_storeu_si256((__m256i *)(h + (r0 + r) * Ip + n), to_bf16(act16(gv, uv, c->act)));
+                _mm256_storeu_si256((__m256i *)(h + (ch0 + r) * Ip + n), to_bf16(act16(gv, uv, c->act)));
             }
         }
     }
@@ -310,7 +335,7 @@ static void gemm2(const call_t *c, const int amx, long G, long cb0, long cb1) {
                 const uint16_t *b = c->b2 ? c->b2 + e * H + col : NULL;
                 const __m512 bias0 = b ? load_bf16(b, n0) : _mm512_setzero_ps();
                 const __m512 bias1 = b && n1 ? load_bf16(b + 16, n1) : _mm512_setzero_ps();
-                tile_step(amx, ha + r0 * Ip, Ip, rows, B0, B1, Ip / TK, C, NULL, 0);
+                tile_step(amx, ha + r0 * Ip, Ip, rows, B0, B1, Ip / TK, C, NULL, 0, 0);
                 for (long r = 0; r < live; r++) {
                     const long row = c->rows[g] + r0 + r;
                     const __m512 wv = _mm512_set1_ps(c->tw[row]);

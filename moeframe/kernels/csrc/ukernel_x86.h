@@ -299,6 +299,9 @@ AI void dot_block(const int R, const int M, const void *const *w, const int dt, 
     }
 }
 
+#ifndef UK_DOT_PF_BYTES
+#define UK_DOT_PF_BYTES 1024
+#endif
 /* dot: res[r*M + m] = sum_k w[r][k] * x[m][k] for R weight rows (dtype dt) and M fp32 rows
    (in bf16 order when dt is bf16).  Each weight element is loaded once, 16 at a time;
    16-bit rows go 32 at a time (a whole cache line of each row per step, so that as many
@@ -309,6 +312,10 @@ AI void dot_kernel(const int R, const int M, const void *const *w, const int dt,
     long k = 0;
     if (dt != DT_F32)
         for (; k + 32 <= K; k += 32) {
+            /* a 16-bit row takes half the time per line of an fp32 one: the hardware
+               prefetchers lag, so each stream asks UK_DOT_PF_BYTES ahead (past a row's end:
+               the stream's next row, contiguous in stream mode) */
+            for (int r = 0; r < R; r++) _mm_prefetch((const char *)w[r] + 2 * k + UK_DOT_PF_BYTES, _MM_HINT_T0);
             dot_block(R, M, w, dt, x, K, k, acc);
             dot_block(R, M, w, dt, x, K, k + 16, acc);
         }

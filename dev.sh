@@ -3,7 +3,7 @@
 #
 #   ./dev.sh run [CONFIG] [ARGS...]   set up .venv (the core and the plugins), then `moeframe run CONFIG`
 #                                     (default: qwen3-moe, 128 tokens, 5 timed repeats)
-#   ./dev.sh test [PYTEST ARGS...]    set up .venv with the test, transformers, plot and peers extras, then run the tests
+#   ./dev.sh test [PYTEST ARGS...]    set up .venv with the test, transformers, plot, peers and cross extras, then run the tests
 #   ./dev.sh bench [ARGS...]          set up .venv with moeframe-bench's plot and peers extras, then run the
 #                                     benchmark of docs/performance.md and regenerate its tables and plot
 #   ./dev.sh docs                     set up .venv with the docs extra, then build the documentation site
@@ -98,7 +98,7 @@ cmd="${1:-}"
 [ $# -gt 0 ] && shift
 case "$cmd" in
   setup)
-    setup "test,transformers,plot,peers" ;;
+    setup "test,transformers,plot,peers,cross,lint" ;;
   run)
     setup ""
     config="qwen3-moe"
@@ -106,7 +106,8 @@ case "$cmd" in
     log "running: moeframe run $config $*"
     exec "$VENV/bin/moeframe" run "$config" "$@" ;;
   test)
-    setup "test,transformers,plot,peers"
+    # cross: zig cc, which builds fused_cpu's aarch64 (NEON) core in tests/test_cpu_aarch64.py
+    setup "test,transformers,plot,peers,cross"
     # one pytest worker per core (pytest-xdist); MOEFRAME_TEST_WORKERS=0 runs in one process
     log "running: pytest -n ${MOEFRAME_TEST_WORKERS:-auto} $*"
     exec "$VENV/bin/python" -m pytest -n "${MOEFRAME_TEST_WORKERS:-auto}" "$@" ;;

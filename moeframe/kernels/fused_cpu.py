@@ -136,7 +136,9 @@ class FusedCpuKernel(Kernel):
                 if params.backend == "native":
                     from moeframe.errors import StackError
 
-                    raise StackError(f"stack.kernel_params.backend: kernel 'fused_cpu' cannot use its native core here: {exc}") from None
+                    raise StackError(
+                        f"stack.kernel_params.backend: kernel 'fused_cpu' cannot use its native core here: {exc}"
+                    ) from None
                 self._why_not_native = str(exc)
                 warnings.warn(f"fused_cpu: native core unavailable ({exc}); using the torch path", stacklevel=2)
         else:
@@ -167,10 +169,22 @@ class FusedCpuKernel(Kernel):
                     f"(repacked weights: {format_bytes(packed)})"
                 )
                 extra = {"bf16_experts": bf16.kind, "packed_weight_bytes": packed}
-            return {"summary": f"native {self._native.isa}{matmul}", "backend": "native", "isa": self._native.isa,
-                    "matmul_from_tokens": threshold, "library": str(self._native.path), "op": op,
-                    "kept_scratch_bytes": _SCRATCH.kept_bytes, **extra}
-        return {"summary": f"torch path: {self._why_not_native}", "backend": "torch", "why": self._why_not_native, "op": op}
+            return {
+                "summary": f"native {self._native.isa}{matmul}",
+                "backend": "native",
+                "isa": self._native.isa,
+                "matmul_from_tokens": threshold,
+                "library": str(self._native.path),
+                "op": op,
+                "kept_scratch_bytes": _SCRATCH.kept_bytes,
+                **extra,
+            }
+        return {
+            "summary": f"torch path: {self._why_not_native}",
+            "backend": "torch",
+            "why": self._why_not_native,
+            "op": op,
+        }
 
     def release(self) -> None:
         """Free the scratch buffers kept between calls (shared by every ``fused_cpu`` kernel)."""
@@ -189,8 +203,15 @@ class FusedCpuKernel(Kernel):
             return torch.zeros(num_tokens, hidden, dtype=hidden_states.dtype, device=hidden_states.device)
         # through the registered op: torch.compile sees one node (with a fake implementation)
         return torch.ops.moeframe.fused_cpu_experts(
-            hidden_states, topk_weights, topk_ids, experts.w13, experts.w2, experts.b13, experts.b2,
-            experts.expert_map, self._op_key,
+            hidden_states,
+            topk_weights,
+            topk_ids,
+            experts.w13,
+            experts.w2,
+            experts.b13,
+            experts.b2,
+            experts.expert_map,
+            self._op_key,
         )
 
     def _compute(
@@ -208,8 +229,10 @@ class FusedCpuKernel(Kernel):
             raise ValueError(f"fused_cpu (backend = 'native'): the native core does not take these inputs: {misfit}")
         if misfit not in self._misfits_warned:
             self._misfits_warned.add(misfit)
-            warnings.warn(f"fused_cpu: the native core does not take these inputs ({misfit}); they run the torch path",
-                          stacklevel=2)
+            warnings.warn(
+                f"fused_cpu: the native core does not take these inputs ({misfit}); they run the torch path",
+                stacklevel=2,
+            )
         return self._forward_torch(hidden_states, topk_weights, topk_ids, experts)
 
     @staticmethod
@@ -265,12 +288,32 @@ class FusedCpuKernel(Kernel):
             status = 0
             if split is None or big.native_pairs:
                 status = lib.forward(
-                    dtype=_DTYPE_CODES[x.dtype], x=ptr(x), T=T, H=H, ids=ptr(ids), tw=ptr(weights), topk=K,
-                    expert_map=ptr(expert_map), num_experts=num_experts, w13=ptr(experts.w13), w2=ptr(experts.w2),
-                    b13=ptr(experts.b13), b2=ptr(experts.b2), local_experts=E_local, I=I,
-                    act_kind=_ACTIVATION_CODES[act.name], alpha=act.alpha, limit=act.limit, out=ptr(out),
-                    acc=ptr(acc), ints=ptr(ints), hbuf=ptr(hbuf), hbuf_slots=hbuf_slots, scratch=ptr(scratch),
-                    scratch_floats=scratch_floats, nthreads=nthreads,
+                    dtype=_DTYPE_CODES[x.dtype],
+                    x=ptr(x),
+                    T=T,
+                    H=H,
+                    ids=ptr(ids),
+                    tw=ptr(weights),
+                    topk=K,
+                    expert_map=ptr(expert_map),
+                    num_experts=num_experts,
+                    w13=ptr(experts.w13),
+                    w2=ptr(experts.w2),
+                    b13=ptr(experts.b13),
+                    b2=ptr(experts.b2),
+                    local_experts=E_local,
+                    I=I,
+                    act_kind=_ACTIVATION_CODES[act.name],
+                    alpha=act.alpha,
+                    limit=act.limit,
+                    out=ptr(out),
+                    acc=ptr(acc),
+                    ints=ptr(ints),
+                    hbuf=ptr(hbuf),
+                    hbuf_slots=hbuf_slots,
+                    scratch=ptr(scratch),
+                    scratch_floats=scratch_floats,
+                    nthreads=nthreads,
                 )
             if split is not None:
                 acc_rows = acc[: T * H].view(T, H)
@@ -300,10 +343,17 @@ class FusedCpuKernel(Kernel):
             return setting
         from moeframe.kernels.cpu_isa import matmul_min_tokens
 
-        return matmul_min_tokens(str(dtype).removeprefix("torch."), self._native.isa if self._native is not None else None)
+        return matmul_min_tokens(
+            str(dtype).removeprefix("torch."), self._native.isa if self._native is not None else None
+        )
 
     def _split_for_matmul(
-        self, dtype: torch.dtype, ids: torch.Tensor, expert_map: torch.Tensor | None, num_experts: int, local_experts: int
+        self,
+        dtype: torch.dtype,
+        ids: torch.Tensor,
+        expert_map: torch.Tensor | None,
+        num_experts: int,
+        local_experts: int,
     ) -> tuple[torch.Tensor, _MatmulExperts] | None:
         """Which local experts get at least :meth:`matmul_threshold` tokens in this call:
         ``None`` when none does, else the expert map that hides them from the native core
@@ -379,7 +429,12 @@ class FusedCpuKernel(Kernel):
         return self.packed_weight_bytes_for(self.model.torch_dtype, num_experts, hidden, intermediate)
 
     def _bf16_experts(
-        self, bf16: Any, x: torch.Tensor, weights: torch.Tensor, big: _MatmulExperts, experts: ExpertWeights,
+        self,
+        bf16: Any,
+        x: torch.Tensor,
+        weights: torch.Tensor,
+        big: _MatmulExperts,
+        experts: ExpertWeights,
         acc: torch.Tensor,
     ) -> None:
         """``acc[t] += w[t,k] * f_e(x[t])`` for the big experts with the native bf16 kernels,
@@ -407,7 +462,7 @@ class FusedCpuKernel(Kernel):
         flat_weights = weights.view(-1)
         pairs = big.pairs.split(big.counts)
         gemm_dtype = torch.float32 if x.dtype == torch.float16 else x.dtype
-        for e, p in zip(big.experts, pairs):
+        for e, p in zip(big.experts, pairs, strict=True):
             tok = p // K
             xs = x.index_select(0, tok).to(gemm_dtype)
             gate_up = torch.mm(xs, experts.w13[e].t().to(gemm_dtype)).float()
@@ -477,5 +532,16 @@ def fused_cpu_experts(
 
 
 @fused_cpu_experts.register_fake
-def _fused_cpu_experts_fake(hidden_states, topk_weights, topk_ids, w13, w2, b13, b2, expert_map, kernel):  # noqa: ANN001
+def _fused_cpu_experts_fake(
+    hidden_states: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    b13: torch.Tensor | None,
+    b2: torch.Tensor | None,
+    expert_map: torch.Tensor | None,
+    kernel: str,
+) -> torch.Tensor:
+    """The op's output for tracing (``torch.compile``, meta tensors): shape and dtype only."""
     return hidden_states.new_empty(hidden_states.shape)

@@ -106,8 +106,7 @@ case "$cmd" in
     log "running: moeframe run $config $*"
     exec "$VENV/bin/moeframe" run "$config" "$@" ;;
   test)
-    # cross: zig cc, which builds fused_cpu's aarch64 (NEON) core in tests/test_cpu_aarch64.py
-    setup "test,transformers,plot,peers,cross"
+    setup "test,transformers,plot,peers,cross"  # cross: zig cc, for the aarch64 core's tests
     # one pytest worker per core (pytest-xdist); MOEFRAME_TEST_WORKERS=0 runs in one process
     log "running: pytest -n ${MOEFRAME_TEST_WORKERS:-auto} $*"
     exec "$VENV/bin/python" -m pytest -n "${MOEFRAME_TEST_WORKERS:-auto}" "$@" ;;

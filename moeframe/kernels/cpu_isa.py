@@ -313,7 +313,7 @@ _MATMUL_MIN: dict[str, int | None] = {
     # kernel's hand-over (gather, two GEMMs, scatter): 0.83x at 128 tokens, 0.90x at 256 and 512,
     # 0.91x at 1024: never
     "avx512_f32": None,
-    # against the AVX2 core forced on an AVX-512 CPU (tools/fused_cpu_per_core.py): 0.81x at 32
+    # against the AVX2 core forced on an AVX-512 CPU (python -m moeframe_bench.per_core): 0.81x at 32
     # tokens, 1.08x at 64, 1.3x at 128, 1.4x at 256
     "avx512_f32_avx2_core": 64,
 }

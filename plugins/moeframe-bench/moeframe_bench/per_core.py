@@ -6,7 +6,7 @@ the benchmark's shape (E=64, top_k=8, H=1024, I=512), every expert given exactly
 the kernel's hand-over to torch's matmul (gather, two GEMMs, scatter; ``matmul_tokens = 1``).
 The variant is the one this CPU picks, or ``MOEFRAME_CPU_ISA``'s::
 
-    MOEFRAME_CPU_ISA=avx2 python tools/fused_cpu_per_core.py --dtype float32 --tokens 16,32,64,128,256
+    MOEFRAME_CPU_ISA=avx2 python -m moeframe_bench.per_core --dtype float32 --tokens 16,32,64,128,256
 """
 
 from __future__ import annotations

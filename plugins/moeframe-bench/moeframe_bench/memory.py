@@ -25,6 +25,13 @@ import torch
 __all__ = ["peak_extra_bytes"]
 
 
+def _derived_weight_bytes(layer: Any) -> int:
+    """The derived copy of the expert weights the layer's kernel keeps (``Kernel.derived_weight_bytes``:
+    a repacked layout; 0 for kernels that read the canonical tensors only)."""
+    e_local, two_i, hidden = layer.tensors["experts.w13"].shape
+    return int(layer.stack.kernel.derived_weight_bytes(e_local, hidden, two_i // 2))
+
+
 def _memory_events(prof: Any) -> list[tuple[int, int]]:
     try:
         events = prof.profiler.kineto_results.events()
@@ -89,7 +96,7 @@ def forward_memory(config: Any, num_tokens: int, chunk: int) -> dict[str, Any]:
                 "net_bytes": net,
                 "workspace_bytes": layer.stack.workspace_bytes,
                 "weight_bytes": sum(t.nbytes for t in layer.tensors.values()),
-                "packed_weight_bytes": getattr(layer.stack.kernel, "packed_weight_bytes", 0),
+                "packed_weight_bytes": _derived_weight_bytes(layer),
             }
         )
         del layer

@@ -139,3 +139,15 @@ def test_an_op_call_for_a_deleted_kernel_says_so():
     gc.collect()
     with pytest.raises(RuntimeError, match=f"no live fused_cpu kernel '{key}'"):
         torch.ops.moeframe.fused_cpu_experts(*args, key)
+
+
+def test_the_ops_take_the_expert_weights_in_their_field_order():
+    """Kernels pass ``*experts`` to their ops: the ops' parameters 3..7 must be ExpertWeights'
+    fields, in order."""
+    import moeframe.kernels.fused_cpu  # noqa: F401  -- registers moeframe::fused_cpu_experts
+    import moeframe.kernels.torch_reference  # noqa: F401  -- registers moeframe::reference_experts
+    from moeframe.kernels import ExpertWeights
+
+    for op in (torch.ops.moeframe.fused_cpu_experts, torch.ops.moeframe.reference_experts):
+        names = tuple(a.name for a in op.default._schema.arguments)
+        assert names[3 : 3 + len(ExpertWeights._fields)] == ExpertWeights._fields, names

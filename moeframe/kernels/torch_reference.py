@@ -93,11 +93,7 @@ class TorchReferenceKernel(Kernel):
                 hidden_states,
                 topk_weights,
                 topk_ids,
-                experts.w13,
-                experts.w2,
-                experts.b13,
-                experts.b2,
-                experts.expert_map,
+                *experts,  # w13, w2, b13, b2, expert_map: the op's parameters in ExpertWeights' order
                 act.name,
                 act.alpha,
                 act.limit,

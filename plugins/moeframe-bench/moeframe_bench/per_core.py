@@ -22,12 +22,33 @@ from moeframe.kernels import ExpertWeights
 from moeframe.kernels.fused_cpu import FusedCpuKernel, FusedCpuParams
 
 
-def main() -> None:
+def _counts(text: str) -> list[int]:
+    """``--tokens``: positive integers, comma-separated (argparse turns the error into one line)."""
+    try:
+        counts = [int(t) for t in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a comma-separated list of integers (e.g. 16,64)") from None
+    if any(c <= 0 for c in counts):
+        raise argparse.ArgumentTypeError(f"{text!r}: every token count must be at least 1")
+    return counts
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive integer")
+    return value
+
+
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    ap.add_argument("--tokens", default="16,32,64,128,256", help="tokens per expert, comma-separated")
-    ap.add_argument("--repeat", type=int, default=3, help="timed calls per count and path (the best is kept)")
-    args = ap.parse_args()
+    ap.add_argument("--tokens", type=_counts, default="16,32,64,128,256", help="tokens per expert, comma-separated")
+    ap.add_argument("--repeat", type=_positive, default=3, help="timed calls per count and path (the best is kept)")
+    args = ap.parse_args(argv)
     warnings.simplefilter("ignore")
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -41,7 +62,7 @@ def main() -> None:
     }
     experts = ExpertWeights((torch.randn(E, 2 * I, H) / 32).to(dtype), (torch.randn(E, H, I) / 22).to(dtype))
     print(f"variant {kernels['native'].describe()['isa']}, {args.dtype}, GFLOP/s per core")
-    for m in (int(t) for t in args.tokens.split(",")):
+    for m in args.tokens:
         T = E * m // K
         ids = ((torch.arange(T).unsqueeze(1) * K + torch.arange(K)) % E).contiguous()  # m tokens per expert
         weights, x = torch.rand(T, K), torch.randn(T, H).to(dtype)

@@ -413,3 +413,22 @@ def test_every_timed_call_follows_a_cache_flush():
     times = _time_rounds(impls, batches=2, rounds=3, budget_s=1e9, flush=lambda: events.append("flush"))
     assert events == ["flush", "a0", "flush", "b0", "flush", "a1", "flush", "b1", "flush", "a0", "flush", "b0"]
     assert [len(v) for v in times.values()] == [3, 3]
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--tokens", "abc"], "is not a comma-separated list of integers"),
+        (["--tokens", "16,0"], "every token count must be at least 1"),
+        (["--repeat", "-2"], "is not a positive integer"),
+        (["--dtype", "int8"], "invalid choice"),
+    ],
+)
+def test_per_core_script_refuses_bad_options_in_one_line(capsys, argv, message):
+    from moeframe_bench.per_core import main as per_core
+
+    with pytest.raises(SystemExit) as exc:
+        per_core(argv)
+    err = capsys.readouterr().err
+    assert exc.value.code == 2 and message in err and "Traceback" not in err
+    assert len([ln for ln in err.splitlines() if "error:" in ln]) == 1

@@ -319,3 +319,18 @@ def test_python_m_e2e_still_parses_like_moeframe_e2e():
     assert proc.returncode == 2 and proc.stderr.strip() == (
         "moeframe: error: --dtype: unknown dtype 'float99'; choose from float32, bfloat16, float16"
     )
+
+
+def test_the_old_bench_module_still_works_with_a_deprecation_warning():
+    import importlib
+
+    import moeframe_bench.measure
+
+    sys.modules.pop("moeframe.bench", None)
+    with pytest.warns(DeprecationWarning, match="import moeframe_bench instead"):
+        old = importlib.import_module("moeframe.bench")
+    assert old.run_benchmark is moeframe_bench.measure.run_benchmark
+    proc = subprocess.run(
+        [sys.executable, "-m", "moeframe.bench.e2e", "--dtype", "float99"], capture_output=True, text=True, check=False
+    )
+    assert proc.returncode == 2 and "is now `moeframe e2e`" in proc.stderr and "Traceback" not in proc.stderr
